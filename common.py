@@ -1,0 +1,790 @@
+"""What every method file shares: the ViT, patchify, data, training plumbing, checkpoints and evaluation.
+
+Shapes: B batch, C,H,W image, p patch size, h,w patch grid, L = h*w patches, K kept (visible) patches,
+D encoder width, P = p*p*C values per patch. (The official MAE code calls the batch N.)
+Masks are (B, L) with 1 = masked (removed from the encoder's view) and 0 = visible, in every method file.
+
+Randomness: every per-sample random choice (crop, flip, and the mask noise a method asks for through `sample_extra`)
+is drawn in the data pipeline from `numpy.random.default_rng([seed, epoch, index])`. A run therefore sees the same
+samples, crops and masks whatever the number of processes, loader workers or restarts, which is what makes
+`--resume` exact and `torchrun` runs equal to one process with the same effective batch.
+"""
+import argparse, hashlib, json, math, os, pickle, re, resource, sys, tarfile, time, urllib.request, warnings
+from contextlib import nullcontext
+from multiprocessing import Value
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vision Transformer with timm / official MAE module names, so released checkpoints load with strict=True.
+# ---------------------------------------------------------------------------------------------------------------
+VIT_SIZES = {'mini': (192, 6, 3), 'tiny': (192, 12, 3), 'small': (384, 12, 6), 'base': (768, 12, 12), 'large': (1024, 24, 16),
+             'huge': (1280, 32, 16)}  # name: (embed_dim D, depth, heads); MLP ratio 4 for all
+
+
+def vit_config(name):
+    """'vit_base_patch16' -> dict(embed_dim=768, depth=12, num_heads=12, patch_size=16)."""
+    m = re.fullmatch(r'vit_(\w+)_patch(\d+)', name)
+    if not m or m[1] not in VIT_SIZES:
+        raise ValueError(f"unknown --model '{name}': use vit_<size>_patch<p> with size in {sorted(VIT_SIZES)}, "
+                         f"e.g. vit_base_patch16, or vit_tiny_patch4 for 32 px images")
+    dim, depth, heads = VIT_SIZES[m[1]]
+    return dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=int(m[2]))
+
+
+def sincos_pos_embed(dim, grid_size):
+    """MAE's fixed 2-D sin-cos table (1 + L, D), float64 like the numpy original, then float32.
+    The first D/2 dims encode the column x, the last D/2 the row y; each half is [sin(pos*w_k), cos(pos*w_k)] with
+    w_k = 10000^(-k / (D/4)), k < D/4. The cls slot is all zeros."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(*[torch.arange(grid_size, dtype=torch.float64)] * 2, indexing='ij')  # row-major
+
+    def encode(pos):  # (L,) -> (L, D/2)
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+    table = torch.cat([encode(cols), encode(rows)], dim=1)  # (L, D)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()  # the cls slot first
+
+
+def patchify(imgs, p):
+    """(B, C, H, W) -> (B, L, p*p*C), patches row-major, inside a patch (row, column, channel) with channel fastest."""
+    B, C, H, W = imgs.shape
+    x = imgs.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, p, h, w):
+    """(B, L, p*p*C) -> (B, C, h*p, w*p), the inverse of patchify."""
+    B = x.shape[0]
+    x = x.reshape(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+    return x.reshape(B, -1, h * p, w * p)
+
+
+def drop_path(x, prob, training):
+    """Stochastic depth: drop a whole residual branch per sample (fine-tuning only; 0 in pretraining)."""
+    if prob == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - prob)
+    return x * keep / (1 - prob)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim, patch_size, in_chans=3):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, L, D)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)  # output laid out as [q | k | v], each split over heads
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, N, D)
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # fused kernel; (B, heads, N, D/heads)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, as timm's (LayerNorm eps 1e-6)."""
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x):  # (B, N, D)
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder. `pos_embed` is MAE's frozen sin-cos table, or learned (MaskFeat, MFM) when learned_pos=True.
+    Weight init is left to the method file, since every paper initialises differently."""
+    def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio=4.0, learned_pos=False,
+                 drop_path_rate=0.0):
+        super().__init__()
+        self.patch_size, self.grid_size = patch_size, img_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.patch_embed = PatchEmbed(embed_dim, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        table = torch.zeros(1, 1 + self.num_patches, embed_dim) if learned_pos else \
+            sincos_pos_embed(embed_dim, self.grid_size)[None]
+        self.pos_embed = nn.Parameter(table, requires_grad=learned_pos)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def forward_tokens(self, x):
+        """(B, N, D) patch tokens already position-embedded -> (B, 1 + N, D) after cls, blocks and the final norm."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def features(self, imgs):
+        """(B, 3, H, W) -> (B, D): the cls token after the final norm (MAE's linear-probe feature), or with
+        global_pool the mean of the patch tokens."""
+        x = self.forward_tokens(self.patch_embed(imgs) + self.pos_embed[:, 1:])
+        return x[:, 1:].mean(1) if getattr(self, 'global_pool', False) else x[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: datasets yield (uint8 image (3, H, W), label, extra); normalisation happens on the device (`normalize`).
+# ---------------------------------------------------------------------------------------------------------------
+def _outline(*points):  # a closed polygon from (x, y) vertices in unit coordinates
+    return [(float(x), float(y)) for x, y in points]
+
+
+def _arc(radius=1.0, dx=0.0, start=0.0, stop=2 * np.pi, n=32):
+    return _outline(*[(dx + radius * np.cos(a), radius * np.sin(a)) for a in np.linspace(start, stop, n)])
+
+
+def _regular(k, inner=None):  # regular polygon, or a star when inner (the radius of the inner vertices) is given
+    radii = [1.0, inner] * k if inner else [1.0] * k
+    return _outline(*[(r * np.cos(a), r * np.sin(a)) for r, a in zip(radii, np.linspace(0, 2 * np.pi, len(radii) + 1))])
+
+
+# Each shape: polygons filled with 1 (shape) or 0 (a hole), in unit coordinates, rotated, scaled and placed at random.
+SHAPES = {'disk': [(_arc(), 1)], 'ring': [(_arc(), 1), (_arc(0.6), 0)], 'crescent': [(_arc(), 1), (_arc(0.85, 0.45), 0)],
+          'half-disk': [(_arc(stop=np.pi, n=17), 1)], 'triangle': [(_regular(3), 1)], 'square': [(_regular(4), 1)],
+          'star': [(_regular(5, inner=0.4), 1)],
+          'cross': [(_outline((-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1), (-.3, .3),
+                              (-1, .3), (-1, -.3), (-.3, -.3)), 1)],
+          'arrow': [(_outline((-1, -.25), (.2, -.25), (.2, -.7), (1, 0), (.2, .7), (.2, .25), (-1, .25)), 1)],
+          'two-bars': [(_outline((-1, -.7), (1, -.7), (1, -.25), (-1, -.25)), 1),
+                       (_outline((-1, .7), (1, .7), (1, .25), (-1, .25)), 1)]}
+
+
+def make_shapes(n, size, seed):
+    """The built-in `shapes` dataset: n images (n, size, size, 3) uint8 and labels (n,), deterministic from seed.
+    The class is the shape; colour, size, position, rotation, the gradient background, clutter lines and pixel noise
+    are random and class-independent, so raw pixels say little about the class and a useful encoder must learn shape."""
+    rng, names = np.random.default_rng(seed), list(SHAPES)
+    images, labels = np.empty((n, size, size, 3), np.uint8), rng.integers(0, len(names), n)
+    ramp = np.linspace(0, 1, size, dtype=np.float32)
+    for i, label in enumerate(labels):
+        big, angle = 2 * size, rng.uniform(0, 2 * np.pi)  # drawn at 2x, then box-downsampled to anti-alias
+        radius = rng.uniform(0.22, 0.4) * big
+        (cx, cy), (cos, sin) = rng.uniform(radius, big - radius, 2), (np.cos(angle), np.sin(angle))
+        shape = Image.new('L', (big, big))
+        for polygon, fill in SHAPES[names[label]]:
+            ImageDraw.Draw(shape).polygon([(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos))
+                                           for x, y in polygon], fill=255 * fill)
+        alpha = np.asarray(shape.resize((size, size), Image.BOX), np.float32)[..., None] / 255
+        c0, c1, fg = rng.uniform(0, 255, (3, 3)).astype(np.float32)
+        while np.abs(fg - (c0 + c1) / 2).sum() < 120:  # keep the shape visible against the background
+            fg = rng.uniform(0, 255, 3).astype(np.float32)
+        t = ramp[:, None] * np.cos(3 * angle) + ramp[None, :] * np.sin(3 * angle)  # background: a linear gradient
+        t = ((t - t.min()) / (np.ptp(t) + 1e-6))[..., None]
+        image = c0 * (1 - t) + c1 * t
+        for _ in range(rng.integers(1, 4)):  # thin lines in random colours: clutter, not class evidence
+            line = Image.new('L', (size, size))
+            ImageDraw.Draw(line).line(list(rng.uniform(0, size, 4)), fill=178)
+            line_alpha = np.asarray(line, np.float32)[..., None] / 255
+            image = image * (1 - line_alpha) + rng.uniform(0, 255, 3).astype(np.float32) * line_alpha
+        image = image * (1 - alpha) + fg * alpha + rng.normal(0, 3, (size, size, 3))
+        images[i] = np.clip(image, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+CIFAR = {  # name: (archive, md5, folder, train files, test files, label key, meta file, class-names key)
+    'cifar10': ('cifar-10-python.tar.gz', 'c58f30108f718f92721af3b95e74349a', 'cifar-10-batches-py',
+                [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'], b'labels', 'batches.meta', b'label_names'),
+    'cifar100': ('cifar-100-python.tar.gz', 'eb9058c3a382ffc7106e4002c42a8d85', 'cifar-100-python', ['train'], ['test'],
+                 b'fine_labels', 'meta', b'fine_label_names')}
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp', '.gif')
+
+
+def read_cifar(name, root):
+    """CIFAR-10/100 from the official python-pickle archive in `root`, downloaded (md5-checked) when absent.
+    -> {'train': (images (N, 32, 32, 3) uint8, labels), 'val': (...)}, class names."""
+    archive, md5, folder, train_files, test_files, label_key, meta_file, names_key = CIFAR[name]
+    url, path = f'https://www.cs.toronto.edu/~kriz/{archive}', os.path.join(root, archive)
+    if not os.path.isdir(os.path.join(root, folder)):
+        if not os.path.exists(path):
+            os.makedirs(root, exist_ok=True)
+            print(f'downloading {url} to {path}')
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response, open(path + '.part', 'wb') as f:
+                    f.write(response.read())
+                os.replace(path + '.part', path)
+            except OSError as e:
+                sys.exit(f'error: could not download {url} ({e}). Without network, download {archive} elsewhere and '
+                         f'put it at {path} (or its extracted folder {folder}/ in {root}).')
+        digest = hashlib.md5(open(path, 'rb').read()).hexdigest()
+        if digest != md5:
+            sys.exit(f'error: {path} has md5 {digest}, expected {md5}: it is damaged or not the official archive. '
+                     f'Delete it and run again to download it afresh.')
+        with tarfile.open(path) as tar:
+            tar.extractall(root, filter='data')
+    unpickle = lambda file: pickle.load(open(os.path.join(root, folder, file), 'rb'), encoding='bytes')
+
+    def load(files):  # each file: a dict of uint8 rows (N, 3*32*32), channel-major, and labels
+        parts = [unpickle(f) for f in files]
+        images = np.concatenate([p[b'data'] for p in parts]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(images), np.concatenate([p[label_key] for p in parts])
+    return {'train': load(train_files), 'val': load(test_files)}, [n.decode() for n in unpickle(meta_file)[names_key]]
+
+
+def to_rgb(img):
+    """Any Pillow image (L, CMYK, RGBA, P, 16-bit I;16 / I, float F) -> RGB, 16-bit values scaled to 8 bits."""
+    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
+        values = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray(np.clip(values / (257.0 if values.max() > 255 else 1.0), 0, 255).astype(np.uint8))
+    return img.convert('RGB')
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images held as a uint8 array (N, H, W, 3) or as file paths, labels (-1 when unlabeled). Item i is
+    (transform(image, rng), label, sample_extra(rng)), rng seeded by (seed, epoch, i). A file that cannot be decoded
+    is skipped (the next one stands in), warned about, and counted."""
+    def __init__(self, items, labels, classes, transform=None, seed=0, sample_extra=None):
+        self.items, self.labels, self.classes = items, np.asarray(labels), classes
+        self.transform, self.seed, self.sample_extra, self.epoch = transform, seed, sample_extra, 0
+        self.num_skipped = Value('i', 0)  # shared with loader workers
+
+    def __len__(self):
+        return len(self.items)
+
+    def load(self, i):
+        for j in (k % len(self) for k in range(i, i + len(self))):
+            if not isinstance(self.items[j], str):
+                return Image.fromarray(np.asarray(self.items[j])), self.labels[j]
+            try:
+                with Image.open(self.items[j]) as img:
+                    return to_rgb(img), self.labels[j]
+            except Exception as e:  # noqa: BLE001 (whatever the decoder raises, the file is unusable)
+                with self.num_skipped.get_lock():
+                    self.num_skipped.value += 1
+                warnings.warn(f'skipping {self.items[j]}: cannot decode it ({e})')
+        raise RuntimeError('no image in this dataset can be decoded')
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, self.epoch, i])  # this sample's randomness, see the module doc
+        img, label = self.load(i)
+        return self.transform(img, rng), label, self.sample_extra(rng) if self.sample_extra else 0
+
+    def with_transform(self, transform, sample_extra=None):
+        twin = ImageDataset(self.items, self.labels, self.classes, transform, self.seed, sample_extra)
+        twin.num_skipped = self.num_skipped
+        return twin
+
+
+def scan_folder(root, classes=None):
+    """-> (paths, labels, classes) of the images under root, labelled by class sub-folder (found when classes is
+    None); classes=[] reads every image below root as unlabeled (-1)."""
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir()) if classes is None else classes
+    paths, labels = [], []
+    for label, name in enumerate(classes or ['']):
+        found = sorted(os.path.join(folder, f) for folder, _, files in os.walk(os.path.join(root, name))
+                       for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not found and name:
+            warnings.warn(f'class folder {os.path.join(root, name)} holds no images; its label is kept')
+        paths, labels = paths + found, labels + [label if classes else -1] * len(found)
+    return np.array(paths), labels, classes
+
+
+def cache_images(dataset, size, num_workers):
+    """Decode every image once into a uint8 array (N, size, size, 3), shorter side resized to `size`, centre crop."""
+    array = np.empty((len(dataset), size, size, 3), np.uint8)
+    square = dataset.with_transform(EvalTransform(size, crop_pct=1.0))
+    loader = torch.utils.data.DataLoader(square, batch_size=None, num_workers=num_workers)
+    for i, (image, _, _) in enumerate(tqdm(loader, desc=f'caching {len(dataset)} images', disable=not is_main())):
+        array[i] = image.permute(1, 2, 0).numpy()
+    return array
+
+
+def build_datasets(args, train_transform, sample_extra=None):
+    """-> (train_set, eval_sets): the pretraining set with `train_transform` and `sample_extra(rng)` per sample, and
+    (train, val) with the deterministic eval transform for kNN / linear probe, or None when there are no labels."""
+    if args.data == 'shapes':
+        n_val = max(args.shapes_size // 5, 10)
+        images, labels = make_shapes(args.shapes_size + n_val, args.input_size, args.seed)
+        splits = {'train': (images[n_val:], labels[n_val:]), 'val': (images[:n_val], labels[:n_val])}
+        classes = list(SHAPES)
+    elif args.data in CIFAR:
+        splits, classes = read_cifar(args.data, args.data_path)
+    else:  # <data_path>/train/<class>/... with val/ (or test/); else an unlabeled folder of images
+        root, val = os.path.join(args.data_path, 'train'), os.path.join(args.data_path, 'val')
+        val = val if os.path.isdir(val) else os.path.join(args.data_path, 'test')
+        *train, classes = scan_folder(root) if os.path.isdir(root) else scan_folder(args.data_path, classes=[])
+        splits = {'train': train, 'val': scan_folder(val, classes)[:2] if classes and os.path.isdir(val) else None}
+        if not len(train[0]):
+            sys.exit(f'error: no images ({", ".join(IMAGE_EXTENSIONS)}) found under {args.data_path}')
+    subsets = {split: ImageDataset(*data, classes, seed=args.seed) for split, data in splits.items() if data}
+    for subset in subsets.values():
+        if args.cache and isinstance(subset.items[0], str):
+            subset.items = cache_images(subset, args.input_size, args.num_workers)
+    evaluation = EvalTransform(args.input_size)
+    eval_sets = (subsets['train'].with_transform(evaluation), subsets['val'].with_transform(evaluation)) \
+        if 'val' in subsets else None
+    if eval_sets is None and is_main():
+        print('no labeled val/ (or test/) split: pretraining only, evaluation will be skipped')
+    return subsets['train'].with_transform(train_transform, sample_extra), eval_sets
+
+
+def to_uint8_tensor(img):  # PIL RGB -> (3, H, W) uint8; the float conversion happens on the device
+    return torch.from_numpy(np.array(img, np.uint8)).permute(2, 0, 1)
+
+
+class TrainTransform:
+    """RandomResizedCrop(size, scale, ratio (3/4, 4/3), bicubic) drawn as torchvision draws it, then a horizontal flip."""
+    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=True):
+        self.size, self.scale, self.log_ratio, self.flip = size, scale, (math.log(ratio[0]), math.log(ratio[1])), flip
+
+    def __call__(self, img, rng):
+        W, H = img.size
+        for _ in range(10):
+            area, aspect = W * H * rng.uniform(*self.scale), math.exp(rng.uniform(*self.log_ratio))
+            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < w <= W and 0 < h <= H:
+                left, top = rng.integers(0, W - w + 1), rng.integers(0, H - h + 1)
+                break
+        else:  # fall back to a centre crop of the whole image, clamped to the ratio range
+            ratio = min(max(W / H, math.exp(self.log_ratio[0])), math.exp(self.log_ratio[1]))
+            w, h = (W, round(W / ratio)) if W / H <= ratio else (round(H * ratio), H)
+            left, top = (W - w) // 2, (H - h) // 2
+        img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        return to_uint8_tensor(img.transpose(Image.FLIP_LEFT_RIGHT) if self.flip and rng.random() < 0.5 else img)
+
+
+class EvalTransform:
+    """Resize the shorter side to size / crop_pct (bicubic), centre-crop. crop_pct is 0.875 (256 -> 224) above
+    64 px and 1.0 for small images such as CIFAR's, where a crop would cut away a large border."""
+    def __init__(self, size, crop_pct=None):
+        self.size, self.crop_pct = size, crop_pct or (0.875 if size > 64 else 1.0)
+
+    def __call__(self, img, rng=None):
+        (w, h), short = img.size, int(self.size / self.crop_pct)
+        w, h = (short, round(h * short / w)) if w <= h else (round(w * short / h), short)
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        return to_uint8_tensor(img.resize((w, h), Image.BICUBIC).crop((left, top, left + self.size, top + self.size)))
+
+
+def normalize(images):
+    """uint8 (B, 3, H, W) on the device -> float, ImageNet mean/std normalised."""
+    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return (images.float() / 255 - mean) / std
+
+
+def denormalize(images):
+    """The inverse of normalize, to [0, 1] floats for pictures."""
+    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return (images.float() * std + mean).clamp(0, 1)
+
+
+def make_loader(dataset, args, train):
+    """The sampler's permutation depends on (seed, epoch) only, the same for any world size; training drops the
+    last partial batch."""
+    sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, shuffle=train, seed=args.seed)
+    return torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                                       pin_memory=args.device.type == 'cuda', drop_last=train)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments: MAE's flag names. Precedence: a flag given on the command line > the dataset preset > the method default.
+# ---------------------------------------------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block, no traceback
+        sys.exit(f'{self.prog}: error: {message} (see --help)')
+
+
+FLAGS = [  # (flag, type, default, help); a default of None is filled from the dataset preset or the method default
+    ('--model', str, None, 'encoder, e.g. vit_base_patch16, or vit_tiny_patch4 for 32 px images'),
+    ('--input_size', int, None, 'image side in pixels'),
+    ('--batch_size', int, None, 'images per process and step; effective batch = batch_size * accum_iter * world_size'),
+    ('--epochs', int, None, 'pretraining epochs'),
+    ('--accum_iter', int, None, 'micro-batches per optimizer step (a preset with a target batch sets it)'),
+    ('--blr', float, None, 'base learning rate: lr = blr * effective_batch / 256'),
+    ('--lr', float, None, 'absolute learning rate, instead of --blr'),
+    ('--min_lr', float, None, 'lower bound of the cosine schedule'),
+    ('--weight_decay', float, None, 'weight decay'),
+    ('--warmup_epochs', float, None, 'epochs of linear warmup from 0'),
+    ('--clip_grad', float, None, 'clip the global gradient norm to this (default: no clipping)'),
+    ('--data_path', str, './data', 'dataset root'),
+    ('--shapes_size', int, None, 'training images generated for --data shapes'),
+    ('--num_workers', int, None, 'data loader processes per training process'),
+    ('--output_dir', str, None, 'checkpoints, log.txt and pictures (default: output/<method>_<data>)'),
+    ('--resume', str, '', "a checkpoint to continue from, or 'auto' for output_dir/checkpoint-last.pth"),
+    ('--save_freq', int, 20, 'keep a numbered checkpoint every this many epochs'),
+    ('--knn_k', int, 20, 'neighbours of the kNN evaluation (0: no kNN)'),
+    ('--probe_epochs', int, None, 'linear-probe epochs (0: no probe)'),
+    ('--seed', int, 0, 'seeds the model init and every per-sample random choice'),
+    ('--device', str, 'cuda' if torch.cuda.is_available() else 'cpu', 'cuda or cpu')]
+
+
+def get_args_parser(description):
+    """The flags every method shares (MAE's names); the method file adds its own."""
+    p = ArgumentParser(description=description)
+    for flag, kind, default, help in FLAGS:
+        p.add_argument(flag, type=kind, default=default, help=help)
+    p.add_argument('--data', default='shapes', choices=['shapes', 'cifar10', 'cifar100', 'imagenet', 'folder'],
+                   help='shapes: built in; cifar10/100: the python archive in --data_path, downloaded if absent; '
+                        'imagenet/folder: <data_path>/train/<class>/*, val/ or test/; or a folder of unlabeled images')
+    p.add_argument('--cache', action='store_true', help='decode the images once into a uint8 array in memory, '
+                                                        'shorter side resized to input_size and centre-cropped')
+    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
+                   help='autocast: auto = bf16 where the GPU or CPU supports it, else fp16 on GPUs, else fp32')
+    p.add_argument('--global_pool', action=argparse.BooleanOptionalAction,
+                   help='evaluate a ViT on the mean of its patch tokens instead of the cls token')
+    p.add_argument('--eval_only', action='store_true', help='evaluate the --resume checkpoint, no training')
+    return p
+
+
+def parse_args(parser, method, defaults, presets, argv=None):
+    """Parse; fill unset flags from presets[args.data], then `defaults`; validate before any work starts."""
+    args = parser.parse_args(argv)
+    for key, value in {**defaults, **presets.get(args.data, {})}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.method, args.output_dir = method, args.output_dir or os.path.join('output', f'{method}_{args.data}')
+    ratio = getattr(args, 'mask_ratio', 0.5)
+    checks = [(0 < ratio < 1, f'--mask_ratio must be in (0, 1), got {ratio}'),
+              (args.epochs >= 1 or args.eval_only, f'--epochs must be at least 1, got {args.epochs}'),
+              (args.data not in ('imagenet', 'folder') or os.path.isdir(args.data_path),
+               f'--data_path {args.data_path} is not a folder: point it at a folder with train/<class>/ images'),
+              (args.resume in ('', 'auto') or os.path.isfile(args.resume),
+               f"--resume {args.resume}: no such file (use 'auto' to continue the run in --output_dir)"),
+              (not args.device.startswith('cuda') or torch.cuda.is_available(),
+               '--device cuda, but no CUDA GPU is visible: use --device cpu'),
+              (args.amp != 'fp16' or args.device.startswith('cuda'), '--amp fp16 needs a GPU: use bf16 or none')]
+    checks += [(getattr(args, k) is None or getattr(args, k) >= 1, f'--{k} must be at least 1, got {getattr(args, k)}')
+               for k in ('batch_size', 'accum_iter', 'input_size', 'save_freq')]
+    if args.model.startswith('vit'):
+        try:
+            patch = vit_config(args.model)['patch_size']
+            checks.append((args.input_size % patch == 0,
+                           f'--input_size {args.input_size} is not divisible by the patch size {patch} of {args.model}'))
+        except ValueError as e:
+            checks.append((False, str(e)))
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    return args
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def setup(args):
+    """Distributed init from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (NCCL on GPUs, gloo on CPUs), device,
+    precision, seed, accumulation and lr; rank 0 prints the arguments and saves them to args.json."""
+    args.rank, args.world_size, local_rank = 0, 1, 0
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        args.rank, args.world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        if args.device.startswith('cuda'):
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
+    args.device = torch.device(f'cuda:{local_rank}' if args.device.startswith('cuda') else args.device)
+    if args.amp == 'auto':
+        cpu_bf16 = any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported',
+                                                                         '_is_amx_tile_supported'))
+        args.amp = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if args.device.type == 'cuda' \
+            else 'bf16' if cpu_bf16 else 'none'
+    torch.manual_seed(args.seed + args.rank)  # the model init is broadcast from rank 0 by DDP anyway
+    if args.accum_iter is None:  # a preset's target effective batch (MAE: 4096) is reached by accumulation
+        target = getattr(args, 'target_batch', None)
+        args.accum_iter = max(1, target // (args.batch_size * args.world_size)) if target else 1
+    args.eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+    args.lr = args.lr or args.blr * args.eff_batch_size / 256
+    if is_main():
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, 'args.json'), 'w') as f:
+            json.dump(plain(args), f, indent=1)
+        print(f'{args.method}: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
+        print(f'effective batch {args.eff_batch_size}, lr {args.lr:.3g}, {args.world_size} process(es) on '
+              f'{args.device.type}, autocast {args.amp}')
+
+
+def plain(args):  # the arguments as a dict of plain values, for JSON and weights-only checkpoints
+    return {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()}
+
+
+def autocast(args):
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
+    return torch.autocast(args.device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def wrap_ddp(model, args):
+    if args.world_size == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[args.device] if args.device.type == 'cuda' else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimisation: AdamW with MAE's weight-decay groups, per-iteration warmup + half-cosine, the epoch loop.
+# ---------------------------------------------------------------------------------------------------------------
+def param_groups(model, weight_decay, no_decay_names=()):
+    """timm 0.3.2's add_weight_decay, as MAE uses it: no decay on 1-D parameters and biases (cls_token and
+    mask_token are 3-D, so they ARE decayed in MAE), frozen parameters (the sin-cos tables) left out."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            skip = param.ndim <= 1 or name.endswith('.bias') or name in no_decay_names
+            (no_decay if skip else decay).append(param)
+    return [{'params': no_decay, 'weight_decay': 0.0}, {'params': decay, 'weight_decay': weight_decay}]
+
+
+def adamw(model, args, betas, no_decay_names=()):
+    return torch.optim.AdamW(param_groups(model, args.weight_decay, no_decay_names), lr=args.lr, betas=betas,
+                             fused=args.device.type == 'cuda')
+
+
+def adjust_learning_rate(optimizer, epoch, args):
+    """Linear warmup from 0 over warmup_epochs, then half-cosine to min_lr; epoch is fractional (per iteration)."""
+    if epoch < args.warmup_epochs:
+        lr = args.lr * epoch / args.warmup_epochs
+    else:
+        progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
+        lr = args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group.get('lr_scale', 1.0)
+    return lr
+
+
+def train_one_epoch(model, loss_fn, loader, optimizer, scaler, epoch, args, schedule=adjust_learning_rate,
+                    on_step=None):
+    """One pass over the loader. `loss_fn(model, images_uint8, extra) -> (loss, logs)` is the method's objective;
+    `on_step()` runs after each optimizer step (e.g. an EMA update). Losses stay on the device; the host reads them
+    every 20 steps (progress bar, non-finite check) and at the end, so the step itself never waits for the host."""
+    model.train()
+    loader.sampler.set_epoch(epoch)
+    loader.dataset.epoch = epoch  # workers are not persistent: they get the updated dataset each epoch
+    steps = len(loader) // args.accum_iter * args.accum_iter  # a trailing partial accumulation is dropped
+    sums, first_bad = {}, torch.tensor(-1, device=args.device)
+    bar = tqdm(total=steps, desc=f'epoch {epoch}', disable=not is_main(), mininterval=1, dynamic_ncols=True)
+    start = time.time()
+    for step, (images, _, extra) in zip(range(steps), loader):
+        if step % args.accum_iter == 0:
+            schedule(optimizer, epoch + step / steps, args)
+        images, extra = images.to(args.device, non_blocking=True), extra.to(args.device, non_blocking=True)
+        update = (step + 1) % args.accum_iter == 0
+        with model.no_sync() if args.world_size > 1 and not update else nullcontext():
+            with autocast(args):
+                loss, logs = loss_fn(model, images, extra)
+            scaler.scale(loss / args.accum_iter).backward()
+        if update:
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if on_step:
+                on_step()
+        for key, value in {'loss': loss, **logs}.items():
+            sums[key] = sums.get(key, 0) + value.detach().float()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        if (step + 1) % 20 == 0 or step + 1 == steps:
+            if first_bad.item() >= 0:
+                sys.exit(f'error: non-finite loss at epoch {epoch}, step {first_bad.item()}: stopping; the last '
+                         f'checkpoint in {args.output_dir} is intact (try a lower --blr, --amp none, or --clip_grad)')
+            bar.set_postfix(loss=f"{sums['loss'].item() / (step + 1):.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
+                            img_s=f'{(step + 1) * args.batch_size * args.world_size / (time.time() - start):.0f}')
+            bar.update(step + 1 - bar.n)
+    bar.close()
+    stats = torch.stack(list(sums.values())) / max(steps, 1)
+    if args.world_size > 1:
+        dist.all_reduce(stats)
+        stats /= args.world_size
+    elapsed = time.time() - start
+    peak = torch.cuda.max_memory_allocated(args.device) if args.device.type == 'cuda' else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: peak resident memory of the process
+    return {**{f'train_{k}': v for k, v in zip(sums, stats.tolist())}, 'lr': optimizer.param_groups[-1]['lr'],
+            'images_per_s': steps * args.batch_size * args.world_size / elapsed, 'epoch_time_s': elapsed,
+            'peak_mem_mb': peak / 2 ** 20, 'skipped_images': loader.dataset.num_skipped.value}
+
+
+def log_stats(args, stats):
+    if is_main():
+        with open(os.path.join(args.output_dir, 'log.txt'), 'a') as f:
+            f.write(json.dumps(stats) + '\n')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, weights-only loads, exact resume (model, optimizer, scaler, epoch, RNG states).
+# ---------------------------------------------------------------------------------------------------------------
+def atomic_save(state, path):
+    """Write to a temporary file, fsync, rename: a crash mid-save never leaves a broken file at `path`."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    os.fsync(directory)  # make the rename itself durable
+    os.close(directory)
+
+
+def save_checkpoint(args, epoch, model, optimizer, scaler, **extra):
+    """checkpoint-last.pth every epoch, checkpoint-<epoch>.pth every save_freq epochs and at the end.
+    `extra` holds method state such as a teacher's state_dict. RNG states of every rank are kept."""
+    rngs = [{'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if args.device.type == 'cuda' else []}]
+    if args.world_size > 1:
+        rngs = rngs * args.world_size
+        dist.all_gather_object(rngs, rngs[0])
+    if not is_main():
+        return
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+             'epoch': epoch, 'args': plain(args), 'rng': rngs, **extra}
+    atomic_save(state, os.path.join(args.output_dir, 'checkpoint-last.pth'))
+    if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+        atomic_save(state, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: tensors and plain containers only, nothing in the file is executed."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        sys.exit(f'error: refusing to load {path}: it holds pickled Python objects, not only tensors, and loading '
+                 f'it could run code. ({str(e).splitlines()[0]})')
+
+
+def clean_state_dict(state_dict):
+    """Strip the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes."""
+    return {re.sub(r'^(module\.|_orig_mod\.)+', '', k): v for k, v in state_dict.items()}
+
+
+def resume(args, model, optimizer=None, scaler=None, **extra_modules):
+    """Load --resume into model (and optimizer, scaler, extra modules, RNG); return the epoch to start from."""
+    path = os.path.join(args.output_dir, 'checkpoint-last.pth') if args.resume == 'auto' else args.resume
+    if not path or not os.path.isfile(path):
+        if args.resume == 'auto' and is_main():
+            print(f'--resume auto: no checkpoint in {args.output_dir}, starting from scratch')
+        return 0
+    checkpoint = load_checkpoint(path)
+    for name, module in {'model': model, **extra_modules}.items():
+        module.load_state_dict(clean_state_dict(checkpoint[name]))
+    if optimizer is not None and 'optimizer' in checkpoint:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scaler.load_state_dict(checkpoint['scaler'])
+    rngs = checkpoint.get('rng', [])
+    if len(rngs) == args.world_size:  # same world size: each rank continues its own random stream
+        torch.set_rng_state(rngs[args.rank]['torch'])
+        if rngs[args.rank]['cuda'] and args.device.type == 'cuda':
+            torch.cuda.set_rng_state_all(rngs[args.rank]['cuda'])
+    if is_main():
+        print(f"resumed from {path} (epoch {checkpoint['epoch']})")
+    return checkpoint['epoch'] + 1 if optimizer is not None else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation on frozen features: kNN (DINO protocol) and a linear probe (MAE protocol), trained vs random init.
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def extract_features(encoder, dataset, args):
+    """(N, D) float features and (N,) labels of a whole split, each rank extracting its shard, gathered to all."""
+    encoder.eval()
+    features, labels = [], []
+    for images, label, _ in make_loader(dataset, args, train=False):
+        with autocast(args):
+            features.append(encoder.features(normalize(images.to(args.device, non_blocking=True))).float())
+        labels.append(label.to(args.device))
+    if args.world_size == 1:
+        return torch.cat(features), torch.cat(labels)
+
+    def gather(local):  # the sampler dealt index i to rank i % world_size: interleave the shards back
+        shards = [torch.empty_like(local) for _ in range(args.world_size)]
+        dist.all_gather(shards, local)
+        return torch.stack(shards, 1).flatten(0, 1)[:len(dataset)]
+    return gather(torch.cat(features)), gather(torch.cat(labels))
+
+
+@torch.no_grad()
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=20, temperature=0.07):
+    """Weighted kNN (DINO): cosine similarity of L2-normalised features, the k nearest vote with exp(sim / T)."""
+    train_features, test_features = F.normalize(train_features, dim=1), F.normalize(test_features, dim=1)
+    correct = 0
+    for start in range(0, len(test_features), 1024):
+        similarity = test_features[start:start + 1024] @ train_features.T  # (b, N_train)
+        top_sim, top_idx = similarity.topk(min(k, len(train_features)), dim=1)
+        votes = torch.zeros(len(top_sim), num_classes, device=top_sim.device)
+        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+        correct += (votes.argmax(1) == test_labels[start:start + 1024]).sum().item()
+    return 100.0 * correct / len(test_features)
+
+
+def linear_probe_accuracy(train_features, train_labels, test_features, test_labels, num_classes, epochs, seed=0):
+    """MAE's probe head, BatchNorm1d(affine=False, eps 1e-6) + Linear (trunc-normal std 0.01), on features extracted
+    once without augmentation. SGD (momentum 0.9, lr 0.1 per 256, no weight decay, cosine) replaces MAE's LARS at
+    batch 16384, as HPM does: LARS needs that huge batch."""
+    generator = torch.Generator().manual_seed(seed)
+    head = nn.Sequential(nn.BatchNorm1d(train_features.shape[1], affine=False, eps=1e-6),
+                         nn.Linear(train_features.shape[1], num_classes)).to(train_features.device)
+    nn.init.trunc_normal_(head[1].weight, std=0.01, generator=generator)
+    nn.init.zeros_(head[1].bias)
+    batch = min(256, len(train_features))
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1 * batch / 256, momentum=0.9)
+    steps = epochs * (len(train_features) // batch)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    for _ in range(epochs):
+        order = torch.randperm(len(train_features), generator=generator).to(train_features.device)
+        for idx in order[:len(order) // batch * batch].view(-1, batch):
+            optimizer.zero_grad()
+            F.cross_entropy(head(train_features[idx]), train_labels[idx]).backward()
+            optimizer.step()
+            schedule.step()
+    head.eval()
+    with torch.no_grad():
+        return 100.0 * (head(test_features).argmax(1) == test_labels).float().mean().item()
+
+
+def evaluate(args, encoders, eval_sets):
+    """kNN and linear-probe top-1 on the val split for each named encoder (each has .features(images))."""
+    if eval_sets is None:
+        return {}
+    train_set, val_set = eval_sets
+    results = {}
+    for name, encoder in encoders.items():
+        encoder.global_pool = args.global_pool  # ViTs: mean of the patch tokens instead of the cls token
+        train_f, train_y = extract_features(encoder, train_set, args)
+        val_f, val_y = extract_features(encoder, val_set, args)
+        if is_main():
+            num_classes = len(train_set.classes)
+            if args.knn_k:
+                results[f'{name}_knn_top1'] = knn_accuracy(train_f, train_y, val_f, val_y, num_classes, args.knn_k)
+            if args.probe_epochs:
+                results[f'{name}_probe_top1'] = linear_probe_accuracy(train_f, train_y, val_f, val_y, num_classes,
+                                                                      args.probe_epochs, args.seed)
+    for metric, title in (('knn', f'kNN (k={args.knn_k})'), ('probe', 'linear probe')):
+        line = ', '.join(f'{n} {results[f"{n}_{metric}_top1"]:.2f}%' for n in encoders if f'{n}_{metric}_top1' in results)
+        if line and is_main():
+            print(f'{title:>14} top-1: {line}')
+    return results
+
+
+def save_picture(columns, path, min_side=96):
+    """Write a PNG grid: one row per sample, one column per (N, 3, H, W) tensor of [0, 1] values."""
+    rows = torch.cat([torch.cat(list(col.detach().float().clamp(0, 1).cpu()), dim=1) for col in columns], dim=2)
+    grid = (rows.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (N*H, cols*W, 3)
+    scale = max(1, math.ceil(min_side / columns[0].shape[-1]))
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)

@@ -1,0 +1,34 @@
+import json, os, subprocess, sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# The smallest settings that still exercise every stage of a method file: 16 px shapes, 4x4 patches.
+TINY = ['--data', 'shapes', '--input_size', '16', '--model', 'vit_tiny_patch4', '--batch_size', '8',
+        '--shapes_size', '64', '--epochs', '1', '--warmup_epochs', '0', '--probe_epochs', '2', '--knn_k', '5']
+
+
+def run_script(script, args, timeout=300, env=None, check=True):
+    """Run `python <script> args` from the repository root, as a user would; return the CompletedProcess."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=timeout, env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f'{script} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
+    return result
+
+
+def read_log(output_dir):
+    with open(os.path.join(output_dir, 'log.txt')) as f:
+        return [json.loads(line) for line in f]
+
+
+def load_weights(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['model']
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    torch.set_num_threads(1)  # small tensors: threads only add noise to timings and contention between tests

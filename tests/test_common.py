@@ -1,0 +1,232 @@
+"""Invariants of the shared pieces: patchify, position table, transforms, datasets, optimisation, checkpoints."""
+import hashlib, io, math, os, pickle, tarfile, urllib.error, urllib.request, warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from conftest import run_script
+
+
+def test_patchify_roundtrip_and_layout():
+    imgs = torch.randn(2, 3, 24, 16)
+    patches = common.patchify(imgs, 8)
+    assert patches.shape == (2, 6, 8 * 8 * 3)
+    assert torch.equal(common.unpatchify(patches, 8, 3, 2), imgs)
+    # MAE's layout: patches row-major over the grid; inside one, (row, column, channel) with channel fastest
+    b, l, row, col, channel = 1, 3, 5, 2, 1  # patch 3 is grid cell (1, 1)
+    assert patches[b, l, (row * 8 + col) * 3 + channel] == imgs[b, channel, 8 + row, 8 + col]
+
+
+def test_sincos_pos_embed_matches_closed_formula():
+    dim, grid = 16, 3
+    table = common.sincos_pos_embed(dim, grid)
+    assert table.shape == (1 + grid * grid, dim) and torch.all(table[0] == 0)
+    for index in range(grid * grid):
+        y, x = divmod(index, grid)
+        for k in range(dim // 4):
+            omega = 1 / 10000 ** (k / (dim / 4))
+            expected = [math.sin(x * omega), math.cos(x * omega), math.sin(y * omega), math.cos(y * omega)]
+            got = table[1 + index, [k, dim // 4 + k, dim // 2 + k, 3 * dim // 4 + k]]
+            assert torch.allclose(got, torch.tensor(expected), atol=1e-6)
+
+
+def test_vit_config_and_attention_shapes():
+    assert common.vit_config('vit_base_patch16') == dict(embed_dim=768, depth=12, num_heads=12, patch_size=16)
+    with pytest.raises(ValueError, match='vit_<size>_patch<p>'):
+        common.vit_config('vit_enormous_patch16')
+    vit = common.VisionTransformer(32, 4, 64, 2, 4)
+    assert vit.features(torch.randn(3, 3, 32, 32)).shape == (3, 64)
+    assert not vit.pos_embed.requires_grad
+
+
+def test_train_transform_is_a_function_of_the_generator():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    transform = common.TrainTransform(16, scale=(0.2, 1.0))
+    a = transform(img, np.random.default_rng([0, 1, 2]))
+    assert a.shape == (3, 16, 16) and a.dtype == torch.uint8
+    assert torch.equal(a, transform(img, np.random.default_rng([0, 1, 2])))
+    others = [transform(img, np.random.default_rng([0, 1, i])) for i in range(3, 8)]
+    assert not all(torch.equal(a, o) for o in others)
+    assert common.EvalTransform(16)(img).shape == (3, 16, 16)
+
+
+def test_normalize_roundtrip():
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    assert torch.allclose(common.denormalize(common.normalize(x)), x.float() / 255, atol=1e-6)
+
+
+def fabricate_cifar(root):
+    """A CIFAR-10 archive in the official format, with 10 + 5 images instead of 50000 + 10000."""
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode='w:gz') as tar:
+        def add(name, obj):
+            data = pickle.dumps(obj)
+            info = tarfile.TarInfo(f'cifar-10-batches-py/{name}')
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for i in range(1, 6):
+            add(f'data_batch_{i}', {b'data': rng.integers(0, 255, (2, 3072), dtype=np.uint8), b'labels': [i, i + 1]})
+        add('test_batch', {b'data': rng.integers(0, 255, (5, 3072), dtype=np.uint8), b'labels': [0, 1, 2, 3, 4]})
+        add('batches.meta', {b'label_names': [f'class{i}'.encode() for i in range(10)]})
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, 'cifar-10-python.tar.gz')
+    with open(path, 'wb') as f:
+        f.write(buffer.getvalue())
+    return path
+
+
+def test_cifar_archive_read_md5_and_offline(tmp_path, monkeypatch):
+    path = fabricate_cifar(tmp_path / 'ok')
+    digest = hashlib.md5(open(path, 'rb').read()).hexdigest()
+    # the real md5 rejects the fabricated archive, with a message saying what to do
+    with pytest.raises(SystemExit, match='md5.*Delete it'):
+        common.read_cifar('cifar10', str(tmp_path / 'ok'))
+    monkeypatch.setitem(common.CIFAR, 'cifar10', (common.CIFAR['cifar10'][0], digest) + common.CIFAR['cifar10'][2:])
+    splits, classes = common.read_cifar('cifar10', str(tmp_path / 'ok'))
+    assert splits['train'][0].shape == (10, 32, 32, 3) and splits['val'][0].shape == (5, 32, 32, 3)
+    assert list(splits['val'][1]) == [0, 1, 2, 3, 4] and classes[3] == 'class3'
+    # pixels are channel-major rows in the archive: check one value went to the right place
+    raw = pickle.load(open(tmp_path / 'ok' / 'cifar-10-batches-py' / 'test_batch', 'rb'))
+    assert splits['val'][0][2, 4, 5, 1] == raw[b'data'][2, 1024 + 4 * 32 + 5]
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(urllib.request, 'urlopen', offline)
+    with pytest.raises(SystemExit, match=r'put it at .*cifar-10-python.tar.gz'):
+        common.read_cifar('cifar10', str(tmp_path / 'empty'))
+
+
+def folder_args(path, **overrides):
+    defaults = dict(data='folder', data_path=str(path), input_size=16, seed=0, cache=False,
+                    output_dir=str(path), num_workers=0, world_size=1)
+    return SimpleNamespace(**{**defaults, **overrides})
+
+
+def write_images(folder, names_and_images):
+    os.makedirs(folder, exist_ok=True)
+    for name, image in names_and_images:
+        image.save(os.path.join(folder, name))
+
+
+def test_image_folder_modes_corrupt_and_empty_class(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    sixteen = Image.fromarray((np.arange(20 * 24).reshape(20, 24) * 100).astype(np.uint16))  # values up to 47,900
+    write_images(tmp_path / 'train' / 'cat', [('rgb.jpg', Image.fromarray(rgb)), ('gray.png', Image.fromarray(rgb[..., 0])),
+                                              ('cmyk.jpg', Image.fromarray(rgb).convert('CMYK')),
+                                              ('rgba.png', Image.fromarray(rgb).convert('RGBA'))])
+    write_images(tmp_path / 'train' / 'dog', [('palette.png', Image.fromarray(rgb).convert('P')),
+                                              ('deep.png', sixteen)])
+    (tmp_path / 'train' / 'dog' / 'broken.jpg').write_bytes(b'not an image at all')
+    os.makedirs(tmp_path / 'train' / 'emu')  # an empty class folder keeps its label
+    write_images(tmp_path / 'val' / 'dog', [('v.png', Image.fromarray(rgb))])
+    with pytest.warns(UserWarning, match='holds no images'):
+        train_set, (train_eval, val) = common.build_datasets(folder_args(tmp_path), common.TrainTransform(16))
+    assert train_set.classes == ['cat', 'dog', 'emu'] and list(val.labels) == [1]
+    assert len(train_set) == 7
+    with pytest.warns(UserWarning, match='broken.jpg'):
+        samples = [train_eval[i] for i in range(len(train_eval))]
+    assert all(image.shape == (3, 16, 16) and image.dtype == torch.uint8 for image, _, _ in samples)
+    assert train_eval.num_skipped.value == 1
+    deep = Image.open(tmp_path / 'train' / 'dog' / 'deep.png')
+    assert 20 < np.asarray(common.to_rgb(deep)).mean() < 200  # 16-bit scaled to 8 bits, not clipped to white
+
+
+def test_unlabeled_folder_skips_evaluation(tmp_path, capsys):
+    write_images(tmp_path / 'a' / 'b', [(f'{i}.png', Image.new('RGB', (20, 20), (i, 0, 0))) for i in range(3)])
+    train_set, eval_sets = common.build_datasets(folder_args(tmp_path), common.TrainTransform(16))
+    assert len(train_set) == 3 and eval_sets is None and set(train_set.labels) == {-1}
+    assert 'evaluation will be skipped' in capsys.readouterr().out
+
+
+def test_cache_equals_decoding(tmp_path):
+    rng = np.random.default_rng(0)
+    write_images(tmp_path / 'train' / 'x', [(f'{i}.png', Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)))
+                                            for i in range(4)])
+    plain, _ = common.build_datasets(folder_args(tmp_path), common.EvalTransform(16, crop_pct=1.0))
+    cached, _ = common.build_datasets(folder_args(tmp_path, cache=True), common.EvalTransform(16, crop_pct=1.0))
+    assert isinstance(cached.items, np.ndarray) and cached.items.shape == (4, 16, 16, 3)
+    for i in range(4):
+        assert torch.equal(cached[i][0], plain[i][0])
+
+
+def test_param_groups_follow_mae():
+    model = common.VisionTransformer(16, 4, 32, 1, 2)
+    no_decay, decay = common.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay['params']} == {n for n, p in model.named_parameters()
+                                                            if p.ndim == 1}
+    assert 'cls_token' in {names[id(p)] for p in decay['params']}  # 3-D: decayed, as in MAE
+    assert 'pos_embed' not in {names[id(p)] for p in no_decay['params'] + decay['params']}  # frozen
+
+
+def test_learning_rate_schedule():
+    args = SimpleNamespace(lr=1.0, min_lr=0.1, warmup_epochs=2, epochs=10)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0)
+    assert common.adjust_learning_rate(optimizer, 0, args) == 0
+    assert common.adjust_learning_rate(optimizer, 1, args) == pytest.approx(0.5)
+    assert common.adjust_learning_rate(optimizer, 2, args) == pytest.approx(1.0)
+    assert common.adjust_learning_rate(optimizer, 6, args) == pytest.approx(0.55)
+    assert common.adjust_learning_rate(optimizer, 10, args) == pytest.approx(0.1)
+
+
+def test_knn_and_probe_on_separable_features():
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 8, generator=generator) * 5
+    labels = torch.arange(200) % 4
+    features = centers[labels] + torch.randn(200, 8, generator=generator)
+    assert common.knn_accuracy(features[:150], labels[:150], features[150:], labels[150:], 4) == 100.0
+    assert common.linear_probe_accuracy(features[:150], labels[:150], features[150:], labels[150:], 4, 20) > 95
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.path}',))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    marker = tmp_path / 'executed'
+    torch.save({'model': {}, 'evil': Payload(str(marker))}, tmp_path / 'bad.pth')
+    with pytest.raises(SystemExit, match='refusing to load'):
+        common.load_checkpoint(str(tmp_path / 'bad.pth'))
+    assert not marker.exists()
+
+
+def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
+    path = str(tmp_path / 'checkpoint-last.pth')
+    common.atomic_save({'epoch': 1}, path)
+
+    def crash(obj, f):
+        f.write(b'half a checkpoint')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', crash)
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_save({'epoch': 2}, path)
+    assert torch.load(path, weights_only=True) == {'epoch': 1}
+
+
+def test_clean_state_dict_strips_wrappers():
+    assert list(common.clean_state_dict({'module._orig_mod.blocks.0.w': 1, 'norm.b': 2})) == ['blocks.0.w', 'norm.b']
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--mask_ratio', '1.5'], '--mask_ratio must be in'),
+    (['--input_size', '30'], 'not divisible by the patch size'),
+    (['--model', 'vit_giant_patch4'], 'unknown --model'),
+    (['--data', 'folder', '--data_path', '/nonexistent'], 'is not a folder'),
+    (['--resume', '/nonexistent.pth'], 'no such file'),
+    (['--batch_size', '0'], 'must be at least 1'),
+    (['--blr', 'fast'], 'invalid float value'),
+])
+def test_bad_flags_exit_with_one_line(flags, message):
+    result = run_script('mae.py', flags, timeout=60, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr and 'Traceback' not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
