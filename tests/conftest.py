@@ -1,4 +1,4 @@
-import json, os, subprocess, sys
+import json, os, signal, subprocess, sys, time
 
 import pytest
 import torch
@@ -32,3 +32,20 @@ def load_weights(path):
 @pytest.fixture(autouse=True)
 def _single_thread():
     torch.set_num_threads(1)  # small tensors: threads only add noise to timings and contention between tests
+
+
+def kill_then_resume(script, flags, out, delay):
+    """Start a run, SIGKILL it `delay` seconds after its first checkpoint appears, then resume it with --resume auto.
+    Returns the final checkpoint."""
+    process = subprocess.Popen([sys.executable, script, *flags, '--output_dir', out], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    deadline = time.time() + 240
+    while not os.path.exists(f'{out}/checkpoint-last.pth') and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert torch.load(f'{out}/checkpoint-last.pth', weights_only=True)['epoch'] in (0, 1)  # never a broken file
+    run_script(script, flags + ['--output_dir', out, '--resume', 'auto'])
+    return torch.load(f'{out}/checkpoint-last.pth', map_location='cpu', weights_only=True)

@@ -1,10 +1,10 @@
 """Runs that survive faults and scale: exact resume (also after SIGKILL mid-epoch) and torchrun == one process."""
-import os, random, signal, subprocess, sys, time
+import os, random, subprocess, sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, load_weights, run_script
+from conftest import ROOT, TINY, kill_then_resume, load_weights, run_script
 
 # 2 epochs of 16 steps: long enough to kill mid-epoch, short enough for CI
 RUN = TINY + ['--shapes_size', '128', '--epochs', '2', '--decoder_embed_dim', '32', '--decoder_depth', '1',
@@ -17,23 +17,6 @@ def assert_same_weights(a, b, atol=0.0):
         assert torch.allclose(a[key], b[key], rtol=0, atol=atol), f'{key} differs by {(a[key] - b[key]).abs().max()}'
 
 
-def kill_then_resume(tmp_path, name, delay):
-    """Start a run, SIGKILL it `delay` seconds after its first checkpoint appears, resume it with --resume auto."""
-    out = str(tmp_path / name)
-    process = subprocess.Popen([sys.executable, 'mae.py', *RUN, '--output_dir', out], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    deadline = time.time() + 240
-    while not os.path.exists(f'{out}/checkpoint-last.pth') and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(delay)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert torch.load(f'{out}/checkpoint-last.pth', weights_only=True)['epoch'] in (0, 1)  # never a broken file
-    run_script('mae.py', RUN + ['--output_dir', out, '--resume', 'auto'])
-    return load_weights(f'{out}/checkpoint-last.pth')
-
-
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('straight'))
@@ -42,12 +25,12 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_resume_at_epoch_boundary_equals_uninterrupted(tmp_path, uninterrupted):
-    assert_same_weights(kill_then_resume(tmp_path, 'boundary', delay=0.0), uninterrupted)
+    assert_same_weights(kill_then_resume('mae.py', RUN, str(tmp_path / 'boundary'), 0.0)['model'], uninterrupted)
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
     delay = random.Random(os.getpid()).uniform(0.2, 1.0)  # somewhere inside the second epoch
-    assert_same_weights(kill_then_resume(tmp_path, 'killed', delay), uninterrupted)
+    assert_same_weights(kill_then_resume('mae.py', RUN, str(tmp_path / 'killed'), delay)['model'], uninterrupted)
 
 
 def test_torchrun_two_processes_equal_one_with_the_same_effective_batch(tmp_path):

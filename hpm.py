@@ -1,0 +1,297 @@
+"""HPM: Hard Patches Mining for Masked Image Modeling (Wang et al., CVPR 2023, arXiv:2304.05919), and its
+extension "Bootstrap Masked Visual Modeling via Hard Patches Mining" (arXiv:2312.13714).
+Official code: https://github.com/Haochen-Wang409/HPM (read at c15ae90; models_mae_learn_loss.py, engine_pretrain.py).
+
+MAE, plus a model that learns where it will fail and masks those patches (Sec. 3). A second decoder, the loss
+predictor, reads the same latent tokens as the pixel decoder and predicts each masked patch's reconstruction loss. It
+is trained with a relative objective (Sec. 3.2, Eq. 5): for every pair of masked patches of an image, it should rank
+them as their true (detached) reconstruction errors rank them. An EMA copy of the model, the teacher, predicts the
+losses of all patches on the unmasked image; the alpha_t * N_masked patches it finds hardest are masked, the rest of
+the mask is random. alpha_t rises linearly from 0 to 0.5 over training, so masking goes from easy to hard (Sec. 3.3).
+
+Relative loss, with y = detached reconstruction errors and s = predicted losses of the masked patches of one image:
+  L_rank = sum_{i,j: y_i != y_j} -[y_j > y_i] log(sigmoid(s_j - s_i) + 1e-6) - [y_j < y_i] log(1 - sigmoid(s_j - s_i) + 1e-6)
+           / #{i, j: y_i != y_j}     (pairs with equal errors, ties, are left out)
+The total loss is the reconstruction loss + L_rank (weight 1).
+
+Differences from the official code (each deliberate):
+ 1. As in mae.py, the random part of each mask comes from per-sample noise drawn by the data loader; the official code
+    shuffles the non-hard patches with a per-sample Python/numpy loop. Same distribution, batched on the device.
+ 2. The encoder sees its visible tokens in random order and the decoder unshuffles them (MAE's code); the official
+    HPM code keeps index order and puts mask tokens last. Attention is permutation-equivariant, so every output is
+    the same up to rounding. The pair loss runs over all (L, L) pairs, weighted to the masked ones: the same sum.
+ 3. The teacher runs only the encoder and the loss predictor (the official EMA model also runs the unused pixel
+    decoder), and is made after DDP has synchronised the student, so every rank's teacher starts equal.
+ 4. Teacher decay: official 0.999 rising to 0.9999 over 100 epochs of the 200-epoch ImageNet recipe. We keep that
+    shape in fractions of the run: the time constant 1/(1 - decay) grows from 0.8% to 8% of all optimizer steps over
+    the first half of training. At the official recipe (200 epochs of 625 steps) that is exactly 0.999 -> 0.9999
+    over 100 epochs; on a 1000-step CPU run it is 0.875 -> 0.9875, where the official constants would leave the
+    teacher at its random initialisation.
+ 5. bf16 autocast by default where supported (official: fp16); kNN and linear probe as in mae.py.
+
+Expected result (`python hpm.py`, built-in shapes, 32 px, ViT-Ti/4, 2-core CPU): see the README table.
+"""
+import argparse, copy
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import Block, VisionTransformer, patchify, unpatchify
+
+# ---- arguments --------------------------------------------------------------------------------------------------
+DEFAULTS = dict(model='vit_base_patch16', input_size=224, batch_size=64, epochs=400, blr=1.5e-4,
+                min_lr=0.0, weight_decay=0.05, warmup_epochs=40, mask_ratio=0.75, norm_pix_loss=False,
+                decoder_embed_dim=512, decoder_depth=8, num_workers=8, probe_epochs=90, shapes_size=10000,
+                alpha_final=0.5)  # the official scripts do not pass --norm_pix_loss: plain pixels
+PRESETS = {  # flags given on the command line win over these
+    'shapes': dict(model='vit_tiny_patch4', input_size=32, batch_size=128, epochs=30, warmup_epochs=3, blr=1.5e-3,
+                   decoder_embed_dim=128, decoder_depth=2, num_workers=0, probe_epochs=30),
+    'cifar10': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800, num_workers=4),
+    'cifar100': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800, num_workers=4),
+    'imagenet': dict(model='vit_base_patch16', epochs=200, target_batch=2048),  # PRETRAIN.md: 8 GPUs x 32 x 8
+}
+
+
+def get_args_parser():
+    parser = common.get_args_parser('HPM pretraining, then kNN / linear-probe evaluation')
+    parser.add_argument('--mask_ratio', type=float, help='fraction of patches removed (0.75)')
+    parser.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction, help='per-patch normalised pixel target (on)')
+    parser.add_argument('--decoder_embed_dim', type=int, help='decoder width (512)')
+    parser.add_argument('--decoder_depth', type=int, help='decoder blocks, of each of the two decoders (8)')
+    parser.add_argument('--alpha_final', type=float, help='alpha_T: the fraction of masked patches chosen as the '
+                                                          'hardest at the end of training (0.5)')
+    return parser
+
+
+
+# ---- masking ----------------------------------------------------------------------------------------------------
+def uniform_noise(num_patches, rng):
+    """Per-sample mask noise, drawn in the data loader (difference 1)."""
+    return rng.random(num_patches, dtype=np.float32)
+
+
+def random_masking(x, mask_ratio, noise=None):
+    """Per-sample random masking by argsort of uniform noise (Sec. 3, "random sampling").
+    x: (B, L, D) -> kept tokens (B, K, D) with K = int(L * (1 - mask_ratio)), mask (B, L) with 1 = masked,
+    ids_restore (B, L), the permutation that undoes the shuffle."""
+    B, L, D = x.shape
+    keep = int(L * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(B, L, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the smallest noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    x_kept = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))  # (B, K, D)
+    mask = torch.ones(B, L, device=x.device)
+    mask[:, :keep] = 0
+    return x_kept, torch.gather(mask, 1, ids_restore), ids_restore
+
+
+def hard_patches_order(predicted_loss, noise, mask_ratio, alpha):
+    """Sec. 3.3: mask the k = int(alpha * N_masked) patches with the highest predicted loss, and fill the rest of the
+    mask at random. Returns a score (B, L) whose argsort is that order: random visible first, then random masked,
+    then the k hardest; random_masking(x, mask_ratio, score) applies it. alpha = 0 gives MAE's random mask.
+    Passing a fixed 0/1 mask as the score reproduces that mask (its zeros sort first)."""
+    B, L = predicted_loss.shape
+    k = int((L - int(L * (1 - mask_ratio))) * alpha)
+    if k <= 0:
+        return noise
+    hardest = predicted_loss.topk(k, dim=1).indices  # (B, k)
+    return noise.scatter(1, hardest, 2.0)  # noise is in [0, 1): the hardest sort last, into the masked part
+
+
+# ---- target -----------------------------------------------------------------------------------------------------
+def pixel_target(imgs, patch_size, norm_pix_loss):
+    """(B, 3, H, W) -> (B, L, P) patch pixels; with norm_pix_loss each patch is standardised by its own mean and
+    unbiased variance (Sec. 3, "reconstruction target"; Tab. 1d)."""
+    target = patchify(imgs, patch_size)
+    if norm_pix_loss:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    return target
+
+
+# ---- model ------------------------------------------------------------------------------------------------------
+class HPM(VisionTransformer):
+    """MAE (encoder keys inherited from the ViT, MAE's pixel decoder) plus the loss-predictor decoder, with the
+    official state-dict names (models_mae_learn_loss.py)."""
+    def __init__(self, model='vit_large_patch16', img_size=224, decoder_embed_dim=512, decoder_depth=8,
+                 norm_pix_loss=False):
+        config = common.vit_config(model)
+        super().__init__(img_size, **config)
+        p, dim = config['patch_size'], config['embed_dim']
+        self.decoder_embed = nn.Linear(dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(common.sincos_pos_embed(decoder_embed_dim, self.grid_size)[None],
+                                              requires_grad=False)  # fixed sin-cos, like the encoder's
+        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_embed_dim // 32)
+                                             for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, p * p * 3)  # decoder to patch pixels
+        # the loss predictor: a decoder of the same shape, whose P outputs per patch are averaged to one loss
+        self.decoder_blocks_losspred = nn.ModuleList([Block(decoder_embed_dim, decoder_embed_dim // 32)
+                                                      for _ in range(decoder_depth)])
+        self.decoder_norm_losspred = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred_losspred = nn.Linear(decoder_embed_dim, p * p * 3)
+        self.norm_pix_loss = norm_pix_loss
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """The official init: patch_embed like a Linear (Xavier on its (D, P) view), Xavier-uniform Linears with zero
+        bias, LayerNorm 1/0, cls and mask tokens normal(0.02) (timm's trunc_normal with cut-off 2 is effectively
+        normal). The sin-cos tables are set in the constructors and frozen."""
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        """(B, 3, H, W) -> latent (B, 1 + K, D), mask (B, L), ids_restore (B, L). The encoder sees visible patches only."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # (B, L, D), position added before masking
+        x, mask, ids_restore = random_masking(x, mask_ratio, noise)
+        return self.forward_tokens(x), mask, ids_restore  # cls prepended, blocks, final norm
+
+    def forward_decoder(self, latent, ids_restore):
+        """latent (B, 1 + K, D) -> predicted pixels (B, L, P) and predicted losses (B, L) for every patch."""
+        x = self.decoder_embed(latent)  # (B, 1 + K, Dd)
+        B, L = ids_restore.shape
+        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)  # one per removed patch
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd) in shuffled order, without cls
+        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1 + L, Dd)
+        return self.reconstruct(x), self.predict_loss(x)
+
+    def reconstruct(self, x):  # decoder input (B, 1 + L, Dd) -> pixels (B, L, P)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def predict_loss(self, x):  # decoder input (B, 1 + L, Dd) -> predicted loss (B, L), the mean of P outputs
+        for block in self.decoder_blocks_losspred:
+            x = block(x)
+        return self.decoder_pred_losspred(self.decoder_norm_losspred(x))[:, 1:].mean(dim=-1)
+
+    @torch.no_grad()
+    def teacher_losses(self, imgs):
+        """The teacher's view (Sec. 3.3): predicted losses (B, L) on the full, unmasked image."""
+        B, L = imgs.shape[0], self.num_patches
+        latent, _, ids_restore = self.forward_encoder(imgs, 0.0, torch.arange(L, device=imgs.device).expand(B, -1))
+        x = self.decoder_embed(latent)  # (B, 1 + L, Dd): every patch visible, so no mask tokens
+        return self.predict_loss(x + self.decoder_pos_embed)
+
+    # ---- loss ---------------------------------------------------------------------------------------------------
+    def forward_loss(self, imgs, pred, mask):
+        """Mean squared error per patch, averaged over masked patches only (Sec. 3): visible patches do not count."""
+        target = pixel_target(imgs, self.patch_size, self.norm_pix_loss)  # (B, L, P)
+        loss = ((pred - target) ** 2).mean(dim=-1)  # (B, L), per patch
+        return (loss * mask).sum() / mask.sum(), loss  # masked patches only; and the per-patch errors
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        """-> (reconstruction loss, relative loss), predicted pixels (B, L, P), mask (B, L)."""
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred, predicted_loss = self.forward_decoder(latent, ids_restore)
+        loss, errors = self.forward_loss(imgs, pred.float(), mask)
+        return (loss, relative_loss(predicted_loss.float(), errors.detach(), mask)), pred, mask
+
+
+def relative_loss(predicted, errors, mask):
+    """Eq. 5, the pairwise ranking loss over the masked patches of each image (formula in the module docstring).
+    predicted, errors, mask: (B, L); errors are detached, so only the loss predictor learns from it."""
+    pair = mask[:, :, None] * mask[:, None, :]  # (B, L, L): both i and j masked
+    above = (errors[:, None, :] > errors[:, :, None]) * pair  # [i, j] = 1 where y_j > y_i
+    below = (errors[:, None, :] < errors[:, :, None]) * pair
+    logit = predicted[:, None, :] - predicted[:, :, None]  # [i, j] = s_j - s_i
+    loss = -above * torch.log(torch.sigmoid(logit) + 1e-6) - below * torch.log(1 - torch.sigmoid(logit) + 1e-6)
+    return loss.sum() / (above + below).sum()  # ties (y_i == y_j) count in neither
+
+
+# ---- teacher ----------------------------------------------------------------------------------------------------
+def teacher_decay(epoch, args, steps_per_epoch):
+    """Difference 4: the decay's time constant 1/(1 - decay) grows from 0.8% to 8% of all optimizer steps over the
+    first half of training (official: 0.999 -> 0.9999 over 100 of 200 epochs of 625 steps)."""
+    steps = args.epochs * steps_per_epoch
+    start, end = 1 - 1 / max(1.0, 0.008 * steps), 1 - 1 / max(1.0, 0.08 * steps)
+    return start + min(epoch / (args.epochs / 2), 1.0) * (end - start)
+
+
+@torch.no_grad()
+def update_teacher(teacher, student, decay):
+    """teacher = decay * teacher + (1 - decay) * student, for every parameter (timm's ModelEma)."""
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - decay)
+
+
+def build_model(args):
+    return HPM(args.model, args.input_size, args.decoder_embed_dim, args.decoder_depth, args.norm_pix_loss)
+
+
+@torch.no_grad()
+def draw_reconstructions(model, teacher, dataset, args, path, count=8):
+    """Rows of original | the teacher's predicted losses (hot = hard) | input under the hard-patches mask at
+    alpha_T | reconstruction | reconstruction with the visible patches pasted back."""
+    model.eval()
+    images = common.normalize(torch.stack([dataset[i][0] for i in range(count)]).to(args.device))
+    noise = torch.rand(count, model.num_patches, generator=torch.Generator().manual_seed(0)).to(args.device)
+    predicted = teacher.teacher_losses(images)  # (B, L)
+    (_, _), pred, mask = model(images, args.mask_ratio, hard_patches_order(predicted, noise, args.mask_ratio,
+                                                                            args.alpha_final))
+    target, p, h = patchify(images, model.patch_size), model.patch_size, model.grid_size
+    if model.norm_pix_loss:
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    heat = predicted - predicted.min(1, keepdim=True).values
+    heat = F.interpolate((heat / heat.max(1, keepdim=True).values).view(count, 1, h, h), scale_factor=p)
+    hot = torch.cat([(3 * heat).clamp(0, 1), (3 * heat - 1).clamp(0, 1), (3 * heat - 2).clamp(0, 1)], dim=1)
+    mask = mask[..., None]  # (B, L, 1)
+    columns = [images, unpatchify(target * (1 - mask), p, h, h), unpatchify(pred, p, h, h),
+               unpatchify(pred * mask + target * (1 - mask), p, h, h)]
+    common.save_picture([common.denormalize(columns[0]), hot] + [common.denormalize(c) for c in columns[1:]], path)
+
+
+# ---- main -------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = common.parse_args(get_args_parser(), 'hpm', DEFAULTS, PRESETS, argv)
+    common.setup(args)
+    model = build_model(args).to(args.device)
+    train_set, eval_sets = common.build_datasets(args, common.TrainTransform(args.input_size, scale=(0.2, 1.0)),
+                                                 partial(uniform_noise, model.num_patches))
+    optimizer = common.adamw(model, args, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(enabled=args.amp == 'fp16')
+    ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, train=True)
+    teacher = copy.deepcopy(model).requires_grad_(False).eval()  # after DDP's broadcast: equal on every rank
+    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler, ema_state_dict=teacher)
+    steps_per_epoch = len(loader) // args.accum_iter
+
+    def loss_fn(model, images, noise, alpha):  # one step of the objective, inside autocast
+        imgs = common.normalize(images)
+        order = hard_patches_order(teacher.teacher_losses(imgs), noise, args.mask_ratio, alpha)
+        (loss, rank_loss), _, _ = model(imgs, args.mask_ratio, order)
+        return loss + rank_loss, {'reconstruction': loss, 'relative': rank_loss}
+
+    for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
+        alpha = args.alpha_final * (epoch + 1) / args.epochs  # easy to hard: alpha_t, updated per epoch (Sec. 3.3)
+        decay = teacher_decay(epoch, args, steps_per_epoch)
+        stats = common.train_one_epoch(ddp_model, partial(loss_fn, alpha=alpha), loader, optimizer, scaler, epoch,
+                                       args, on_step=partial(update_teacher, teacher, model, decay))
+        common.save_checkpoint(args, epoch, model, optimizer, scaler, ema_state_dict=teacher.state_dict())
+        common.log_stats(args, {'epoch': epoch, 'alpha': alpha, 'teacher_decay': decay, **stats})
+
+    torch.manual_seed(args.seed)  # the random-init baseline is the same network whatever happened before
+    results = common.evaluate(args, {'trained': model, 'random_init': build_model(args).to(args.device)}, eval_sets)
+    common.log_stats(args, {'epoch': args.epochs - 1, 'evaluation': True, **results})
+    if common.is_main():
+        pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))
+        draw_reconstructions(model, teacher, pictures_from, args, f'{args.output_dir}/reconstruction.png')
+        print(f'wrote {args.output_dir}/reconstruction.png and log.txt')
+
+
+if __name__ == '__main__':
+    main()
