@@ -18,15 +18,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-# ---------------------------------------------------------------------------------------------------------------
-# Vision Transformer with timm / official MAE module names, so released checkpoints load with strict=True.
-# ---------------------------------------------------------------------------------------------------------------
-VIT_SIZES = {'mini': (192, 6, 3), 'tiny': (192, 12, 3), 'small': (384, 12, 6), 'base': (768, 12, 12), 'large': (1024, 24, 16),
+# ---- ViT, with the timm / official MAE module names, so released checkpoints load with strict=True -----------
+VIT_SIZES = {'tiny': (192, 12, 3), 'small': (384, 12, 6), 'base': (768, 12, 12), 'large': (1024, 24, 16),
              'huge': (1280, 32, 16)}  # name: (embed_dim D, depth, heads); MLP ratio 4 for all
 
 
@@ -41,9 +40,8 @@ def vit_config(name):
 
 
 def sincos_pos_embed(dim, grid_size):
-    """MAE's fixed 2-D sin-cos table (1 + L, D), float64 like the numpy original, then float32.
-    The first D/2 dims encode the column x, the last D/2 the row y; each half is [sin(pos*w_k), cos(pos*w_k)] with
-    w_k = 10000^(-k / (D/4)), k < D/4. The cls slot is all zeros."""
+    """MAE's fixed 2-D sin-cos table (1 + L, D), computed in float64 as the numpy original: the first D/2 dims encode
+    the column x, the last D/2 the row y, each as [sin(pos * w_k), cos(pos * w_k)], w_k = 10000^(-4k/D), k < D/4."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     rows, cols = torch.meshgrid(*[torch.arange(grid_size, dtype=torch.float64)] * 2, indexing='ij')  # row-major
 
@@ -95,8 +93,14 @@ class Attention(nn.Module):
     def forward(self, x):  # (B, N, D)
         B, N, D = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # fused kernel; (B, heads, N, D/heads)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+        return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+
+
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v with PyTorch's fused kernels, (B, heads, N, d). On CPUs the bf16 flash kernel runs
+    3-4x slower than the math one (measured at ViT-Ti/B sizes, forward + backward), so bf16 there uses math."""
+    with sdpa_kernel(SDPBackend.MATH) if q.is_cpu and q.dtype == torch.bfloat16 else nullcontext():
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class Mlp(nn.Module):
@@ -122,8 +126,7 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder. `pos_embed` is MAE's frozen sin-cos table, or learned (MaskFeat, MFM) when learned_pos=True.
-    Weight init is left to the method file, since every paper initialises differently."""
+    """ViT encoder; pos_embed is MAE's frozen sin-cos table, or learned (MaskFeat, MFM). Init is the method's."""
     def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio=4.0, learned_pos=False,
                  drop_path_rate=0.0):
         super().__init__()
@@ -153,9 +156,7 @@ class VisionTransformer(nn.Module):
         return x[:, 1:].mean(1) if getattr(self, 'global_pool', False) else x[:, 0]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data: datasets yield (uint8 image (3, H, W), label, extra); normalisation happens on the device (`normalize`).
-# ---------------------------------------------------------------------------------------------------------------
+# ---- data: items are (uint8 image (3, H, W), label, extra); normalisation happens on the device -------------
 def _outline(*points):  # a closed polygon from (x, y) vertices in unit coordinates
     return [(float(x), float(y)) for x, y in points]
 
@@ -182,8 +183,9 @@ SHAPES = {'disk': [(_arc(), 1)], 'ring': [(_arc(), 1), (_arc(0.6), 0)], 'crescen
 
 def make_shapes(n, size, seed):
     """The built-in `shapes` dataset: n images (n, size, size, 3) uint8 and labels (n,), deterministic from seed.
-    The class is the shape; colour, size, position, rotation, the gradient background, clutter lines and pixel noise
-    are random and class-independent, so raw pixels say little about the class and a useful encoder must learn shape."""
+    The class is the shape; colour, size, position, rotation, the gradient background and clutter lines are random
+    and class-independent, so raw pixels say little about the class and a useful encoder must learn shape. (No pixel
+    noise: per-patch normalised targets, MAE's norm-pix and MaskFeat's HOG cells, would turn it into random targets.)"""
     rng, names = np.random.default_rng(seed), list(SHAPES)
     images, labels = np.empty((n, size, size, 3), np.uint8), rng.integers(0, len(names), n)
     ramp = np.linspace(0, 1, size, dtype=np.float32)
@@ -195,20 +197,16 @@ def make_shapes(n, size, seed):
         for polygon, fill in SHAPES[names[label]]:
             ImageDraw.Draw(shape).polygon([(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos))
                                            for x, y in polygon], fill=255 * fill)
-        alpha = np.asarray(shape.resize((size, size), Image.BOX), np.float32)[..., None] / 255
-        c0, c1, fg = rng.uniform(0, 255, (3, 3)).astype(np.float32)
+        c0, c1, fg = rng.uniform(0, 255, (3, 3))
         while np.abs(fg - (c0 + c1) / 2).sum() < 120:  # keep the shape visible against the background
-            fg = rng.uniform(0, 255, 3).astype(np.float32)
+            fg = rng.uniform(0, 255, 3)
         t = ramp[:, None] * np.cos(3 * angle) + ramp[None, :] * np.sin(3 * angle)  # background: a linear gradient
         t = ((t - t.min()) / (np.ptp(t) + 1e-6))[..., None]
-        image = c0 * (1 - t) + c1 * t
+        image = Image.fromarray((c0 * (1 - t) + c1 * t).astype(np.uint8))
         for _ in range(rng.integers(1, 4)):  # thin lines in random colours: clutter, not class evidence
-            line = Image.new('L', (size, size))
-            ImageDraw.Draw(line).line(list(rng.uniform(0, size, 4)), fill=178)
-            line_alpha = np.asarray(line, np.float32)[..., None] / 255
-            image = image * (1 - line_alpha) + rng.uniform(0, 255, 3).astype(np.float32) * line_alpha
-        image = image * (1 - alpha) + fg * alpha + rng.normal(0, 3, (size, size, 3))
-        images[i] = np.clip(image, 0, 255).astype(np.uint8)
+            ImageDraw.Draw(image).line(list(rng.uniform(0, size, 4)), fill=tuple(rng.integers(0, 256, 3).tolist()))
+        image.paste(tuple(fg.astype(int).tolist()), mask=shape.resize((size, size), Image.BOX))  # anti-aliased edge
+        images[i] = np.asarray(image)
     return images, labels
 
 
@@ -221,8 +219,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.t
 
 
 def read_cifar(name, root):
-    """CIFAR-10/100 from the official python-pickle archive in `root`, downloaded (md5-checked) when absent.
-    -> {'train': (images (N, 32, 32, 3) uint8, labels), 'val': (...)}, class names."""
+    """CIFAR from the python archive in root (downloaded, md5-checked, if absent) -> {split: (uint8 NHWC, labels)}, classes."""
     archive, md5, folder, train_files, test_files, label_key, meta_file, names_key = CIFAR[name]
     url, path = f'https://www.cs.toronto.edu/~kriz/{archive}', os.path.join(root, archive)
     if not os.path.isdir(os.path.join(root, folder)):
@@ -296,8 +293,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def scan_folder(root, classes=None):
-    """-> (paths, labels, classes) of the images under root, labelled by class sub-folder (found when classes is
-    None); classes=[] reads every image below root as unlabeled (-1)."""
+    """-> (paths, labels by class sub-folder, classes); classes=[] reads every image below root as unlabeled (-1)."""
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir()) if classes is None else classes
     paths, labels = [], []
     for label, name in enumerate(classes or ['']):
@@ -320,8 +316,7 @@ def cache_images(dataset, size, num_workers):
 
 
 def build_datasets(args, train_transform, sample_extra=None):
-    """-> (train_set, eval_sets): the pretraining set with `train_transform` and `sample_extra(rng)` per sample, and
-    (train, val) with the deterministic eval transform for kNN / linear probe, or None when there are no labels."""
+    """-> pretraining set (train_transform, sample_extra), and (train, val) with the eval transform, or None."""
     if args.data == 'shapes':
         n_val = max(args.shapes_size // 5, 10)
         images, labels = make_shapes(args.shapes_size + n_val, args.input_size, args.seed)
@@ -374,8 +369,8 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize the shorter side to size / crop_pct (bicubic), centre-crop. crop_pct is 0.875 (256 -> 224) above
-    64 px and 1.0 for small images such as CIFAR's, where a crop would cut away a large border."""
+    """Resize the shorter side to size / crop_pct (bicubic), centre-crop; crop_pct 0.875 (256 -> 224) above 64 px,
+    1.0 for small images such as CIFAR's, where a crop would cut away a large border."""
     def __init__(self, size, crop_pct=None):
         self.size, self.crop_pct = size, crop_pct or (0.875 if size > 64 else 1.0)
 
@@ -387,9 +382,9 @@ class EvalTransform:
 
 
 def normalize(images):
-    """uint8 (B, 3, H, W) on the device -> float, ImageNet mean/std normalised."""
+    """(B, 3, H, W) uint8, or floats in [0, 1], on the device -> ImageNet mean/std normalised floats."""
     mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    return (images.float() / 255 - mean) / std
+    return ((images.float() / 255 if images.dtype == torch.uint8 else images) - mean) / std
 
 
 def denormalize(images):
@@ -399,16 +394,13 @@ def denormalize(images):
 
 
 def make_loader(dataset, args, train):
-    """The sampler's permutation depends on (seed, epoch) only, the same for any world size; training drops the
-    last partial batch."""
+    """The shuffle depends on (seed, epoch) only, the same for any world size; training drops the last batch."""
     sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, shuffle=train, seed=args.seed)
     return torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers,
                                        pin_memory=args.device.type == 'cuda', drop_last=train)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Arguments: MAE's flag names. Precedence: a flag given on the command line > the dataset preset > the method default.
-# ---------------------------------------------------------------------------------------------------------------
+# ---- arguments: MAE's flag names; a flag given > the dataset preset > the method default ---------------------
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block, no traceback
         sys.exit(f'{self.prog}: error: {message} (see --help)')
@@ -471,8 +463,7 @@ def parse_args(parser, method, defaults, presets, argv=None):
               (args.resume in ('', 'auto') or os.path.isfile(args.resume),
                f"--resume {args.resume}: no such file (use 'auto' to continue the run in --output_dir)"),
               (not args.device.startswith('cuda') or torch.cuda.is_available(),
-               '--device cuda, but no CUDA GPU is visible: use --device cpu'),
-              (args.amp != 'fp16' or args.device.startswith('cuda'), '--amp fp16 needs a GPU: use bf16 or none')]
+               '--device cuda, but no CUDA GPU is visible: use --device cpu')]
     checks += [(getattr(args, k) is None or getattr(args, k) >= 1, f'--{k} must be at least 1, got {getattr(args, k)}')
                for k in ('batch_size', 'accum_iter', 'input_size', 'save_freq')]
     if args.model.startswith('vit'):
@@ -493,8 +484,7 @@ def is_main():
 
 
 def setup(args):
-    """Distributed init from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (NCCL on GPUs, gloo on CPUs), device,
-    precision, seed, accumulation and lr; rank 0 prints the arguments and saves them to args.json."""
+    """torchrun's RANK / WORLD_SIZE / LOCAL_RANK (NCCL on GPUs, gloo on CPUs), device, precision, seed, lr."""
     args.rank, args.world_size, local_rank = 0, 1, 0
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
         args.rank, args.world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
@@ -538,12 +528,10 @@ def wrap_ddp(model, args):
     return nn.parallel.DistributedDataParallel(model, device_ids=[args.device] if args.device.type == 'cuda' else None)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Optimisation: AdamW with MAE's weight-decay groups, per-iteration warmup + half-cosine, the epoch loop.
-# ---------------------------------------------------------------------------------------------------------------
+# ---- optimisation: AdamW with MAE's weight-decay groups, warmup + half-cosine per iteration, the epoch loop --
 def param_groups(model, weight_decay, no_decay_names=()):
-    """timm 0.3.2's add_weight_decay, as MAE uses it: no decay on 1-D parameters and biases (cls_token and
-    mask_token are 3-D, so they ARE decayed in MAE), frozen parameters (the sin-cos tables) left out."""
+    """timm 0.3.2's add_weight_decay (MAE): no decay on 1-D parameters and biases (cls_token and mask_token are 3-D,
+    so they ARE decayed), frozen parameters (the sin-cos tables) left out."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -628,9 +616,7 @@ def log_stats(args, stats):
             f.write(json.dumps(stats) + '\n')
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: atomic writes, weights-only loads, exact resume (model, optimizer, scaler, epoch, RNG states).
-# ---------------------------------------------------------------------------------------------------------------
+# ---- checkpoints: atomic writes, weights-only loads, exact resume (model, optimizer, scaler, epoch, RNG) -----
 def atomic_save(state, path):
     """Write to a temporary file, fsync, rename: a crash mid-save never leaves a broken file at `path`."""
     tmp = f'{path}.tmp{os.getpid()}'
@@ -697,9 +683,7 @@ def resume(args, model, optimizer=None, scaler=None, **extra_modules):
     return checkpoint['epoch'] + 1 if optimizer is not None else 0
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation on frozen features: kNN (DINO protocol) and a linear probe (MAE protocol), trained vs random init.
-# ---------------------------------------------------------------------------------------------------------------
+# ---- evaluation on frozen features: kNN (DINO protocol) and a linear probe (MAE protocol) -------------------
 @torch.no_grad()
 def extract_features(encoder, dataset, args):
     """(N, D) float features and (N,) labels of a whole split, each rank extracting its shard, gathered to all."""
@@ -734,9 +718,8 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
 
 
 def linear_probe_accuracy(train_features, train_labels, test_features, test_labels, num_classes, epochs, seed=0):
-    """MAE's probe head, BatchNorm1d(affine=False, eps 1e-6) + Linear (trunc-normal std 0.01), on features extracted
-    once without augmentation. SGD (momentum 0.9, lr 0.1 per 256, no weight decay, cosine) replaces MAE's LARS at
-    batch 16384, as HPM does: LARS needs that huge batch."""
+    """MAE's head, BatchNorm1d(affine=False, eps 1e-6) + Linear (trunc-normal 0.01), on features extracted once without
+    augmentation. SGD (momentum 0.9, lr 0.1 per 256, cosine) replaces LARS at batch 16384, as in HPM."""
     generator = torch.Generator().manual_seed(seed)
     head = nn.Sequential(nn.BatchNorm1d(train_features.shape[1], affine=False, eps=1e-6),
                          nn.Linear(train_features.shape[1], num_classes)).to(train_features.device)

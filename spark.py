@@ -1,0 +1,486 @@
+"""SparK: Designing BERT for Convolutional Networks: Sparse and Hierarchical Masked Modeling (Tian et al., ICLR 2023,
+arXiv:2301.03580). Official code: https://github.com/keyu-tian/SparK (pretrain/, read at a63e386).
+
+Mask 60% of the image on a grid whose cell is the convnet's downsample ratio (32 px) and let the convnet see only the
+visible cells: every conv, pool and norm keeps masked sites exactly zero, as a submanifold sparse convolution would
+(emulated with masked dense ops, no CUDA, as the official encoder.py). Each stage output is "densified" (norm, a
+learned mask token in the empty sites, a projection) and a light UNet decoder rebuilds the image from the coarsest map
+upwards. The loss is the MSE on masked patches against per-patch normalised pixels. Only the convnet is kept: its
+weights load into the ordinary dense network unchanged.
+
+Differences from the official code (each deliberate):
+ 1. Mask noise comes from the data loader (per-sample generator, see common.py), not torch.rand, so resume is exact and
+    N processes equal one; the masking itself (argsort, keep round(L * 0.4) cells) is the official one.
+ 2. No global `_cur_active`: `SparK.forward(imgs, mask)` takes the mask, and sparse layers read its visible grid only
+    inside `with visible_sites(model, visible)`. ConvNeXt re-masks after each pointwise Linear instead of after the
+    branch: the same values (GELU(0) = 0, gamma * 0 = 0). No timm: ResNet and ConvNeXt are written here with timm /
+    official names and num_classes=0 as in SparK pretraining, so `*_1kpretrained_timm_style.pth` files load strictly
+    (we write one at the end); spark-style files load once the unused buffers imn_m, imn_s, norm_black are dropped.
+ 3. Small images (32-64 px; not in the official code): `*_ds8` backbones have a stride-1 stem (ResNet: 3x3 conv, no
+    max-pool; ConvNeXt: 1x1 patchify) for a downsample ratio of 8, a 4x4 mask grid at 32 px. Their decoder has
+    log2(8) = 3 blocks and takes the 3 coarsest maps (the official code would densify the stride-1 map and never use
+    it). CPU sizes: `resnet_mini_ds8` (Bottleneck [1,1,1,1], 16-128 planes), `convnext_atto_ds8` (ConvNeXt-V2 atto).
+ 4. SyncBatchNorm (official `sbn`) under torchrun on GPUs only: PyTorch has none on CPUs, where each process
+    normalises its own batch, so CPU torchrun runs equal one process only approximately.
+ 5. bf16 autocast where supported (official: fp32); --amp none gives fp32. Evaluation adds kNN and a linear probe on
+    globally average-pooled last-stage features (the official repo only fine-tunes).
+
+Expected result (`python spark.py`, built-in shapes, 32 px, resnet_mini_ds8, 8 epochs): see the README table (kNN and
+linear probe of the pretrained vs the randomly initialised encoder); one epoch takes about 50 s on one CPU thread,
+the whole run about 7.5 minutes.
+"""
+import copy, math
+from contextlib import contextmanager
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import common
+from common import patchify, unpatchify
+
+
+# ---- sparse ops (CUDA-free; these move to common.py) ----------------------------------------------------------------
+# SparK's sparse convolution without CUDA (official pretrain/encoder.py): masked sites stay exactly zero through every
+# op, so visible sites never see them. Convs and pools run densely, then re-mask their output; norms see visible sites.
+# `visible` (B, 1, h, w) bool is True where the image is visible (the official `active`; the opposite of a (B, L) mask).
+# Each layer repeats it up to its own resolution, and reads it only inside `with visible_sites(model, visible):`.
+def visible_at(visible, h, w):  # (B, 1, h0, w0) -> (B, 1, h, w): each cell covers (h / h0) x (w / w0) sites
+    return visible.repeat_interleave(h // visible.shape[2], 2).repeat_interleave(w // visible.shape[3], 3)
+
+
+class Sparse:  # inputs are (B, C, H, W), or (B, H, W, C) where channels_first is False
+    visible, channels_first = None, True
+
+
+class Remasked(Sparse):  # the dense op, then zero the masked sites of its output (its masked inputs are zero already)
+    def forward(self, x):
+        x = super().forward(x)
+        if self.channels_first:
+            return x * visible_at(self.visible, x.shape[2], x.shape[3])
+        return x * visible_at(self.visible, x.shape[1], x.shape[2]).permute(0, 2, 3, 1)
+
+
+class VisibleOnly(Sparse):  # normalise only the (N, C) vectors of visible sites (BN: batch and running statistics)
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1) if self.channels_first else x  # (B, H, W, C)
+        sites = visible_at(self.visible, x.shape[1], x.shape[2])[:, 0]  # (B, H, W)
+        y = super().forward(x[sites])  # (N, C)
+        out = y.new_zeros(*sites.shape, y.shape[1]).index_put((sites,), y)  # masked sites: exactly zero
+        return out.permute(0, 3, 1, 2) if self.channels_first else out
+
+
+class LayerNorm2d(nn.LayerNorm):  # ConvNeXt's LayerNorm(data_format='channels_first'), over C of (B, C, H, W)
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SparseConv2d(Remasked, nn.Conv2d): pass
+class SparseMaxPool2d(Remasked, nn.MaxPool2d): pass
+class SparseAvgPool2d(Remasked, nn.AvgPool2d): pass
+class SparseLinear(Remasked, nn.Linear): channels_first = False  # pointwise convs on (B, H, W, C), as in ConvNeXt
+class SparseBatchNorm2d(VisibleOnly, nn.BatchNorm1d): pass
+class SparseSyncBatchNorm2d(VisibleOnly, nn.SyncBatchNorm): pass
+class SparseLayerNorm2d(VisibleOnly, nn.LayerNorm): pass
+class SparseLayerNorm(VisibleOnly, nn.LayerNorm): channels_first = False
+TWINS = [(nn.Conv2d, SparseConv2d), (nn.MaxPool2d, SparseMaxPool2d), (nn.AvgPool2d, SparseAvgPool2d),
+         (nn.Linear, SparseLinear), (nn.BatchNorm2d, SparseBatchNorm2d), (nn.SyncBatchNorm, SparseSyncBatchNorm2d),
+         (LayerNorm2d, SparseLayerNorm2d), (nn.LayerNorm, SparseLayerNorm)]  # the first match wins
+
+
+def sparse_twin(dense):
+    """A copy of `dense` with its layers swapped for their TWINS. Twins add behaviour but no state, so re-classing the
+    copied layers keeps every weight, buffer and state-dict name: weights load both ways with strict=True."""
+    twin = copy.deepcopy(dense)
+    for m in twin.modules():
+        twins = [sparse for kind, sparse in TWINS if isinstance(m, kind) and not isinstance(m, Sparse)]
+        m.__class__ = twins[0] if twins else type(m)
+    return twin
+
+
+@contextmanager
+def visible_sites(model, visible):  # inside this block, and only there, the sparse layers of `model` see `visible`
+    layers = [m for m in model.modules() if isinstance(m, Sparse)]
+    for m in layers:
+        m.visible = visible
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.visible = None
+
+
+# ---- arguments ----------------------------------------------------------------------------------------------------
+DEFAULTS = dict(model='resnet50', input_size=224, batch_size=64, epochs=1600, blr=2e-4, weight_decay=0.04,
+                weight_decay_end=0.2, warmup_epochs=40, mask_ratio=0.6, decoder_width=768, num_workers=8,
+                probe_epochs=90, shapes_size=10000)  # pretrain/utils/arg_util.py; batch 4096 via the imagenet preset
+PRESETS = {  # flags given on the command line win over these
+    # LAMB's lr is a relative step (||update|| = lr ||w||): 1250 steps need a far larger one than the official 500k
+    'shapes': dict(model='resnet_mini_ds8', input_size=32, batch_size=64, epochs=8, warmup_epochs=1, blr=0.04,
+                   decoder_width=64, num_workers=0, probe_epochs=30),
+    'cifar10': dict(model='resnet50_ds8', input_size=32, batch_size=512, epochs=800, decoder_width=512, num_workers=4),
+    'cifar100': dict(model='resnet50_ds8', input_size=32, batch_size=512, epochs=800, decoder_width=512, num_workers=4),
+    'imagenet': dict(model='resnet50', epochs=1600, target_batch=4096),  # README: 1600 epochs, batch 4096
+}
+
+
+def get_args_parser():
+    parser = common.get_args_parser('SparK pretraining of a convnet, then kNN / linear-probe evaluation')
+    parser.add_argument('--mask_ratio', type=float, help='fraction of mask-grid cells removed (0.6, official `mask`)')
+    parser.add_argument('--weight_decay_end', type=float, help='weight decay at the end of the cosine (0.2, `wde`)')
+    parser.add_argument('--decoder_width', type=int, help='width of the first decoder block, halved per block (768)')
+    parser.add_argument('--drop_path', type=float, help="stochastic depth of the backbone (default: the model's, `dp`)")
+    return parser
+
+
+# ---- masking ------------------------------------------------------------------------------------------------------
+def uniform_noise(num_patches, rng):
+    """Per-sample mask noise, drawn in the data loader (difference 1)."""
+    return rng.random(num_patches, dtype=np.float32)
+
+
+def random_masking(noise, keep):
+    """(B, L) noise -> mask (B, L), 1 = masked: the `keep` cells of smallest noise stay visible (SparK.mask keeps the
+    first len_keep = round(L * (1 - mask_ratio)) of an argsort of uniform noise)."""
+    visible_ids = noise.argsort(dim=1)[:, :keep]
+    return torch.ones_like(noise).scatter_(1, visible_ids, 0.0)
+
+
+# ---- target -------------------------------------------------------------------------------------------------------
+def pixel_target(imgs, patch_size):
+    """(B, 3, H, W) normalised image -> (B, L, P), each patch standardised by its own mean and unbiased variance
+    (SparK.forward step 4; the patch is the downsample ratio, 32 px)."""
+    target = patchify(imgs, patch_size)
+    mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+    return (target - mean) / (var + 1e-6) ** 0.5
+
+
+# ---- model --------------------------------------------------------------------------------------------------------
+MODELS = {  # name: (family, blocks per stage, widths, downsample ratio, pretraining drop path (models/__init__.py))
+    'resnet50': ('resnet', [3, 4, 6, 3], 64, 32, 0.05), 'resnet101': ('resnet', [3, 4, 23, 3], 64, 32, 0.08),
+    'resnet152': ('resnet', [3, 8, 36, 3], 64, 32, 0.10), 'resnet200': ('resnet', [3, 24, 36, 3], 64, 32, 0.15),
+    'convnext_small': ('convnext', [3, 3, 27, 3], [96, 192, 384, 768], 32, 0.2),
+    'convnext_base': ('convnext', [3, 3, 27, 3], [128, 256, 512, 1024], 32, 0.3),
+    'convnext_large': ('convnext', [3, 3, 27, 3], [192, 384, 768, 1536], 32, 0.4),
+    # 32-64 px images (difference 3): stride-1 stem, downsample ratio 8
+    'resnet50_ds8': ('resnet', [3, 4, 6, 3], 64, 8, 0.05), 'resnet_mini_ds8': ('resnet', [1, 1, 1, 1], 16, 8, 0.0),
+    'convnext_tiny_ds8': ('convnext', [3, 3, 9, 3], [96, 192, 384, 768], 8, 0.1),
+    'convnext_atto_ds8': ('convnext', [2, 2, 6, 2], [40, 80, 160, 320], 8, 0.0),
+}
+
+
+class Bottleneck(nn.Module):
+    """timm's ResNet Bottleneck: 1x1, 3x3 (stride here), 1x1 with 4x the planes, BN after each, ReLU."""
+    def __init__(self, inplanes, planes, stride, drop_path):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+        self.downsample = None if stride == 1 and inplanes == planes * 4 else nn.Sequential(
+            nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+        self.drop_path = drop_path
+
+    def forward(self, x):  # (B, C, H, W)
+        y = self.bn2(self.conv2(self.bn1(self.conv1(x)).relu())).relu()
+        y = common.drop_path(self.bn3(self.conv3(y)), self.drop_path, self.training)
+        return (y + (x if self.downsample is None else self.downsample(x))).relu()
+
+
+class ResNet(nn.Module):
+    """timm's ResNet with num_classes=0 (no fc), as SparK pretrains it; forward returns the 4 stage outputs."""
+    def __init__(self, blocks, planes=64, downsample_ratio=32, drop_path_rate=0.0):
+        super().__init__()
+        small = downsample_ratio == 8  # difference 3: 3x3 stride-1 stem, no max-pool
+        self.conv1 = nn.Conv2d(3, planes, 3, 1, 1, bias=False) if small else nn.Conv2d(3, planes, 7, 2, 3, bias=False)
+        self.bn1, self.maxpool = nn.BatchNorm2d(planes), nn.Identity() if small else nn.MaxPool2d(3, 2, 1)
+        rates = [drop_path_rate * i / max(sum(blocks) - 1, 1) for i in range(sum(blocks))]  # timm's linear rule
+        inplanes, self.feature_channels, self.downsample_ratio = planes, [], downsample_ratio
+        for i, n in enumerate(blocks):
+            width = planes * 2 ** i
+            stage = [Bottleneck(inplanes if j == 0 else width * 4, width, 2 if i > 0 and j == 0 else 1, rates.pop(0))
+                     for j in range(n)]
+            self.add_module(f'layer{i + 1}', nn.Sequential(*stage))
+            inplanes = width * 4
+            self.feature_channels.append(inplanes)
+        for m in self.modules():  # timm's init, with zero_init_last_bn
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        for m in self.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+
+    def forward(self, x):  # (B, 3, H, W) -> 4 maps at strides ratio/8 .. ratio
+        x = self.maxpool(self.bn1(self.conv1(x)).relu())
+        features = []
+        for i in range(4):
+            x = getattr(self, f'layer{i + 1}')(x)
+            features.append(x)
+        return features
+
+    def features(self, imgs):
+        """(B, 3, H, W) -> (B, C): global average pool of the last stage."""
+        return self(imgs)[-1].mean(dim=(2, 3))
+
+
+class ConvNeXtBlock(nn.Module):
+    """Official ConvNeXt block: 7x7 depthwise conv, LayerNorm, Linear 4x, GELU, Linear, layer scale gamma (1e-6)."""
+    def __init__(self, dim, drop_path):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1, self.act, self.pwconv2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(1e-6 * torch.ones(dim))
+        self.drop_path = drop_path
+
+    def forward(self, x):  # (B, C, H, W)
+        y = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C): the Linears are pointwise convs
+        y = self.gamma * self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        return x + common.drop_path(y.permute(0, 3, 1, 2), self.drop_path, self.training)
+
+
+class ConvNeXt(nn.Module):
+    """The official ConvNeXt (SparK's models/convnext.py) with num_classes=0: no norm / head."""
+    def __init__(self, depths, dims, downsample_ratio=32, drop_path_rate=0.0):
+        super().__init__()
+        stem, norm = 4 if downsample_ratio == 32 else 1, partial(LayerNorm2d, eps=1e-6)  # difference 3: 1x1 stem
+        self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(3, dims[0], stem, stem), norm(dims[0]))])
+        self.downsample_layers.extend(nn.Sequential(norm(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, 2))
+                                      for i in range(3))
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList(nn.Sequential(*[ConvNeXtBlock(dims[i], rates.pop(0)) for _ in range(depths[i])])
+                                    for i in range(4))
+        self.feature_channels, self.downsample_ratio = list(dims), downsample_ratio
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=0.02)  # timm's trunc_normal_: cut at +-2, effectively normal
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):  # (B, 3, H, W) -> 4 maps at strides ratio/8 .. ratio
+        features = []
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+            features.append(x)
+        return features
+
+    features = ResNet.features
+
+
+def build_backbone(name, drop_path=None):
+    family, blocks, widths, ratio, default_drop_path = MODELS[name]
+    network = ResNet if family == 'resnet' else ConvNeXt
+    return network(blocks, widths, ratio, default_drop_path if drop_path is None else drop_path)
+
+
+class UNetBlock(nn.Module):
+    """2x upsampling by a transposed conv, then two 3x3 convs with BN (decoder.py)."""
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.up_sample = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1)
+        self.conv = nn.Sequential(nn.Conv2d(cin, cin, 3, 1, 1, bias=False), nn.BatchNorm2d(cin), nn.ReLU6(inplace=True),
+                                  nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return self.conv(self.up_sample(x))
+
+
+class LightDecoder(nn.Module):
+    """log2(ratio) UNet blocks, widths halving from `width`, then a 1x1 conv to RGB at full resolution (decoder.py)."""
+    def __init__(self, blocks, width=768):
+        super().__init__()
+        channels = [width // 2 ** i for i in range(blocks + 1)]
+        self.dec = nn.ModuleList(UNetBlock(cin, cout) for cin, cout in zip(channels[:-1], channels[1:]))
+        self.proj = nn.Conv2d(channels[-1], 3, kernel_size=1)
+        for m in self.modules():  # decoder.py's initialize()
+            if isinstance(m, nn.Conv2d):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.ConvTranspose2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, to_dec):  # densified maps, smallest first -> (B, 3, H, W)
+        x = 0
+        for i, block in enumerate(self.dec):
+            x = block(x + to_dec[i] if i < len(to_dec) else x)  # a skip from the encoder while there is one
+        return self.proj(x)
+
+
+class SparK(nn.Module):
+    """Sparse encoder, densify layers and light decoder, with the official state-dict names (spark.py)."""
+    def __init__(self, backbone, input_size, mask_ratio=0.6, decoder_width=768):
+        super().__init__()
+        self.patch_size = backbone.downsample_ratio  # one mask cell = one loss patch
+        self.grid_size = input_size // self.patch_size
+        self.num_patches = self.grid_size ** 2
+        self.keep = round(self.num_patches * (1 - mask_ratio))
+        self.sparse_encoder = nn.ModuleDict({'sp_cnn': sparse_twin(backbone)})  # keys as the official SparseEncoder's
+        blocks = round(math.log2(self.patch_size))
+        channels = backbone.feature_channels[::-1][:blocks]  # smallest map first, as many as decoder blocks
+        norm = nn.BatchNorm2d if isinstance(backbone, ResNet) else partial(LayerNorm2d, eps=1e-6)  # densify 'bn' / 'ln'
+        self.densify_norms = nn.ModuleList(sparse_twin(norm(c)) for c in channels)
+        self.densify_projs = nn.ModuleList()  # 1x1 for the smallest map (identity if widths agree), then 3x3
+        self.mask_tokens = nn.ParameterList()
+        for i, c in enumerate(channels):
+            width, kernel = decoder_width // 2 ** i, 1 if i == 0 else 3
+            self.densify_projs.append(nn.Identity() if i == 0 and c == width else
+                                      nn.Conv2d(c, width, kernel, padding=kernel // 2))
+            token = nn.init.trunc_normal_(torch.zeros(1, c, 1, 1), std=0.02, a=-0.02, b=0.02)  # cut at +-1 std
+            self.mask_tokens.append(nn.Parameter(token))
+        self.dense_decoder = LightDecoder(blocks, decoder_width)
+
+    def encode(self, imgs, visible):
+        """Steps 1-2: zero the masked pixels (the mean colour after normalisation) and run the sparse convnet.
+        -> its maps (B, C_i, H_i, W_i), smallest first, as many as the decoder takes."""
+        masked = imgs * visible_at(visible, imgs.shape[2], imgs.shape[3])  # (B, 3, H, W)
+        return self.sparse_encoder.sp_cnn(masked)[::-1][:len(self.mask_tokens)]
+
+    def densify(self, features, visible):
+        """Step 3 (SparK.forward): per scale, sparse norm, a mask token in every masked site, then a projection to the
+        decoder's width at that scale."""
+        to_dec = []
+        for feature, norm, mask_token, proj in zip(features, self.densify_norms, self.mask_tokens, self.densify_projs):
+            feature = torch.where(visible_at(visible, *feature.shape[2:]), norm(feature), mask_token)
+            to_dec.append(proj(feature))
+        return to_dec
+
+    def forward_loss(self, imgs, rec, mask):
+        """MSE per patch against the normalised target, averaged over masked patches only (spark.py step 4)."""
+        loss = ((patchify(rec, self.patch_size) - pixel_target(imgs, self.patch_size)) ** 2).mean(dim=-1)  # (B, L)
+        return (loss * mask).sum() / (mask.sum() + 1e-8)
+
+    def forward(self, imgs, mask):
+        """imgs (B, 3, H, W) normalised, mask (B, L) 1 = masked -> loss, reconstruction (B, 3, H, W)."""
+        visible = (mask == 0).view(-1, 1, self.grid_size, self.grid_size)  # (B, 1, h, w), the official `active`
+        with visible_sites(self, visible):
+            to_dec = self.densify(self.encode(imgs, visible), visible)
+        rec = self.dense_decoder(to_dec)  # step 4: decode all scales to the full image
+        return self.forward_loss(imgs, rec.to(imgs.dtype), mask), rec  # the loss in fp32 under autocast
+
+
+def sync_batchnorm(model):
+    """The official `sbn` under torchrun: BatchNorm statistics over all processes (difference 4)."""
+    for m in model.modules():
+        if type(m) in (nn.BatchNorm2d, SparseBatchNorm2d):
+            m.__class__, m.process_group = SparseSyncBatchNorm2d if isinstance(m, Sparse) else nn.SyncBatchNorm, None
+    return model
+
+
+# ---- optimizer ----------------------------------------------------------------------------------------------------
+class LAMB(torch.optim.Optimizer):
+    """timm's LAMB as SparK uses it (pretrain/utils/lamb.py, bias correction on, always_adapt off): gradients clipped to
+    a global norm of 5 inside the step (main.py), Adam moments with bias correction, weight decay added to the update,
+    and for decayed tensors the update rescaled by the trust ratio ||w|| / ||update||."""
+    def __init__(self, params, lr, betas, eps=1e-6, max_grad_norm=5.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, step=0))
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def step(self):
+        grads = [p.grad for group in self.param_groups for p in group['params'] if p.grad is not None]
+        global_norm = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
+        clip = 1 / torch.clamp(global_norm / self.max_grad_norm, min=1.0)
+        for group in self.param_groups:
+            group['step'] += 1  # one count per group, as timm
+            (beta1, beta2), decay = group['betas'], group['weight_decay']
+            correction1, correction2 = 1 - beta1 ** group['step'], 1 - beta2 ** group['step']
+            for p in (p for p in group['params'] if p.grad is not None):
+                grad, state = p.grad * clip, self.state[p]
+                if not state:
+                    state['exp_avg'], state['exp_avg_sq'] = torch.zeros_like(p), torch.zeros_like(p)
+                state['exp_avg'].mul_(beta1).add_(grad, alpha=1 - beta1)
+                state['exp_avg_sq'].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denominator = state['exp_avg_sq'].sqrt() / math.sqrt(correction2) + group['eps']
+                update = state['exp_avg'] / correction1 / denominator
+                if decay != 0:
+                    update.add_(p, alpha=decay)
+                    w_norm, u_norm = p.norm(), update.norm()
+                    update.mul_(torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0))
+                p.add_(update, alpha=-group['lr'])
+
+
+def lr_wd_annealing(optimizer, epoch, args):
+    """pretrain/utils/lr_control.py, per iteration: lr rises linearly from 0.005x the peak over warmup_epochs, then a
+    cosine to --min_lr (default 0.001x the peak); weight decay follows a cosine UP, weight_decay to weight_decay_end."""
+    last = args.epochs - 1 / args.iters_per_epoch  # the last iteration, in epochs: its lr is 0.001x, its wd the end
+    if epoch < args.warmup_epochs:
+        lr = args.lr * (0.005 + 0.995 * epoch / args.warmup_epochs)
+    else:
+        progress, low = (epoch - args.warmup_epochs) / max(last - args.warmup_epochs, 1e-8), args.min_lr
+        low = 0.001 * args.lr if low is None else low
+        lr = low + (args.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
+    wd_start, wd_end = args.weight_decay, args.weight_decay_end
+    wd = wd_end + (wd_start - wd_end) * 0.5 * (1 + math.cos(math.pi * epoch / last))
+    for group, decayed in zip(optimizer.param_groups, (False, True)):  # common.param_groups: [no decay, decay]
+        group['lr'], group['weight_decay'] = lr, wd if decayed else 0.0
+    return lr
+
+
+# ---- pictures -----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def draw_reconstructions(model, dataset, args, path, count=8):
+    """Rows of original | masked | reconstruction | reconstruction with the visible patches pasted back; the prediction
+    is un-normalised with each original patch's mean and variance (as SparK's vis output)."""
+    model.eval()
+    images = common.normalize(torch.stack([dataset[i][0] for i in range(count)]).to(args.device))
+    noise = torch.rand(count, model.num_patches, generator=torch.Generator().manual_seed(0)).to(args.device)
+    mask = random_masking(noise, model.keep)
+    _, rec = model(images, mask)
+    p, h = model.patch_size, model.grid_size
+    target, pred = patchify(images, p), patchify(rec, p)
+    pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    mask = mask[..., None]  # (B, L, 1)
+    columns = [images, unpatchify(target * (1 - mask), p, h, h), unpatchify(pred, p, h, h),
+               unpatchify(pred * mask + target * (1 - mask), p, h, h)]
+    common.save_picture([common.denormalize(c) for c in columns], path)
+
+
+# ---- main ---------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    parser = get_args_parser()
+    args = common.parse_args(parser, 'spark', DEFAULTS, PRESETS, argv)
+    if args.model not in MODELS:
+        parser.error(f"unknown --model '{args.model}' for SparK: choose from {', '.join(MODELS)}")
+    if args.input_size % MODELS[args.model][3]:
+        parser.error(f'--input_size {args.input_size} is not a multiple of the downsample ratio '
+                     f'{MODELS[args.model][3]} of {args.model} (use a *_ds8 model for 32-64 px images)')
+    common.setup(args)
+    model = SparK(build_backbone(args.model, args.drop_path), args.input_size, args.mask_ratio, args.decoder_width)
+    if args.world_size > 1 and args.device.type == 'cuda':
+        sync_batchnorm(model)
+    for part in (model.to(args.device).sparse_encoder, model.densify_projs, model.dense_decoder):
+        part.to(memory_format=torch.channels_last)  # the sparse norms' layout: faster, grads match DDP's buckets
+    train_set, eval_sets = common.build_datasets(args, common.TrainTransform(args.input_size, scale=(0.67, 1.0)),
+                                                 partial(uniform_noise, model.num_patches))
+    groups = common.param_groups(model, 0.0, [n for n, _ in model.named_parameters() if 'mask_token' in n])
+    beta2 = 0.95 if MODELS[args.model][0] == 'resnet' else 0.999  # official `ada`
+    optimizer = LAMB(groups, args.lr, betas=(0.9, beta2))
+    scaler = torch.amp.GradScaler(enabled=args.amp == 'fp16')
+    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler)
+    ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, train=True)
+    args.iters_per_epoch = len(loader) // args.accum_iter  # optimizer steps, for the schedule's end point
+
+    def loss_fn(net, images, noise):  # one step of the objective, inside autocast
+        loss, _ = net(common.normalize(images), random_masking(noise, model.keep))
+        return loss, {}
+
+    for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
+        stats = common.train_one_epoch(ddp_model, loss_fn, loader, optimizer, scaler, epoch, args, lr_wd_annealing)
+        common.save_checkpoint(args, epoch, model, optimizer, scaler)
+        common.log_stats(args, {'epoch': epoch, **stats, 'weight_decay': optimizer.param_groups[1]['weight_decay']})
+
+    encoder = build_backbone(args.model).to(args.device)  # the dense convnet, loaded strictly from the sparse twin
+    encoder.load_state_dict(model.sparse_encoder.sp_cnn.state_dict())
+    torch.manual_seed(args.seed)  # the random-init baseline is the same network whatever happened before
+    results = common.evaluate(args, {'trained': encoder, 'random_init': build_backbone(args.model).to(args.device)},
+                              eval_sets)
+    common.log_stats(args, {'epoch': args.epochs - 1, 'evaluation': True, **results})
+    if common.is_main():
+        common.atomic_save(encoder.state_dict(), f'{args.output_dir}/{args.model}_1kpretrained_timm_style.pth')
+        pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))
+        draw_reconstructions(model, pictures_from, args, f'{args.output_dir}/reconstruction.png')
+        print(f'wrote {args.output_dir}/reconstruction.png, the encoder weights and log.txt')
+
+
+if __name__ == '__main__':
+    main()

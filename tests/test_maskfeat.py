@@ -1,0 +1,136 @@
+"""MaskFeat: HOG target (orientation bins, cells, normalisation, per-patch layout), block masking, loss, key names;
+one run of maskfeat.py as a user would start it."""
+import math, os
+
+import numpy as np
+import pytest
+import torch
+
+import maskfeat
+from conftest import TINY, read_log, run_script
+
+
+def edge_image(kind, size=32):
+    """A (1, 3, size, size) image with one straight step edge in channels 0 and 2 (opposite polarities) and a flat
+    channel 1: a vertical edge between columns 12 and 13, a horizontal one between rows 20 and 21, or x + y = 31.5."""
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing='ij')
+    step = {'vertical': cols >= 13, 'horizontal': rows >= 21, 'diagonal': rows + cols >= 32}[kind].float()
+    return torch.stack([step, torch.full_like(step, 0.3), 1 - 2 * step])[None]
+
+
+@pytest.mark.parametrize('kind, expected_bin, cells', [('vertical', 4, (slice(None), 1)),
+                                                       ('horizontal', 0, (2, slice(None)))])
+def test_hog_of_a_straight_edge_lands_in_one_bin_and_the_cells_it_crosses(kind, expected_bin, cells):
+    hist = maskfeat.hog(edge_image(kind), cell_size=8)  # (1, 3, 9, 4, 4)
+    assert hist.shape == (1, 3, 9, 4, 4)
+    expected = torch.zeros(4, 4, 9)
+    expected[cells + (expected_bin,)] = 1.0  # the gradient sits on the two pixel lines beside the edge, one cell
+    for channel in (0, 2):  # both polarities: the bins are unsigned
+        assert torch.equal(hist[0, channel].permute(1, 2, 0), expected)
+    assert torch.equal(hist[0, 1], torch.zeros(9, 4, 4))  # a flat channel has no gradient at all
+
+
+def test_hog_of_a_diagonal_edge_and_reflect_padding():
+    hist = maskfeat.hog(edge_image('diagonal'), cell_size=8)[0, 0]  # (9, 4, 4)
+    i, j = torch.meshgrid(torch.arange(4), torch.arange(4), indexing='ij')
+    crossed = (i + j >= 2) & (i + j <= 4)  # cells holding a pixel within one of the edge x + y = 31.5
+    assert torch.equal(hist.sum(0) > 0, crossed)
+    assert torch.all(hist[2][crossed] > 0.99)  # bin 2 = 40..60 degrees (exactly 1 away from the image border)
+    # reflect padding: an image that only changes across its border has no gradient there
+    assert torch.equal(maskfeat.hog(torch.ones(1, 3, 16, 16), 8), torch.zeros(1, 3, 9, 2, 2))
+
+
+def test_every_cell_histogram_has_unit_norm_or_is_zero():
+    torch.manual_seed(0)
+    norms = maskfeat.hog(torch.randn(2, 3, 32, 32), cell_size=4).norm(dim=2)  # (B, 3, 8, 8)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+    for kind in ('vertical', 'horizontal', 'diagonal'):
+        norms = maskfeat.hog(edge_image(kind), cell_size=4).norm(dim=2)
+        assert torch.all(((norms - 1).abs() < 1e-6) | (norms == 0)) and (norms == 0).any()
+
+
+def test_hog_target_shape_and_official_per_patch_order():
+    # ViT-B/16 on 224 px: 196 patches x (3 channels x 9 bins x 2 x 2 cells) = 108, as the official head
+    assert maskfeat.hog_target(torch.randn(1, 3, 224, 224), 16, 8).shape == (1, 196, 108)
+    assert maskfeat.hog_target(torch.randn(2, 3, 32, 32), 8, 4).shape == (2, 16, 108)  # the shapes preset
+    hist = torch.randn(2, 3, 9, 4, 6)  # 2 x 3 patches of 2 x 2 cells
+    target = maskfeat.hog_per_patch(hist, 2)
+    assert target.shape == (2, 6, 108)
+    picks = [(0, 0, 0, 0, 0, 0, 0), (1, 1, 2, 2, 8, 1, 1), (0, 1, 0, 1, 3, 0, 1), (1, 0, 1, 2, 5, 1, 0)]
+    for b, i, j, c, n, r, s in picks:  # (sample, patch row, patch col, channel, bin, cell row, cell col)
+        patch, index = i * 3 + j, ((c * 9 + n) * 2 + r) * 2 + s  # row-major patches; (channel, bin) slowest
+        assert target[b, patch, index] == hist[b, c, n, 2 * i + r, 2 * j + s]
+    assert torch.equal(maskfeat.patch_to_cells(maskfeat.hog_per_patch(hist[..., :4], 2), 2, 2), hist[..., :4])
+
+
+def test_block_masking_count_and_rectangles():
+    rng = np.random.default_rng(0)
+    masks = np.stack([maskfeat.block_masking(14, 78, rng) for _ in range(300)])  # the official 14 x 14 / 78
+    assert masks.shape == (300, 196) and masks.dtype == np.float32 and set(np.unique(masks)) == {0.0, 1.0}
+    counts = masks.sum(1)
+    assert counts.max() == 78 and counts.min() >= 60  # never more; fewer only when a block adds nothing
+    assert 0.6 < (counts == 78).mean() < 0.85  # the official generator hits 78 exactly ~71% of the time
+    assert np.array_equal(maskfeat.block_masking(14, 78, np.random.default_rng(5)),
+                          maskfeat.block_masking(14, 78, np.random.default_rng(5)))  # drawn from the sample's rng
+    for seed in range(50):  # one block on an empty grid is a filled rectangle of at least the minimum area
+        mask = np.zeros((14, 14), np.float32)
+        added = maskfeat.add_block(mask, np.random.default_rng(seed), 15, 78, (math.log(0.3), math.log(1 / 0.3)))
+        rows, cols = np.nonzero(mask)
+        assert added == mask.sum() and 0 < added <= 78
+        assert mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # the bounding box is all masked
+        assert rows.max() - rows.min() < 13 and cols.max() - cols.min() < 13  # never the full grid side
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return maskfeat.MaskFeat('vit_tiny_patch4', 16, hog_cell_size=2)
+
+
+def test_loss_ignores_visible_tokens_and_encoder_never_sees_masked_pixels():
+    model = tiny_model()
+    imgs, mask = torch.randn(2, 3, 16, 16), torch.zeros(2, 16)
+    mask[:, [0, 1, 4, 5, 10]] = 1
+    loss, pred, target = model(imgs, mask)
+    assert pred.shape == target.shape == (2, 16, 108)
+    moved = pred + 5.0 * (1 - mask)[..., None]  # change only the visible tokens' predictions
+    assert torch.equal(model.forward_loss(moved, target, mask), loss)
+    assert not torch.equal(model.forward_loss(pred + 5.0 * mask[..., None], target, mask), loss)
+    expected = ((pred - target) ** 2)[mask.bool()].mean()  # official: MSE over masked tokens x 108 values
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    # the pixels under masked patches reach the target only: the predictions stay exactly the same
+    pixel_mask = mask.reshape(2, 1, 4, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    _, pred2, target2 = model(imgs + 3.0 * pixel_mask * torch.randn_like(imgs), mask)
+    assert torch.equal(pred2, pred) and not torch.equal(target2, target)
+
+
+def test_state_dict_keys_equal_official_slowfast_vit_base():
+    state = maskfeat.MaskFeat('vit_base_patch16', 224, 8).state_dict()
+    block = ['norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.qkv.bias', 'attn.proj.weight', 'attn.proj.bias',
+             'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight', 'mlp.fc2.bias']
+    official = ({'patch_embed.proj.weight', 'patch_embed.proj.bias', 'cls_token', 'pos_embed', 'mask_token',
+                 'pred_head.transforms.0.0.weight', 'pred_head.transforms.0.0.bias', 'pred_head.projections.0.weight',
+                 'pred_head.projections.0.bias'} | {f'blocks.{i}.{k}' for i in range(12) for k in block})
+    assert set(state) == official  # no final `norm`: SlowFast deletes it for pretraining
+    shapes = {'pos_embed': (1, 197, 768), 'mask_token': (1, 1, 768), 'pred_head.projections.0.weight': (108, 768),
+              'pred_head.transforms.0.0.weight': (768,), 'patch_embed.proj.weight': (768, 3, 16, 16)}
+    assert all(tuple(state[k].shape) == v for k, v in shapes.items())
+    model = maskfeat.MaskFeat('vit_base_patch16', 224, 8)
+    assert model.pos_embed.requires_grad and model.blocks[0].attn.qkv.bias.detach().eq(0.02).all()  # SlowFast init
+
+
+def test_hog_cell_must_be_half_the_patch():
+    with pytest.raises(SystemExit, match='must be half the patch size 4'):
+        maskfeat.parse_args(['--model', 'vit_tiny_patch4', '--hog_cell_size', '4'])
+    assert maskfeat.parse_args([]).hog_cell_size == 4 and maskfeat.parse_args(['--data', 'imagenet', '--data_path',
+                                                                                '.']).hog_cell_size == 8
+
+
+def test_end_to_end_run(tmp_path):
+    out = str(tmp_path / 'run')
+    result = run_script('maskfeat.py', TINY + ['--output_dir', out, '--hog_cell_size', '2'])
+    log = read_log(out)
+    assert math.isfinite(log[0]['train_loss']) and log[0]['images_per_s'] > 0
+    assert 'trained_knn_top1' in log[-1] and 'random_init_probe_top1' in log[-1]
+    assert os.path.exists(f'{out}/checkpoint-last.pth') and os.path.exists(f'{out}/checkpoint-0.pth')
+    assert os.path.getsize(f'{out}/hog.png') > 1000
+    assert 'linear probe top-1' in result.stdout
