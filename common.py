@@ -1,16 +1,16 @@
-"""What every method file shares: the ViT, patchify, data, training plumbing, checkpoints and evaluation.
+"""What every method file shares: the ViT, patchify, data, training plumbing, checkpoints, evaluation, sparse ops.
 
 Shapes: B batch, C,H,W image, p patch size, h,w patch grid, L = h*w patches, K kept (visible) patches,
-D encoder width, P = p*p*C values per patch. (The official MAE code calls the batch N.)
+D encoder width, P = p*p*C values per patch (the official MAE code calls the batch N).
 Masks are (B, L) with 1 = masked (removed from the encoder's view) and 0 = visible, in every method file.
 
 Randomness: every per-sample random choice (crop, flip, and the mask noise a method asks for through `sample_extra`)
-is drawn in the data pipeline from `numpy.random.default_rng([seed, epoch, index])`. A run therefore sees the same
-samples, crops and masks whatever the number of processes, loader workers or restarts, which is what makes
-`--resume` exact and `torchrun` runs equal to one process with the same effective batch.
+is drawn in the data pipeline from `numpy.random.default_rng([seed, epoch, index])`, so a run sees the same samples,
+crops and masks whatever the number of processes, loader workers or restarts: that is what makes `--resume` exact
+and a `torchrun` run equal to one process with the same effective batch.
 """
-import argparse, hashlib, json, math, os, pickle, re, resource, sys, tarfile, time, urllib.request, warnings
-from contextlib import nullcontext
+import argparse, copy, hashlib, json, math, os, pickle, re, resource, sys, tarfile, time, urllib.request, warnings
+from contextlib import contextmanager, nullcontext
 from multiprocessing import Value
 
 import numpy as np
@@ -18,11 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from PIL import Image, ImageDraw
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 
 # ---- ViT, with the timm / official MAE module names, so released checkpoints load with strict=True -----------
 VIT_SIZES = {'tiny': (192, 12, 3), 'small': (384, 12, 6), 'base': (768, 12, 12), 'large': (1024, 24, 16),
@@ -49,7 +50,7 @@ def sincos_pos_embed(dim, grid_size):
         angles = pos.reshape(-1, 1) * omega
         return torch.cat([angles.sin(), angles.cos()], dim=1)
     table = torch.cat([encode(cols), encode(rows)], dim=1)  # (L, D)
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()  # the cls slot first
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()  # the cls slot first, all zeros
 
 
 def patchify(imgs, p):
@@ -61,17 +62,15 @@ def patchify(imgs, p):
 
 def unpatchify(x, p, h, w):
     """(B, L, p*p*C) -> (B, C, h*p, w*p), the inverse of patchify."""
-    B = x.shape[0]
-    x = x.reshape(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
-    return x.reshape(B, -1, h * p, w * p)
+    x = x.reshape(x.shape[0], h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+    return x.reshape(x.shape[0], -1, h * p, w * p)
 
 
-def drop_path(x, prob, training):
-    """Stochastic depth: drop a whole residual branch per sample (fine-tuning only; 0 in pretraining)."""
-    if prob == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - prob)
-    return x * keep / (1 - prob)
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v with PyTorch's fused kernels, (B, heads, N, d). On CPUs the bf16 flash kernel runs
+    3-4x slower than the math one (measured at ViT-Ti/B sizes, forward + backward), so bf16 there uses math."""
+    with sdpa_kernel(SDPBackend.MATH) if q.is_cpu and q.dtype == torch.bfloat16 else nullcontext():
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class PatchEmbed(nn.Module):
@@ -96,13 +95,6 @@ class Attention(nn.Module):
         return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
 
 
-def attention(q, k, v):
-    """softmax(q k^T / sqrt(d)) v with PyTorch's fused kernels, (B, heads, N, d). On CPUs the bf16 flash kernel runs
-    3-4x slower than the math one (measured at ViT-Ti/B sizes, forward + backward), so bf16 there uses math."""
-    with sdpa_kernel(SDPBackend.MATH) if q.is_cpu and q.dtype == torch.bfloat16 else nullcontext():
-        return F.scaled_dot_product_attention(q, k, v)
-
-
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -113,22 +105,20 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block, as timm's (LayerNorm eps 1e-6)."""
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+    """Pre-norm transformer block, as timm's (LayerNorm eps 1e-6; no drop path, which pretraining does not use)."""
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = drop_path
 
     def forward(self, x):  # (B, N, D)
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class VisionTransformer(nn.Module):
     """ViT encoder; pos_embed is MAE's frozen sin-cos table, or learned (MaskFeat, MFM). Init is the method's."""
-    def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio=4.0, learned_pos=False,
-                 drop_path_rate=0.0):
+    def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio=4.0, learned_pos=False):
         super().__init__()
         self.patch_size, self.grid_size = patch_size, img_size // patch_size
         self.num_patches = self.grid_size ** 2
@@ -137,14 +127,12 @@ class VisionTransformer(nn.Module):
         table = torch.zeros(1, 1 + self.num_patches, embed_dim) if learned_pos else \
             sincos_pos_embed(embed_dim, self.grid_size)[None]
         self.pos_embed = nn.Parameter(table, requires_grad=learned_pos)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
     def forward_tokens(self, x):
         """(B, N, D) patch tokens already position-embedded -> (B, 1 + N, D) after cls, blocks and the final norm."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -157,28 +145,20 @@ class VisionTransformer(nn.Module):
 
 
 # ---- data: items are (uint8 image (3, H, W), label, extra); normalisation happens on the device -------------
-def _outline(*points):  # a closed polygon from (x, y) vertices in unit coordinates
-    return [(float(x), float(y)) for x, y in points]
+def _polar(radii, angles, dx=0.0):  # polygon vertices (x, y) in unit coordinates
+    return [(dx + r * np.cos(a), r * np.sin(a)) for r, a in zip(np.broadcast_to(radii, np.shape(angles)), angles)]
 
 
-def _arc(radius=1.0, dx=0.0, start=0.0, stop=2 * np.pi, n=32):
-    return _outline(*[(dx + radius * np.cos(a), radius * np.sin(a)) for a in np.linspace(start, stop, n)])
-
-
-def _regular(k, inner=None):  # regular polygon, or a star when inner (the radius of the inner vertices) is given
-    radii = [1.0, inner] * k if inner else [1.0] * k
-    return _outline(*[(r * np.cos(a), r * np.sin(a)) for r, a in zip(radii, np.linspace(0, 2 * np.pi, len(radii) + 1))])
-
-
+CIRCLE = np.linspace(0, 2 * np.pi, 32)
 # Each shape: polygons filled with 1 (shape) or 0 (a hole), in unit coordinates, rotated, scaled and placed at random.
-SHAPES = {'disk': [(_arc(), 1)], 'ring': [(_arc(), 1), (_arc(0.6), 0)], 'crescent': [(_arc(), 1), (_arc(0.85, 0.45), 0)],
-          'half-disk': [(_arc(stop=np.pi, n=17), 1)], 'triangle': [(_regular(3), 1)], 'square': [(_regular(4), 1)],
-          'star': [(_regular(5, inner=0.4), 1)],
-          'cross': [(_outline((-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1), (-.3, .3),
-                              (-1, .3), (-1, -.3), (-.3, -.3)), 1)],
-          'arrow': [(_outline((-1, -.25), (.2, -.25), (.2, -.7), (1, 0), (.2, .7), (.2, .25), (-1, .25)), 1)],
-          'two-bars': [(_outline((-1, -.7), (1, -.7), (1, -.25), (-1, -.25)), 1),
-                       (_outline((-1, .7), (1, .7), (1, .25), (-1, .25)), 1)]}
+SHAPES = {'disk': [(_polar(1, CIRCLE), 1)], 'ring': [(_polar(1, CIRCLE), 1), (_polar(0.6, CIRCLE), 0)],
+          'crescent': [(_polar(1, CIRCLE), 1), (_polar(0.85, CIRCLE, dx=0.45), 0)],
+          'half-disk': [(_polar(1, np.linspace(0, np.pi, 17)), 1)], 'triangle': [(_polar(1, np.arange(3) * 2.094), 1)],
+          'square': [(_polar(1, np.arange(4) * np.pi / 2), 1)], 'star': [(_polar([1, 0.4] * 5, np.arange(10) * 0.628), 1)],
+          'cross': [([(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1), (-.3, .3),
+                      (-1, .3), (-1, -.3), (-.3, -.3)], 1)],
+          'arrow': [([(-1, -.25), (.2, -.25), (.2, -.7), (1, 0), (.2, .7), (.2, .25), (-1, .25)], 1)],
+          'two-bars': [([(-1, -.7), (1, -.7), (1, -.25), (-1, -.25)], 1), ([(-1, .7), (1, .7), (1, .25), (-1, .25)], 1)]}
 
 
 def make_shapes(n, size, seed):
@@ -219,7 +199,8 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.t
 
 
 def read_cifar(name, root):
-    """CIFAR from the python archive in root (downloaded, md5-checked, if absent) -> {split: (uint8 NHWC, labels)}, classes."""
+    """CIFAR from its python archive in root, downloaded and md5-checked if absent -> {split: (images NHWC, labels)},
+    class names."""
     archive, md5, folder, train_files, test_files, label_key, meta_file, names_key = CIFAR[name]
     url, path = f'https://www.cs.toronto.edu/~kriz/{archive}', os.path.join(root, archive)
     if not os.path.isdir(os.path.join(root, folder)):
@@ -233,8 +214,7 @@ def read_cifar(name, root):
             except OSError as e:
                 sys.exit(f'error: could not download {url} ({e}). Without network, download {archive} elsewhere and '
                          f'put it at {path} (or its extracted folder {folder}/ in {root}).')
-        digest = hashlib.md5(open(path, 'rb').read()).hexdigest()
-        if digest != md5:
+        if (digest := hashlib.md5(open(path, 'rb').read()).hexdigest()) != md5:
             sys.exit(f'error: {path} has md5 {digest}, expected {md5}: it is damaged or not the official archive. '
                      f'Delete it and run again to download it afresh.')
         with tarfile.open(path) as tar:
@@ -257,13 +237,12 @@ def to_rgb(img):
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images held as a uint8 array (N, H, W, 3) or as file paths, labels (-1 when unlabeled). Item i is
-    (transform(image, rng), label, sample_extra(rng)), rng seeded by (seed, epoch, i). A file that cannot be decoded
-    is skipped (the next one stands in), warned about, and counted."""
-    def __init__(self, items, labels, classes, transform=None, seed=0, sample_extra=None):
-        self.items, self.labels, self.classes = items, np.asarray(labels), classes
-        self.transform, self.seed, self.sample_extra, self.epoch = transform, seed, sample_extra, 0
-        self.num_skipped = Value('i', 0)  # shared with loader workers
+    """Images as a uint8 array (N, H, W, 3) or as file paths, labels (-1: unlabeled). Item i is (transform(image, rng),
+    label, sample_extra(rng)), rng seeded by (seed, epoch, i). A file that cannot be decoded is skipped (the next one
+    stands in), warned about, and counted."""
+    def __init__(self, items, labels, classes, seed=0):
+        self.items, self.labels, self.classes, self.seed, self.epoch = items, np.asarray(labels), classes, seed, 0
+        self.transform, self.sample_extra, self.num_skipped = None, None, Value('i', 0)  # shared with loader workers
 
     def __len__(self):
         return len(self.items)
@@ -286,9 +265,9 @@ class ImageDataset(torch.utils.data.Dataset):
         img, label = self.load(i)
         return self.transform(img, rng), label, self.sample_extra(rng) if self.sample_extra else 0
 
-    def with_transform(self, transform, sample_extra=None):
-        twin = ImageDataset(self.items, self.labels, self.classes, transform, self.seed, sample_extra)
-        twin.num_skipped = self.num_skipped
+    def with_transform(self, transform, sample_extra=None):  # a view on the same images, labels and skip counter
+        twin = copy.copy(self)
+        twin.transform, twin.sample_extra = transform, sample_extra
         return twin
 
 
@@ -336,8 +315,7 @@ def build_datasets(args, train_transform, sample_extra=None):
         if args.cache and isinstance(subset.items[0], str):
             subset.items = cache_images(subset, args.input_size, args.num_workers)
     evaluation = EvalTransform(args.input_size)
-    eval_sets = (subsets['train'].with_transform(evaluation), subsets['val'].with_transform(evaluation)) \
-        if 'val' in subsets else None
+    eval_sets = [subsets[s].with_transform(evaluation) for s in ('train', 'val')] if 'val' in subsets else None
     if eval_sets is None and is_main():
         print('no labeled val/ (or test/) split: pretraining only, evaluation will be skipped')
     return subsets['train'].with_transform(train_transform, sample_extra), eval_sets
@@ -348,7 +326,7 @@ def to_uint8_tensor(img):  # PIL RGB -> (3, H, W) uint8; the float conversion ha
 
 
 class TrainTransform:
-    """RandomResizedCrop(size, scale, ratio (3/4, 4/3), bicubic) drawn as torchvision draws it, then a horizontal flip."""
+    """RandomResizedCrop(size, scale, ratio (3/4, 4/3), bicubic), drawn as torchvision does, then a horizontal flip."""
     def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=True):
         self.size, self.scale, self.log_ratio, self.flip = size, scale, (math.log(ratio[0]), math.log(ratio[1])), flip
 
@@ -360,10 +338,8 @@ class TrainTransform:
             if 0 < w <= W and 0 < h <= H:
                 left, top = rng.integers(0, W - w + 1), rng.integers(0, H - h + 1)
                 break
-        else:  # fall back to a centre crop of the whole image, clamped to the ratio range
-            ratio = min(max(W / H, math.exp(self.log_ratio[0])), math.exp(self.log_ratio[1]))
-            w, h = (W, round(W / ratio)) if W / H <= ratio else (round(H * ratio), H)
-            left, top = (W - w) // 2, (H - h) // 2
+        else:  # 10 misses (extreme aspect ratios only): the whole image (torchvision clamps it to the ratio range)
+            left, top, w, h = 0, 0, W, H
         img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
         return to_uint8_tensor(img.transpose(Image.FLIP_LEFT_RIGHT) if self.flip and rng.random() < 0.5 else img)
 
@@ -406,46 +382,46 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(f'{self.prog}: error: {message} (see --help)')
 
 
-FLAGS = [  # (flag, type, default, help); a default of None is filled from the dataset preset or the method default
-    ('--model', str, None, 'encoder, e.g. vit_base_patch16, or vit_tiny_patch4 for 32 px images'),
-    ('--input_size', int, None, 'image side in pixels'),
-    ('--batch_size', int, None, 'images per process and step; effective batch = batch_size * accum_iter * world_size'),
-    ('--epochs', int, None, 'pretraining epochs'),
-    ('--accum_iter', int, None, 'micro-batches per optimizer step (a preset with a target batch sets it)'),
-    ('--blr', float, None, 'base learning rate: lr = blr * effective_batch / 256'),
-    ('--lr', float, None, 'absolute learning rate, instead of --blr'),
-    ('--min_lr', float, None, 'lower bound of the cosine schedule'),
-    ('--weight_decay', float, None, 'weight decay'),
-    ('--warmup_epochs', float, None, 'epochs of linear warmup from 0'),
-    ('--clip_grad', float, None, 'clip the global gradient norm to this (default: no clipping)'),
-    ('--data_path', str, './data', 'dataset root'),
-    ('--shapes_size', int, None, 'training images generated for --data shapes'),
-    ('--num_workers', int, None, 'data loader processes per training process'),
-    ('--output_dir', str, None, 'checkpoints, log.txt and pictures (default: output/<method>_<data>)'),
-    ('--resume', str, '', "a checkpoint to continue from, or 'auto' for output_dir/checkpoint-last.pth"),
-    ('--save_freq', int, 20, 'keep a numbered checkpoint every this many epochs'),
-    ('--knn_k', int, 20, 'neighbours of the kNN evaluation (0: no kNN)'),
-    ('--probe_epochs', int, None, 'linear-probe epochs (0: no probe)'),
-    ('--seed', int, 0, 'seeds the model init and every per-sample random choice'),
-    ('--device', str, 'cuda' if torch.cuda.is_available() else 'cpu', 'cuda or cpu')]
+FLAGS = [  # (flag, argparse options, help); a default of None is filled from the dataset preset or the method default
+    ('--model', dict(), 'encoder, e.g. vit_base_patch16, or vit_tiny_patch4 for 32 px images'),
+    ('--input_size', dict(type=int), 'image side in pixels'),
+    ('--batch_size', dict(type=int), 'images per process and step (effective batch: x accum_iter x world size)'),
+    ('--epochs', dict(type=int), 'pretraining epochs'),
+    ('--accum_iter', dict(type=int), 'micro-batches per optimizer step (a preset with a target batch sets it)'),
+    ('--blr', dict(type=float), 'base learning rate: lr = blr * effective_batch / 256'),
+    ('--lr', dict(type=float), 'absolute learning rate, instead of --blr'),
+    ('--min_lr', dict(type=float), 'lower bound of the cosine schedule'),
+    ('--weight_decay', dict(type=float), 'weight decay'),
+    ('--warmup_epochs', dict(type=float), 'epochs of linear warmup from 0'),
+    ('--clip_grad', dict(type=float), 'clip the global gradient norm to this (default: no clipping)'),
+    ('--data', dict(default='shapes', choices=['shapes', 'cifar10', 'cifar100', 'imagenet', 'folder']),
+     'shapes: built in; cifar10/100: the python archive in --data_path, downloaded if absent; imagenet/folder: '
+     '<data_path>/train/<class>/*, val/ or test/; or a folder of unlabeled images'),
+    ('--data_path', dict(default='./data'), 'dataset root'),
+    ('--shapes_size', dict(type=int), 'training images generated for --data shapes'),
+    ('--cache', dict(action='store_true'), 'decode images once into a uint8 array in memory (shorter side resized to '
+                                           'input_size, centre crop): for small datasets of small images'),
+    ('--num_workers', dict(type=int), 'data loader processes per training process'),
+    ('--output_dir', dict(), 'checkpoints, log.txt and pictures (default: output/<method>_<data>)'),
+    ('--resume', dict(default=''), "a checkpoint to continue from, or 'auto' for output_dir/checkpoint-last.pth"),
+    ('--save_freq', dict(type=int, default=20), 'keep a numbered checkpoint every this many epochs'),
+    ('--eval_only', dict(action='store_true'), 'evaluate the --resume checkpoint, no training'),
+    ('--knn_k', dict(type=int, default=20), 'neighbours of the kNN evaluation (0: no kNN)'),
+    ('--probe_epochs', dict(type=int), 'linear-probe epochs (0: no probe)'),
+    ('--global_pool', dict(action=argparse.BooleanOptionalAction), 'evaluate ViTs on the mean of the patch tokens, '
+                                                                   'not the cls token'),
+    ('--seed', dict(type=int, default=0), 'seeds the model init and every per-sample random choice'),
+    ('--device', dict(default='cuda' if torch.cuda.is_available() else 'cpu'), 'cuda or cpu'),
+    ('--amp', dict(default='auto', choices=['auto', 'bf16', 'fp16', 'none']),
+     'autocast: auto = bf16 where the GPU or CPU supports it, else fp16 on GPUs, else fp32')]
 
 
 def get_args_parser(description):
-    """The flags every method shares (MAE's names); the method file adds its own."""
-    p = ArgumentParser(description=description)
-    for flag, kind, default, help in FLAGS:
-        p.add_argument(flag, type=kind, default=default, help=help)
-    p.add_argument('--data', default='shapes', choices=['shapes', 'cifar10', 'cifar100', 'imagenet', 'folder'],
-                   help='shapes: built in; cifar10/100: the python archive in --data_path, downloaded if absent; '
-                        'imagenet/folder: <data_path>/train/<class>/*, val/ or test/; or a folder of unlabeled images')
-    p.add_argument('--cache', action='store_true', help='decode the images once into a uint8 array in memory, '
-                                                        'shorter side resized to input_size and centre-cropped')
-    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
-                   help='autocast: auto = bf16 where the GPU or CPU supports it, else fp16 on GPUs, else fp32')
-    p.add_argument('--global_pool', action=argparse.BooleanOptionalAction,
-                   help='evaluate a ViT on the mean of its patch tokens instead of the cls token')
-    p.add_argument('--eval_only', action='store_true', help='evaluate the --resume checkpoint, no training')
-    return p
+    """The flags every method shares; the method file adds its own."""
+    parser = ArgumentParser(description=description)
+    for flag, options, help in FLAGS:
+        parser.add_argument(flag, **options, help=help)
+    return parser
 
 
 def parse_args(parser, method, defaults, presets, argv=None):
@@ -455,24 +431,22 @@ def parse_args(parser, method, defaults, presets, argv=None):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.method, args.output_dir = method, args.output_dir or os.path.join('output', f'{method}_{args.data}')
-    ratio = getattr(args, 'mask_ratio', 0.5)
+    ratio, patch = getattr(args, 'mask_ratio', 0.5), 1
+    try:
+        patch = vit_config(args.model)['patch_size'] if args.model.startswith('vit') else 1
+    except ValueError as e:
+        parser.error(str(e))
     checks = [(0 < ratio < 1, f'--mask_ratio must be in (0, 1), got {ratio}'),
+              (args.input_size % patch == 0, f'--input_size {args.input_size} is not divisible by the patch size '
+                                             f'{patch} of {args.model}'),
               (args.epochs >= 1 or args.eval_only, f'--epochs must be at least 1, got {args.epochs}'),
               (args.data not in ('imagenet', 'folder') or os.path.isdir(args.data_path),
                f'--data_path {args.data_path} is not a folder: point it at a folder with train/<class>/ images'),
               (args.resume in ('', 'auto') or os.path.isfile(args.resume),
                f"--resume {args.resume}: no such file (use 'auto' to continue the run in --output_dir)"),
-              (not args.device.startswith('cuda') or torch.cuda.is_available(),
-               '--device cuda, but no CUDA GPU is visible: use --device cpu')]
+              (not args.device.startswith('cuda') or torch.cuda.is_available(), 'no CUDA GPU: use --device cpu')]
     checks += [(getattr(args, k) is None or getattr(args, k) >= 1, f'--{k} must be at least 1, got {getattr(args, k)}')
                for k in ('batch_size', 'accum_iter', 'input_size', 'save_freq')]
-    if args.model.startswith('vit'):
-        try:
-            patch = vit_config(args.model)['patch_size']
-            checks.append((args.input_size % patch == 0,
-                           f'--input_size {args.input_size} is not divisible by the patch size {patch} of {args.model}'))
-        except ValueError as e:
-            checks.append((False, str(e)))
     for ok, message in checks:
         if not ok:
             parser.error(message)
@@ -485,19 +459,17 @@ def is_main():
 
 def setup(args):
     """torchrun's RANK / WORLD_SIZE / LOCAL_RANK (NCCL on GPUs, gloo on CPUs), device, precision, seed, lr."""
-    args.rank, args.world_size, local_rank = 0, 1, 0
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        args.rank, args.world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        local_rank = int(os.environ.get('LOCAL_RANK', 0))
-        if args.device.startswith('cuda'):
+    args.world_size, args.rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
+    local_rank, cuda = int(os.environ.get('LOCAL_RANK', 0)), args.device.startswith('cuda')
+    if args.world_size > 1:
+        if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
-    args.device = torch.device(f'cuda:{local_rank}' if args.device.startswith('cuda') else args.device)
+        dist.init_process_group('nccl' if cuda else 'gloo')
+    args.device = torch.device(f'cuda:{local_rank}' if cuda else args.device)
     if args.amp == 'auto':
         cpu_bf16 = any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported',
                                                                          '_is_amx_tile_supported'))
-        args.amp = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if args.device.type == 'cuda' \
-            else 'bf16' if cpu_bf16 else 'none'
+        args.amp = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if cuda else 'bf16' if cpu_bf16 else 'none'
     torch.manual_seed(args.seed + args.rank)  # the model init is broadcast from rank 0 by DDP anyway
     if args.accum_iter is None:  # a preset's target effective batch (MAE: 4096) is reached by accumulation
         target = getattr(args, 'target_batch', None)
@@ -661,23 +633,20 @@ def clean_state_dict(state_dict):
 
 
 def resume(args, model, optimizer=None, scaler=None, **extra_modules):
-    """Load --resume into model (and optimizer, scaler, extra modules, RNG); return the epoch to start from."""
+    """Load --resume into model, extra modules and (unless None) optimizer, scaler and the RNG -> epoch to start at."""
     path = os.path.join(args.output_dir, 'checkpoint-last.pth') if args.resume == 'auto' else args.resume
-    if not path or not os.path.isfile(path):
-        if args.resume == 'auto' and is_main():
-            print(f'--resume auto: no checkpoint in {args.output_dir}, starting from scratch')
+    if not os.path.isfile(path):  # --resume auto before the first checkpoint, or no --resume at all
         return 0
     checkpoint = load_checkpoint(path)
     for name, module in {'model': model, **extra_modules}.items():
         module.load_state_dict(clean_state_dict(checkpoint[name]))
-    if optimizer is not None and 'optimizer' in checkpoint:
+    if optimizer is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
         scaler.load_state_dict(checkpoint['scaler'])
-    rngs = checkpoint.get('rng', [])
-    if len(rngs) == args.world_size:  # same world size: each rank continues its own random stream
-        torch.set_rng_state(rngs[args.rank]['torch'])
-        if rngs[args.rank]['cuda'] and args.device.type == 'cuda':
-            torch.cuda.set_rng_state_all(rngs[args.rank]['cuda'])
+        if len(checkpoint['rng']) == args.world_size:  # same world size: each rank continues its own random stream
+            torch.set_rng_state(checkpoint['rng'][args.rank]['torch'])
+            if args.device.type == 'cuda':
+                torch.cuda.set_rng_state_all(checkpoint['rng'][args.rank]['cuda'])
     if is_main():
         print(f"resumed from {path} (epoch {checkpoint['epoch']})")
     return checkpoint['epoch'] + 1 if optimizer is not None else 0
@@ -727,8 +696,7 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
     nn.init.zeros_(head[1].bias)
     batch = min(256, len(train_features))
     optimizer = torch.optim.SGD(head.parameters(), lr=0.1 * batch / 256, momentum=0.9)
-    steps = epochs * (len(train_features) // batch)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs * (len(train_features) // batch), 1))
     for _ in range(epochs):
         order = torch.randperm(len(train_features), generator=generator).to(train_features.device)
         for idx in order[:len(order) // batch * batch].view(-1, batch):
@@ -743,24 +711,18 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
 
 def evaluate(args, encoders, eval_sets):
     """kNN and linear-probe top-1 on the val split for each named encoder (each has .features(images))."""
-    if eval_sets is None:
-        return {}
-    train_set, val_set = eval_sets
-    results = {}
-    for name, encoder in encoders.items():
+    results, num_classes = {}, len(eval_sets[0].classes) if eval_sets else 0
+    for name, encoder in encoders.items() if eval_sets else ():
         encoder.global_pool = args.global_pool  # ViTs: mean of the patch tokens instead of the cls token
-        train_f, train_y = extract_features(encoder, train_set, args)
-        val_f, val_y = extract_features(encoder, val_set, args)
-        if is_main():
-            num_classes = len(train_set.classes)
-            if args.knn_k:
-                results[f'{name}_knn_top1'] = knn_accuracy(train_f, train_y, val_f, val_y, num_classes, args.knn_k)
-            if args.probe_epochs:
-                results[f'{name}_probe_top1'] = linear_probe_accuracy(train_f, train_y, val_f, val_y, num_classes,
-                                                                      args.probe_epochs, args.seed)
+        (train_f, train_y), (val_f, val_y) = [extract_features(encoder, split, args) for split in eval_sets]
+        if args.knn_k and is_main():
+            results[f'{name}_knn_top1'] = knn_accuracy(train_f, train_y, val_f, val_y, num_classes, args.knn_k)
+        if args.probe_epochs and is_main():
+            results[f'{name}_probe_top1'] = linear_probe_accuracy(train_f, train_y, val_f, val_y, num_classes,
+                                                                  args.probe_epochs, args.seed)
     for metric, title in (('knn', f'kNN (k={args.knn_k})'), ('probe', 'linear probe')):
         line = ', '.join(f'{n} {results[f"{n}_{metric}_top1"]:.2f}%' for n in encoders if f'{n}_{metric}_top1' in results)
-        if line and is_main():
+        if line:  # only rank 0 has results
             print(f'{title:>14} top-1: {line}')
     return results
 
@@ -771,3 +733,72 @@ def save_picture(columns, path, min_side=96):
     grid = (rows.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (N*H, cols*W, 3)
     scale = max(1, math.ceil(min_side / columns[0].shape[-1]))
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+# ---- sparse ops: SparK's masked convnet without CUDA ----------------------------------------------------
+# SparK's sparse convolution without CUDA (official pretrain/encoder.py): masked sites stay exactly zero through every
+# op, so visible sites never see them. Convs and pools run densely, then re-mask their output; norms see visible sites.
+# `visible` (B, 1, h, w) bool is True where the image is visible (the official `active`; the opposite of a (B, L) mask).
+# Each layer repeats it up to its own resolution, and reads it only inside `with visible_sites(model, visible):`.
+def visible_at(visible, h, w):  # (B, 1, h0, w0) -> (B, 1, h, w): each cell covers (h / h0) x (w / w0) sites
+    return visible.repeat_interleave(h // visible.shape[2], 2).repeat_interleave(w // visible.shape[3], 3)
+
+
+class Sparse:  # inputs are (B, C, H, W), or (B, H, W, C) where channels_first is False
+    visible, channels_first = None, True
+
+
+class Remasked(Sparse):  # the dense op, then zero the masked sites of its output (its masked inputs are zero already)
+    def forward(self, x):
+        x = super().forward(x)
+        if self.channels_first:
+            return x * visible_at(self.visible, x.shape[2], x.shape[3])
+        return x * visible_at(self.visible, x.shape[1], x.shape[2]).permute(0, 2, 3, 1)
+
+
+class VisibleOnly(Sparse):  # normalise only the (N, C) vectors of visible sites (BN: batch and running statistics)
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1) if self.channels_first else x  # (B, H, W, C)
+        sites = visible_at(self.visible, x.shape[1], x.shape[2])[:, 0]  # (B, H, W)
+        y = super().forward(x[sites])  # (N, C)
+        out = y.new_zeros(*sites.shape, y.shape[1]).index_put((sites,), y)  # masked sites: exactly zero
+        return out.permute(0, 3, 1, 2) if self.channels_first else out
+
+
+class LayerNorm2d(nn.LayerNorm):  # ConvNeXt's LayerNorm(data_format='channels_first'), over C of (B, C, H, W)
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SparseConv2d(Remasked, nn.Conv2d): pass
+class SparseMaxPool2d(Remasked, nn.MaxPool2d): pass
+class SparseLinear(Remasked, nn.Linear): channels_first = False  # pointwise convs on (B, H, W, C), as in ConvNeXt
+class SparseBatchNorm2d(VisibleOnly, nn.BatchNorm1d): pass
+class SparseSyncBatchNorm2d(VisibleOnly, nn.SyncBatchNorm): pass
+class SparseLayerNorm2d(VisibleOnly, nn.LayerNorm): pass
+class SparseLayerNorm(VisibleOnly, nn.LayerNorm): channels_first = False
+TWINS = [(nn.Conv2d, SparseConv2d), (nn.MaxPool2d, SparseMaxPool2d), (nn.Linear, SparseLinear),
+         (nn.BatchNorm2d, SparseBatchNorm2d), (nn.SyncBatchNorm, SparseSyncBatchNorm2d),
+         (LayerNorm2d, SparseLayerNorm2d), (nn.LayerNorm, SparseLayerNorm)]  # the first match wins
+
+
+def sparse_twin(dense):
+    """A copy of `dense` with its layers swapped for their TWINS. Twins add behaviour but no state, so re-classing the
+    copied layers keeps every weight, buffer and state-dict name: weights load both ways with strict=True."""
+    twin = copy.deepcopy(dense)
+    for m in twin.modules():
+        twins = [sparse for kind, sparse in TWINS if isinstance(m, kind) and not isinstance(m, Sparse)]
+        m.__class__ = twins[0] if twins else type(m)
+    return twin
+
+
+@contextmanager
+def visible_sites(model, visible):  # inside this block, and only there, the sparse layers of `model` see `visible`
+    layers = [m for m in model.modules() if isinstance(m, Sparse)]
+    for m in layers:
+        m.visible = visible
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.visible = None

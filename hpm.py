@@ -48,8 +48,9 @@ DEFAULTS = dict(model='vit_base_patch16', input_size=224, batch_size=64, epochs=
                 decoder_embed_dim=512, decoder_depth=8, num_workers=8, probe_epochs=90, shapes_size=10000,
                 alpha_final=0.5)  # the official scripts do not pass --norm_pix_loss: plain pixels
 PRESETS = {  # flags given on the command line win over these
-    'shapes': dict(model='vit_tiny_patch4', input_size=32, batch_size=128, epochs=30, warmup_epochs=3, blr=1.5e-3,
-                   decoder_embed_dim=128, decoder_depth=2, num_workers=0, probe_epochs=30),
+    'shapes': dict(model='vit_tiny_patch4', input_size=32, batch_size=64, epochs=5, warmup_epochs=1, blr=1.5e-3,
+                   decoder_embed_dim=128, decoder_depth=2, num_workers=0, probe_epochs=30, global_pool=True,
+                   norm_pix_loss=True),
     'cifar10': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800, num_workers=4),
     'cifar100': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800, num_workers=4),
     'imagenet': dict(model='vit_base_patch16', epochs=200, target_batch=2048),  # PRETRAIN.md: 8 GPUs x 32 x 8

@@ -36,8 +36,8 @@ DEFAULTS = dict(model='vit_base_patch16', input_size=224, batch_size=64, epochs=
                 min_lr=0.0, weight_decay=0.05, warmup_epochs=40, mask_ratio=0.75, norm_pix_loss=True,
                 decoder_embed_dim=512, decoder_depth=8, num_workers=8, probe_epochs=90, shapes_size=10000)
 PRESETS = {  # flags given on the command line win over these
-    'shapes': dict(model='vit_tiny_patch4', input_size=32, batch_size=128, epochs=30, warmup_epochs=3, blr=1.5e-3,
-                   decoder_embed_dim=128, decoder_depth=2, num_workers=0, probe_epochs=30),
+    'shapes': dict(model='vit_tiny_patch4', input_size=32, batch_size=64, epochs=7, warmup_epochs=1, blr=1.5e-3,
+                   decoder_embed_dim=128, decoder_depth=2, num_workers=0, probe_epochs=30, global_pool=True),
     'cifar10': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800, num_workers=4),
     'cifar100': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800, num_workers=4),
     'imagenet': dict(model='vit_large_patch16', epochs=800, target_batch=4096),  # PRETRAIN.md

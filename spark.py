@@ -29,8 +29,7 @@ Expected result (`python spark.py`, built-in shapes, 32 px, resnet_mini_ds8, 8 e
 linear probe of the pretrained vs the randomly initialised encoder); one epoch takes about 50 s on one CPU thread,
 the whole run about 7.5 minutes.
 """
-import copy, math
-from contextlib import contextmanager
+import math
 from functools import partial
 
 import numpy as np
@@ -38,77 +37,8 @@ import torch
 import torch.nn as nn
 
 import common
-from common import patchify, unpatchify
-
-
-# ---- sparse ops (CUDA-free; these move to common.py) ----------------------------------------------------------------
-# SparK's sparse convolution without CUDA (official pretrain/encoder.py): masked sites stay exactly zero through every
-# op, so visible sites never see them. Convs and pools run densely, then re-mask their output; norms see visible sites.
-# `visible` (B, 1, h, w) bool is True where the image is visible (the official `active`; the opposite of a (B, L) mask).
-# Each layer repeats it up to its own resolution, and reads it only inside `with visible_sites(model, visible):`.
-def visible_at(visible, h, w):  # (B, 1, h0, w0) -> (B, 1, h, w): each cell covers (h / h0) x (w / w0) sites
-    return visible.repeat_interleave(h // visible.shape[2], 2).repeat_interleave(w // visible.shape[3], 3)
-
-
-class Sparse:  # inputs are (B, C, H, W), or (B, H, W, C) where channels_first is False
-    visible, channels_first = None, True
-
-
-class Remasked(Sparse):  # the dense op, then zero the masked sites of its output (its masked inputs are zero already)
-    def forward(self, x):
-        x = super().forward(x)
-        if self.channels_first:
-            return x * visible_at(self.visible, x.shape[2], x.shape[3])
-        return x * visible_at(self.visible, x.shape[1], x.shape[2]).permute(0, 2, 3, 1)
-
-
-class VisibleOnly(Sparse):  # normalise only the (N, C) vectors of visible sites (BN: batch and running statistics)
-    def forward(self, x):
-        x = x.permute(0, 2, 3, 1) if self.channels_first else x  # (B, H, W, C)
-        sites = visible_at(self.visible, x.shape[1], x.shape[2])[:, 0]  # (B, H, W)
-        y = super().forward(x[sites])  # (N, C)
-        out = y.new_zeros(*sites.shape, y.shape[1]).index_put((sites,), y)  # masked sites: exactly zero
-        return out.permute(0, 3, 1, 2) if self.channels_first else out
-
-
-class LayerNorm2d(nn.LayerNorm):  # ConvNeXt's LayerNorm(data_format='channels_first'), over C of (B, C, H, W)
-    def forward(self, x):
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-class SparseConv2d(Remasked, nn.Conv2d): pass
-class SparseMaxPool2d(Remasked, nn.MaxPool2d): pass
-class SparseAvgPool2d(Remasked, nn.AvgPool2d): pass
-class SparseLinear(Remasked, nn.Linear): channels_first = False  # pointwise convs on (B, H, W, C), as in ConvNeXt
-class SparseBatchNorm2d(VisibleOnly, nn.BatchNorm1d): pass
-class SparseSyncBatchNorm2d(VisibleOnly, nn.SyncBatchNorm): pass
-class SparseLayerNorm2d(VisibleOnly, nn.LayerNorm): pass
-class SparseLayerNorm(VisibleOnly, nn.LayerNorm): channels_first = False
-TWINS = [(nn.Conv2d, SparseConv2d), (nn.MaxPool2d, SparseMaxPool2d), (nn.AvgPool2d, SparseAvgPool2d),
-         (nn.Linear, SparseLinear), (nn.BatchNorm2d, SparseBatchNorm2d), (nn.SyncBatchNorm, SparseSyncBatchNorm2d),
-         (LayerNorm2d, SparseLayerNorm2d), (nn.LayerNorm, SparseLayerNorm)]  # the first match wins
-
-
-def sparse_twin(dense):
-    """A copy of `dense` with its layers swapped for their TWINS. Twins add behaviour but no state, so re-classing the
-    copied layers keeps every weight, buffer and state-dict name: weights load both ways with strict=True."""
-    twin = copy.deepcopy(dense)
-    for m in twin.modules():
-        twins = [sparse for kind, sparse in TWINS if isinstance(m, kind) and not isinstance(m, Sparse)]
-        m.__class__ = twins[0] if twins else type(m)
-    return twin
-
-
-@contextmanager
-def visible_sites(model, visible):  # inside this block, and only there, the sparse layers of `model` see `visible`
-    layers = [m for m in model.modules() if isinstance(m, Sparse)]
-    for m in layers:
-        m.visible = visible
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.visible = None
+from common import (LayerNorm2d, Sparse, SparseBatchNorm2d, SparseSyncBatchNorm2d, patchify, sparse_twin, unpatchify,
+                    visible_at, visible_sites)
 
 
 # ---- arguments ----------------------------------------------------------------------------------------------------
@@ -132,6 +62,13 @@ def get_args_parser():
     parser.add_argument('--decoder_width', type=int, help='width of the first decoder block, halved per block (768)')
     parser.add_argument('--drop_path', type=float, help="stochastic depth of the backbone (default: the model's, `dp`)")
     return parser
+
+
+def drop_path(x, prob, training):
+    """Stochastic depth: drop a whole residual branch per sample (timm's DropPath; SparK pretrains with it)."""
+    if prob == 0.0 or not training:
+        return x
+    return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - prob) / (1 - prob)
 
 
 # ---- masking ------------------------------------------------------------------------------------------------------
@@ -183,7 +120,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, x):  # (B, C, H, W)
         y = self.bn2(self.conv2(self.bn1(self.conv1(x)).relu())).relu()
-        y = common.drop_path(self.bn3(self.conv3(y)), self.drop_path, self.training)
+        y = drop_path(self.bn3(self.conv3(y)), self.drop_path, self.training)
         return (y + (x if self.downsample is None else self.downsample(x))).relu()
 
 
@@ -236,7 +173,7 @@ class ConvNeXtBlock(nn.Module):
     def forward(self, x):  # (B, C, H, W)
         y = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C): the Linears are pointwise convs
         y = self.gamma * self.pwconv2(self.act(self.pwconv1(self.norm(y))))
-        return x + common.drop_path(y.permute(0, 3, 1, 2), self.drop_path, self.training)
+        return x + drop_path(y.permute(0, 3, 1, 2), self.drop_path, self.training)
 
 
 class ConvNeXt(nn.Module):

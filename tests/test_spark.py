@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import spark
 from conftest import TINY, read_log, run_script
-from spark import (LayerNorm2d, SparseConv2d, SparseLayerNorm, SparseMaxPool2d, sparse_twin,
+from common import (LayerNorm2d, SparseConv2d, SparseLayerNorm, SparseMaxPool2d, sparse_twin,
                    visible_at, visible_sites)
 
 
@@ -85,7 +86,7 @@ def test_sparse_layernorm_normalises_visible_sites_and_zeroes_the_rest(channels_
     visible = random_visible()
     x = torch.randn(3, 6, 8, 8) * 3 + 2  # (B, C, H, W)
     norm = sparse_twin(LayerNorm2d(6) if channels_first else nn.LayerNorm(6, eps=1e-6))
-    assert isinstance(norm, spark.SparseLayerNorm2d if channels_first else SparseLayerNorm)
+    assert isinstance(norm, common.SparseLayerNorm2d if channels_first else SparseLayerNorm)
     assert norm.channels_first == channels_first
     nn.init.uniform_(norm.weight), nn.init.uniform_(norm.bias)
     out = run(norm, x if channels_first else x.permute(0, 2, 3, 1), visible)
@@ -105,7 +106,7 @@ def test_masked_sites_stay_exactly_zero_through_every_layer(model):
 
     def check(module, inputs, output):
         if torch.is_tensor(output) and output.dim() == 4:  # inside a ConvNeXt block the norm, Linears and GELU see (B, H, W, C)
-            channels_last = isinstance(module, nn.GELU) or (isinstance(module, spark.Sparse) and not module.channels_first)
+            channels_last = isinstance(module, nn.GELU) or (isinstance(module, common.Sparse) and not module.channels_first)
             output = output.permute(0, 3, 1, 2) if channels_last else output
             seen.append(bool(torch.all(output[~visible_at(visible, *output.shape[2:]).expand_as(output)] == 0)))
     for m in net.modules():
@@ -122,7 +123,7 @@ def test_sparse_twin_keeps_names_and_loads_strictly_both_ways(model):
     dense = spark.build_backbone(model)
     twin = sparse_twin(dense)
     assert any(isinstance(m, SparseConv2d) for m in twin.modules())
-    assert not any(isinstance(m, spark.Sparse) for m in dense.modules())  # the dense network is left as it was
+    assert not any(isinstance(m, common.Sparse) for m in dense.modules())  # the dense network is left as it was
     torch.manual_seed(1)
     other = spark.build_backbone(model)
     other.load_state_dict(twin.state_dict(), strict=True)  # sparse -> dense
