@@ -1,13 +1,11 @@
 """What every method file shares: the ViT, patchify, data, training plumbing, checkpoints, evaluation, sparse ops.
 
-Shapes: B batch, C,H,W image, p patch size, h,w patch grid, L = h*w patches, K kept (visible) patches,
-D encoder width, P = p*p*C values per patch (the official MAE code calls the batch N).
-Masks are (B, L) with 1 = masked (removed from the encoder's view) and 0 = visible, in every method file.
+Shapes: B batch, C,H,W image, p patch size, h,w patch grid, L = h*w patches, K kept (visible) patches, D encoder
+width, P = p*p*C values per patch. Masks are (B, L) with 1 = masked (removed) and 0 = visible, in every method file.
 
-Randomness: every per-sample random choice (crop, flip, and the mask noise a method asks for through `sample_extra`)
-is drawn in the data pipeline from `numpy.random.default_rng([seed, epoch, index])`, so a run sees the same samples,
-crops and masks whatever the number of processes, loader workers or restarts: that is what makes `--resume` exact
-and a `torchrun` run equal to one process with the same effective batch.
+Randomness: every per-sample random choice (crop, flip, the mask noise a method asks for through `sample_extra`) is
+drawn in the data pipeline from `numpy.random.default_rng([seed, epoch, index])`: the same samples, crops and masks
+whatever the number of processes, workers or restarts. That makes `--resume` exact and N processes equal one.
 """
 import argparse, copy, hashlib, json, math, os, pickle, re, resource, sys, tarfile, time, urllib.request, warnings
 from contextlib import contextmanager, nullcontext
@@ -138,8 +136,7 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def features(self, imgs):
-        """(B, 3, H, W) -> (B, D): the cls token after the final norm (MAE's linear-probe feature), or with
-        global_pool the mean of the patch tokens."""
+        """(B, 3, H, W) -> (B, D): the cls token after the final norm (MAE's probe feature), or the patch mean."""
         x = self.forward_tokens(self.patch_embed(imgs) + self.pos_embed[:, 1:])
         return x[:, 1:].mean(1) if getattr(self, 'global_pool', False) else x[:, 0]
 
@@ -151,21 +148,21 @@ def _polar(radii, angles, dx=0.0):  # polygon vertices (x, y) in unit coordinate
 
 CIRCLE = np.linspace(0, 2 * np.pi, 32)
 # Each shape: polygons filled with 1 (shape) or 0 (a hole), in unit coordinates, rotated, scaled and placed at random.
-SHAPES = {'disk': [(_polar(1, CIRCLE), 1)], 'ring': [(_polar(1, CIRCLE), 1), (_polar(0.6, CIRCLE), 0)],
-          'crescent': [(_polar(1, CIRCLE), 1), (_polar(0.85, CIRCLE, dx=0.45), 0)],
-          'half-disk': [(_polar(1, np.linspace(0, np.pi, 17)), 1)], 'triangle': [(_polar(1, np.arange(3) * 2.094), 1)],
-          'square': [(_polar(1, np.arange(4) * np.pi / 2), 1)], 'star': [(_polar([1, 0.4] * 5, np.arange(10) * 0.628), 1)],
-          'cross': [([(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1), (-.3, .3),
-                      (-1, .3), (-1, -.3), (-.3, -.3)], 1)],
-          'arrow': [([(-1, -.25), (.2, -.25), (.2, -.7), (1, 0), (.2, .7), (.2, .25), (-1, .25)], 1)],
-          'two-bars': [([(-1, -.7), (1, -.7), (1, -.25), (-1, -.25)], 1), ([(-1, .7), (1, .7), (1, .25), (-1, .25)], 1)]}
+SHAPES = {
+    'disk': [(_polar(1, CIRCLE), 1)], 'ring': [(_polar(1, CIRCLE), 1), (_polar(0.6, CIRCLE), 0)],
+    'crescent': [(_polar(1, CIRCLE), 1), (_polar(0.85, CIRCLE, dx=0.45), 0)],
+    'half-disk': [(_polar(1, np.linspace(0, np.pi, 17)), 1)], 'triangle': [(_polar(1, np.arange(3) * 2.094), 1)],
+    'square': [(_polar(1, np.arange(4) * np.pi / 2), 1)], 'star': [(_polar([1, .4] * 5, np.arange(10) * .628), 1)],
+    'cross': [([(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1), (-.3, .3),
+                (-1, .3), (-1, -.3), (-.3, -.3)], 1)],
+    'arrow': [([(-1, -.25), (.2, -.25), (.2, -.7), (1, 0), (.2, .7), (.2, .25), (-1, .25)], 1)],
+    'two-bars': [([(-1, -.7), (1, -.7), (1, -.25), (-1, -.25)], 1), ([(-1, .7), (1, .7), (1, .25), (-1, .25)], 1)]}
 
 
 def make_shapes(n, size, seed):
-    """The built-in `shapes` dataset: n images (n, size, size, 3) uint8 and labels (n,), deterministic from seed.
-    The class is the shape; colour, size, position, rotation, the gradient background and clutter lines are random
-    and class-independent, so raw pixels say little about the class and a useful encoder must learn shape. (No pixel
-    noise: per-patch normalised targets, MAE's norm-pix and MaskFeat's HOG cells, would turn it into random targets.)"""
+    """The built-in `shapes` dataset, deterministic from seed: n images (n, size, size, 3) uint8, labels (n,). Only
+    the shape is the class; colour, size, place, rotation, background and clutter lines are random, so raw pixels say
+    little and an encoder must learn shape. No pixel noise: per-patch normalised targets would turn it to noise."""
     rng, names = np.random.default_rng(seed), list(SHAPES)
     images, labels = np.empty((n, size, size, 3), np.uint8), rng.integers(0, len(names), n)
     ramp = np.linspace(0, 1, size, dtype=np.float32)
@@ -181,8 +178,7 @@ def make_shapes(n, size, seed):
         while np.abs(fg - (c0 + c1) / 2).sum() < 120:  # keep the shape visible against the background
             fg = rng.uniform(0, 255, 3)
         t = ramp[:, None] * np.cos(3 * angle) + ramp[None, :] * np.sin(3 * angle)  # background: a linear gradient
-        t = ((t - t.min()) / (np.ptp(t) + 1e-6))[..., None]
-        image = Image.fromarray((c0 * (1 - t) + c1 * t).astype(np.uint8))
+        image = Image.fromarray((c0 + (c1 - c0) * ((t - t.min()) / (np.ptp(t) + 1e-6))[..., None]).astype(np.uint8))
         for _ in range(rng.integers(1, 4)):  # thin lines in random colours: clutter, not class evidence
             ImageDraw.Draw(image).line(list(rng.uniform(0, size, 4)), fill=tuple(rng.integers(0, 256, 3).tolist()))
         image.paste(tuple(fg.astype(int).tolist()), mask=shape.resize((size, size), Image.BOX))  # anti-aliased edge
@@ -199,8 +195,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.t
 
 
 def read_cifar(name, root):
-    """CIFAR from its python archive in root, downloaded and md5-checked if absent -> {split: (images NHWC, labels)},
-    class names."""
+    """CIFAR's python archive in root (downloaded, md5-checked if absent) -> {split: (images NHWC, labels)}, names."""
     archive, md5, folder, train_files, test_files, label_key, meta_file, names_key = CIFAR[name]
     url, path = f'https://www.cs.toronto.edu/~kriz/{archive}', os.path.join(root, archive)
     if not os.path.isdir(os.path.join(root, folder)):
@@ -237,15 +232,13 @@ def to_rgb(img):
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images as a uint8 array (N, H, W, 3) or as file paths, labels (-1: unlabeled). Item i is (transform(image, rng),
-    label, sample_extra(rng)), rng seeded by (seed, epoch, i). A file that cannot be decoded is skipped (the next one
-    stands in), warned about, and counted."""
+    """Images as a uint8 array (N, H, W, 3) or file paths, labels (-1: unlabeled) -> (transform(image, rng), label,
+    sample_extra(rng)), rng seeded by (seed, epoch, i). A file that will not decode is skipped and counted."""
     def __init__(self, items, labels, classes, seed=0):
         self.items, self.labels, self.classes, self.seed, self.epoch = items, np.asarray(labels), classes, seed, 0
         self.transform, self.sample_extra, self.num_skipped = None, None, Value('i', 0)  # shared with loader workers
 
-    def __len__(self):
-        return len(self.items)
+    __len__ = lambda self: len(self.items)
 
     def load(self, i):
         for j in (k % len(self) for k in range(i, i + len(self))):
@@ -286,11 +279,11 @@ def scan_folder(root, classes=None):
 
 def cache_images(dataset, size, num_workers):
     """Decode every image once into a uint8 array (N, size, size, 3), shorter side resized to `size`, centre crop."""
-    array = np.empty((len(dataset), size, size, 3), np.uint8)
+    array = np.empty((len(dataset), size, size, 3), np.uint8)  # copied into, so no worker's tensor is kept alive
     square = dataset.with_transform(EvalTransform(size, crop_pct=1.0))
-    loader = torch.utils.data.DataLoader(square, batch_size=None, num_workers=num_workers)
-    for i, (image, _, _) in enumerate(tqdm(loader, desc=f'caching {len(dataset)} images', disable=not is_main())):
-        array[i] = image.permute(1, 2, 0).numpy()
+    loader = torch.utils.data.DataLoader(square, batch_size=256, num_workers=num_workers)  # in order
+    for i, (images, _, _) in enumerate(tqdm(loader, desc=f'caching {len(dataset)} images', disable=not is_main())):
+        array[i * 256:(i + 1) * 256] = images.permute(0, 2, 3, 1).numpy()
     return array
 
 
@@ -363,8 +356,7 @@ def normalize(images):
     return ((images.float() / 255 if images.dtype == torch.uint8 else images) - mean) / std
 
 
-def denormalize(images):
-    """The inverse of normalize, to [0, 1] floats for pictures."""
+def denormalize(images):  # the inverse of normalize, to [0, 1] floats for pictures
     mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     return (images.float() * std + mean).clamp(0, 1)
 
@@ -399,8 +391,7 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
      '<data_path>/train/<class>/*, val/ or test/; or a folder of unlabeled images'),
     ('--data_path', dict(default='./data'), 'dataset root'),
     ('--shapes_size', dict(type=int), 'training images generated for --data shapes'),
-    ('--cache', dict(action='store_true'), 'decode images once into a uint8 array in memory (shorter side resized to '
-                                           'input_size, centre crop): for small datasets of small images'),
+    ('--cache', dict(action='store_true'), 'decode images once into memory (resized, centre-cropped): small datasets'),
     ('--num_workers', dict(type=int), 'data loader processes per training process'),
     ('--output_dir', dict(), 'checkpoints, log.txt and pictures (default: output/<method>_<data>)'),
     ('--resume', dict(default=''), "a checkpoint to continue from, or 'auto' for output_dir/checkpoint-last.pth"),
@@ -408,16 +399,14 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--eval_only', dict(action='store_true'), 'evaluate the --resume checkpoint, no training'),
     ('--knn_k', dict(type=int, default=20), 'neighbours of the kNN evaluation (0: no kNN)'),
     ('--probe_epochs', dict(type=int), 'linear-probe epochs (0: no probe)'),
-    ('--global_pool', dict(action=argparse.BooleanOptionalAction), 'evaluate ViTs on the mean of the patch tokens, '
-                                                                   'not the cls token'),
+    ('--global_pool', dict(action=argparse.BooleanOptionalAction), 'ViT features: mean patch token, not the cls'),
     ('--seed', dict(type=int, default=0), 'seeds the model init and every per-sample random choice'),
     ('--device', dict(default='cuda' if torch.cuda.is_available() else 'cpu'), 'cuda or cpu'),
-    ('--amp', dict(default='auto', choices=['auto', 'bf16', 'fp16', 'none']),
-     'autocast: auto = bf16 where the GPU or CPU supports it, else fp16 on GPUs, else fp32')]
+    ('--amp', dict(default='auto', choices=['auto', 'bf16', 'fp16', 'none']), 'autocast; auto: bf16 where supported, '
+                                                                              'else fp16 on GPUs, else none')]
 
 
-def get_args_parser(description):
-    """The flags every method shares; the method file adds its own."""
+def get_args_parser(description):  # the flags every method shares; the method file adds its own
     parser = ArgumentParser(description=description)
     for flag, options, help in FLAGS:
         parser.add_argument(flag, **options, help=help)
@@ -465,10 +454,9 @@ def setup(args):
         if cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group('nccl' if cuda else 'gloo')
-    args.device = torch.device(f'cuda:{local_rank}' if cuda else args.device)
+    args.device = torch.device(f'cuda:{local_rank}' if cuda and args.world_size > 1 else args.device)  # or cuda:N
     if args.amp == 'auto':
-        cpu_bf16 = any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported',
-                                                                         '_is_amx_tile_supported'))
+        cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         args.amp = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if cuda else 'bf16' if cpu_bf16 else 'none'
     torch.manual_seed(args.seed + args.rank)  # the model init is broadcast from rank 0 by DDP anyway
     if args.accum_iter is None:  # a preset's target effective batch (MAE: 4096) is reached by accumulation
@@ -495,9 +483,8 @@ def autocast(args):
 
 
 def wrap_ddp(model, args):
-    if args.world_size == 1:
-        return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[args.device] if args.device.type == 'cuda' else None)
+    cuda = args.device.type == 'cuda'
+    return nn.parallel.DistributedDataParallel(model, [args.device] if cuda else None) if args.world_size > 1 else model
 
 
 # ---- optimisation: AdamW with MAE's weight-decay groups, warmup + half-cosine per iteration, the epoch loop --
@@ -531,9 +518,8 @@ def adjust_learning_rate(optimizer, epoch, args):
 
 def train_one_epoch(model, loss_fn, loader, optimizer, scaler, epoch, args, schedule=adjust_learning_rate,
                     on_step=None):
-    """One pass over the loader. `loss_fn(model, images_uint8, extra) -> (loss, logs)` is the method's objective;
-    `on_step()` runs after each optimizer step (e.g. an EMA update). Losses stay on the device; the host reads them
-    every 20 steps (progress bar, non-finite check) and at the end, so the step itself never waits for the host."""
+    """One pass. `loss_fn(model, images_uint8, extra) -> (loss, logs)` is the method's objective, `on_step()` runs
+    after each optimizer step (an EMA update). Losses stay on the device; the host reads them every 20 steps."""
     model.train()
     loader.sampler.set_epoch(epoch)
     loader.dataset.epoch = epoch  # workers are not persistent: they get the updated dataset each epoch
@@ -566,7 +552,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, epoch, args, sche
             if first_bad.item() >= 0:
                 sys.exit(f'error: non-finite loss at epoch {epoch}, step {first_bad.item()}: stopping; the last '
                          f'checkpoint in {args.output_dir} is intact (try a lower --blr, --amp none, or --clip_grad)')
-            bar.set_postfix(loss=f"{sums['loss'].item() / (step + 1):.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
+            lr = optimizer.param_groups[-1]['lr']
+            bar.set_postfix(loss=f"{sums['loss'].item() / (step + 1):.4f}", lr=f'{lr:.2e}',
                             img_s=f'{(step + 1) * args.batch_size * args.world_size / (time.time() - start):.0f}')
             bar.update(step + 1 - bar.n)
     bar.close()
@@ -574,15 +561,14 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, epoch, args, sche
     if args.world_size > 1:
         dist.all_reduce(stats)
         stats /= args.world_size
-    elapsed = time.time() - start
-    peak = torch.cuda.max_memory_allocated(args.device) if args.device.type == 'cuda' else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: peak resident memory of the process
+    elapsed, cuda = time.time() - start, args.device.type == 'cuda'  # on CPUs: the process's peak resident memory
+    peak = torch.cuda.max_memory_allocated(args.device) if cuda else resource.getrusage(resource.RUSAGE_SELF)[2] * 1024
     return {**{f'train_{k}': v for k, v in zip(sums, stats.tolist())}, 'lr': optimizer.param_groups[-1]['lr'],
             'images_per_s': steps * args.batch_size * args.world_size / elapsed, 'epoch_time_s': elapsed,
             'peak_mem_mb': peak / 2 ** 20, 'skipped_images': loader.dataset.num_skipped.value}
 
 
-def log_stats(args, stats):
+def log_stats(args, stats):  # one JSON line per call in output_dir/log.txt
     if is_main():
         with open(os.path.join(args.output_dir, 'log.txt'), 'a') as f:
             f.write(json.dumps(stats) + '\n')
@@ -605,7 +591,8 @@ def atomic_save(state, path):
 def save_checkpoint(args, epoch, model, optimizer, scaler, **extra):
     """checkpoint-last.pth every epoch, checkpoint-<epoch>.pth every save_freq epochs and at the end.
     `extra` holds method state such as a teacher's state_dict. RNG states of every rank are kept."""
-    rngs = [{'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if args.device.type == 'cuda' else []}]
+    cuda = args.device.type == 'cuda'
+    rngs = [{'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if cuda else []}]
     if args.world_size > 1:
         rngs = rngs * args.world_size
         dist.all_gather_object(rngs, rngs[0])
@@ -627,8 +614,7 @@ def load_checkpoint(path):
                  f'it could run code. ({str(e).splitlines()[0]})')
 
 
-def clean_state_dict(state_dict):
-    """Strip the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes."""
+def clean_state_dict(state_dict):  # strip the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes
     return {re.sub(r'^(module\.|_orig_mod\.)+', '', k): v for k, v in state_dict.items()}
 
 
@@ -704,9 +690,8 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
             F.cross_entropy(head(train_features[idx]), train_labels[idx]).backward()
             optimizer.step()
             schedule.step()
-    head.eval()
     with torch.no_grad():
-        return 100.0 * (head(test_features).argmax(1) == test_labels).float().mean().item()
+        return 100.0 * (head.eval()(test_features).argmax(1) == test_labels).float().mean().item()
 
 
 def evaluate(args, encoders, eval_sets):
@@ -721,9 +706,8 @@ def evaluate(args, encoders, eval_sets):
             results[f'{name}_probe_top1'] = linear_probe_accuracy(train_f, train_y, val_f, val_y, num_classes,
                                                                   args.probe_epochs, args.seed)
     for metric, title in (('knn', f'kNN (k={args.knn_k})'), ('probe', 'linear probe')):
-        line = ', '.join(f'{n} {results[f"{n}_{metric}_top1"]:.2f}%' for n in encoders if f'{n}_{metric}_top1' in results)
-        if line:  # only rank 0 has results
-            print(f'{title:>14} top-1: {line}')
+        if found := [f'{n} {results[key]:.2f}%' for n in encoders if (key := f'{n}_{metric}_top1') in results]:
+            print(f'{title:>14} top-1: ' + ', '.join(found))  # only rank 0 has results
     return results
 
 

@@ -10,8 +10,10 @@ losses of all patches on the unmasked image; the alpha_t * N_masked patches it f
 the mask is random. alpha_t rises linearly from 0 to 0.5 over training, so masking goes from easy to hard (Sec. 3.3).
 
 Relative loss, with y = detached reconstruction errors and s = predicted losses of the masked patches of one image:
-  L_rank = sum_{i,j: y_i != y_j} -[y_j > y_i] log(sigmoid(s_j - s_i) + 1e-6) - [y_j < y_i] log(1 - sigmoid(s_j - s_i) + 1e-6)
-           / #{i, j: y_i != y_j}     (pairs with equal errors, ties, are left out)
+  L_rank = sum_{i,j: y_i != y_j} ( -[y_j > y_i] log(sigmoid(s_j - s_i) + 1e-6)
+                                   -[y_j < y_i] log(1 - sigmoid(s_j - s_i) + 1e-6) ) / #{i, j: y_i != y_j}
+  (pairs with equal errors, ties, are left out; as in the official code, an image whose errors are all equal would
+  divide by zero, which continuous errors never give)
 The total loss is the reconstruction loss + L_rank (weight 1).
 
 Differences from the official code (each deliberate):
@@ -29,7 +31,8 @@ Differences from the official code (each deliberate):
     teacher at its random initialisation.
  5. bf16 autocast by default where supported (official: fp16); kNN and linear probe as in mae.py.
 
-Expected result (`python hpm.py`, built-in shapes, 32 px, ViT-Ti/4, 2-core CPU): see the README table.
+Expected result (`python hpm.py`, built-in shapes, 32 px, ViT-Ti/4, 5 epochs, 2-core CPU; kNN / linear-probe top-1):
+17.2 / 28.2 pretrained vs 10.7 / 15.7 at random init, 6.5 minutes (README table).
 """
 import argparse, copy
 from functools import partial
@@ -60,7 +63,8 @@ PRESETS = {  # flags given on the command line win over these
 def get_args_parser():
     parser = common.get_args_parser('HPM pretraining, then kNN / linear-probe evaluation')
     parser.add_argument('--mask_ratio', type=float, help='fraction of patches removed (0.75)')
-    parser.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction, help='per-patch normalised pixel target (on)')
+    parser.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction,
+                        help='per-patch normalised pixel target (on)')
     parser.add_argument('--decoder_embed_dim', type=int, help='decoder width (512)')
     parser.add_argument('--decoder_depth', type=int, help='decoder blocks, of each of the two decoders (8)')
     parser.add_argument('--alpha_final', type=float, help='alpha_T: the fraction of masked patches chosen as the '
@@ -157,7 +161,7 @@ class HPM(VisionTransformer):
                 nn.init.zeros_(m.bias)
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
-        """(B, 3, H, W) -> latent (B, 1 + K, D), mask (B, L), ids_restore (B, L). The encoder sees visible patches only."""
+        """(B, 3, H, W) -> latent (B, 1 + K, D), mask (B, L), ids_restore (B, L): the encoder sees visible patches."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # (B, L, D), position added before masking
         x, mask, ids_restore = random_masking(x, mask_ratio, noise)
         return self.forward_tokens(x), mask, ids_restore  # cls prepended, blocks, final norm
@@ -265,7 +269,7 @@ def main(argv=None):
     train_set, eval_sets = common.build_datasets(args, common.TrainTransform(args.input_size, scale=(0.2, 1.0)),
                                                  partial(uniform_noise, model.num_patches))
     optimizer = common.adamw(model, args, betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler(enabled=args.amp == 'fp16')
+    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
     ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, train=True)
     teacher = copy.deepcopy(model).requires_grad_(False).eval()  # after DDP's broadcast: equal on every rank
     start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler, ema_state_dict=teacher)

@@ -19,7 +19,7 @@ Differences from the official code (each deliberate):
     rather than LARS at batch 16384 on augmented images, and a kNN evaluation (DINO protocol) is added.
 
 Expected result (`python mae.py`, built-in shapes, 32 px, ViT-Ti/4, 2-core CPU): see the README table
-(kNN and linear probe of the pretrained vs the randomly initialised encoder), about 6 minutes.
+(kNN and linear probe of the pretrained vs the randomly initialised encoder): 15.4 / 28.5 vs 11.3 / 14.8, 4.5 minutes.
 """
 import argparse
 from functools import partial
@@ -47,7 +47,8 @@ PRESETS = {  # flags given on the command line win over these
 def get_args_parser():
     parser = common.get_args_parser('MAE pretraining, then kNN / linear-probe evaluation')
     parser.add_argument('--mask_ratio', type=float, help='fraction of patches removed (0.75)')
-    parser.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction, help='per-patch normalised pixel target (on)')
+    parser.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction,
+                        help='per-patch normalised pixel target (on)')
     parser.add_argument('--decoder_embed_dim', type=int, help='decoder width (512)')
     parser.add_argument('--decoder_depth', type=int, help='decoder blocks (8)')
     return parser
@@ -123,7 +124,7 @@ class MAE(VisionTransformer):
                 nn.init.zeros_(m.bias)
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
-        """(B, 3, H, W) -> latent (B, 1 + K, D), mask (B, L), ids_restore (B, L). The encoder sees visible patches only."""
+        """(B, 3, H, W) -> latent (B, 1 + K, D), mask (B, L), ids_restore (B, L): the encoder sees visible patches."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # (B, L, D), position added before masking
         x, mask, ids_restore = random_masking(x, mask_ratio, noise)
         return self.forward_tokens(x), mask, ids_restore  # cls prepended, blocks, final norm
@@ -182,7 +183,7 @@ def main(argv=None):
     train_set, eval_sets = common.build_datasets(args, common.TrainTransform(args.input_size, scale=(0.2, 1.0)),
                                                  partial(uniform_noise, model.num_patches))
     optimizer = common.adamw(model, args, betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler(enabled=args.amp == 'fp16')
+    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
     start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler)
     ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, train=True)
 

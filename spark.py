@@ -64,13 +64,6 @@ def get_args_parser():
     return parser
 
 
-def drop_path(x, prob, training):
-    """Stochastic depth: drop a whole residual branch per sample (timm's DropPath; SparK pretrains with it)."""
-    if prob == 0.0 or not training:
-        return x
-    return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - prob) / (1 - prob)
-
-
 # ---- masking ------------------------------------------------------------------------------------------------------
 def uniform_noise(num_patches, rng):
     """Per-sample mask noise, drawn in the data loader (difference 1)."""
@@ -105,6 +98,13 @@ MODELS = {  # name: (family, blocks per stage, widths, downsample ratio, pretrai
     'convnext_tiny_ds8': ('convnext', [3, 3, 9, 3], [96, 192, 384, 768], 8, 0.1),
     'convnext_atto_ds8': ('convnext', [2, 2, 6, 2], [40, 80, 160, 320], 8, 0.0),
 }
+
+
+def drop_path(x, prob, training):
+    """Stochastic depth: drop a whole residual branch per sample (timm's DropPath; SparK pretrains with it)."""
+    if prob == 0.0 or not training:
+        return x
+    return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - prob) / (1 - prob)
 
 
 class Bottleneck(nn.Module):
@@ -392,7 +392,7 @@ def main(argv=None):
     groups = common.param_groups(model, 0.0, [n for n, _ in model.named_parameters() if 'mask_token' in n])
     beta2 = 0.95 if MODELS[args.model][0] == 'resnet' else 0.999  # official `ada`
     optimizer = LAMB(groups, args.lr, betas=(0.9, beta2))
-    scaler = torch.amp.GradScaler(enabled=args.amp == 'fp16')
+    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
     start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler)
     ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, train=True)
     args.iters_per_epoch = len(loader) // args.accum_iter  # optimizer steps, for the schedule's end point

@@ -116,7 +116,8 @@ def write_images(folder, names_and_images):
 def test_image_folder_modes_corrupt_and_empty_class(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)
     sixteen = Image.fromarray((np.arange(20 * 24).reshape(20, 24) * 100).astype(np.uint16))  # values up to 47,900
-    write_images(tmp_path / 'train' / 'cat', [('rgb.jpg', Image.fromarray(rgb)), ('gray.png', Image.fromarray(rgb[..., 0])),
+    write_images(tmp_path / 'train' / 'cat', [('rgb.jpg', Image.fromarray(rgb)),
+                                              ('gray.png', Image.fromarray(rgb[..., 0])),
                                               ('cmyk.jpg', Image.fromarray(rgb).convert('CMYK')),
                                               ('rgba.png', Image.fromarray(rgb).convert('RGBA'))])
     write_images(tmp_path / 'train' / 'dog', [('palette.png', Image.fromarray(rgb).convert('P')),
@@ -145,8 +146,8 @@ def test_unlabeled_folder_skips_evaluation(tmp_path, capsys):
 
 def test_cache_equals_decoding(tmp_path):
     rng = np.random.default_rng(0)
-    write_images(tmp_path / 'train' / 'x', [(f'{i}.png', Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)))
-                                            for i in range(4)])
+    noise = lambda: Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    write_images(tmp_path / 'train' / 'x', [(f'{i}.png', noise()) for i in range(4)])
     plain, _ = common.build_datasets(folder_args(tmp_path), common.EvalTransform(16, crop_pct=1.0))
     cached, _ = common.build_datasets(folder_args(tmp_path, cache=True), common.EvalTransform(16, crop_pct=1.0))
     assert isinstance(cached.items, np.ndarray) and cached.items.shape == (4, 16, 16, 3)

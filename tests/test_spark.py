@@ -105,8 +105,9 @@ def test_masked_sites_stay_exactly_zero_through_every_layer(model):
     visible, seen = random_visible(), []
 
     def check(module, inputs, output):
-        if torch.is_tensor(output) and output.dim() == 4:  # inside a ConvNeXt block the norm, Linears and GELU see (B, H, W, C)
-            channels_last = isinstance(module, nn.GELU) or (isinstance(module, common.Sparse) and not module.channels_first)
+        if torch.is_tensor(output) and output.dim() == 4:  # ConvNeXt block: norm, Linears, GELU see (B, H, W, C)
+            sparse_last = isinstance(module, common.Sparse) and not module.channels_first
+            channels_last = isinstance(module, nn.GELU) or sparse_last
             output = output.permute(0, 3, 1, 2) if channels_last else output
             seen.append(bool(torch.all(output[~visible_at(visible, *output.shape[2:]).expand_as(output)] == 0)))
     for m in net.modules():

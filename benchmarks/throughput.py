@@ -1,0 +1,321 @@
+"""Training throughput of every method file, and of its data pipeline alone.
+
+Step mode (default): each method is built as its main() builds it (its parser, presets and checks, common.setup,
+build_model, its optimizer and the body of its loss_fn closure; for HPM the EMA teacher scoring inside the step and
+update_teacher after it) and fed synthetic input already on the device: random uint8 images and the per-sample extra
+its loader would give (MAE, HPM, SparK: uniform noise (B, L); MaskFeat: maskfeat.block_masking; MFM: the low-pass
+choice (B, 1)), so data loading is excluded. A step is common.train_one_epoch's with accum_iter 1: forward under the
+training autocast (--amp), backward through the GradScaler (on with fp16), the method's gradient clipping, optimizer
+step, zero_grad. After --warmup steps, --steps steps are timed one by one, the GPU synchronised before and after each
+(never inside the method code): step ms is their median, images/s = batch / median. Peak memory is
+torch.cuda.max_memory_allocated, reset per method; on a CPU the peak RSS of the whole process (resource.getrusage),
+which never decreases: a row shows the largest of itself and the rows above it.
+
+FLOPs are measured with torch.utils.flop_counter.FlopCounterMode over one forward + backward of the method's loss (2
+images, halved), attention on the math kernel so that every backend counts alike: matrix products, convolutions and
+attention at 2*m*n*k per product, with their backward (about twice the forward); elementwise ops, norms, softmax and
+FFTs are left out (the usual "model FLOPs", for ViTs and convnets alike). All work of the step counts, HPM's no-grad
+teacher forward too. MFU (GPU only) = GFLOP per image * images/s / --peak_tflops. Check: by hand, MAE ViT-B/16 at
+224 px, mask 0.75, decoder 512 x 8 is 3 x 19.56 = 58.7 GFLOP per image (forward: patch embed 0.23, encoder on 1 + 49
+tokens 8.59, decoder on 1 + 196 tokens 10.55, its embed and prediction 0.19); FlopCounterMode gives 58.46, 0.23
+less, as the patch embedding computes no gradient for its input.
+
+--data_pipeline times the data path alone: the method's training transform and per-sample extra (what its main()
+passes to common.build_datasets) over --data / --data_path through common.make_loader with --num_workers workers;
+images/s over --steps batches after --warmup, and per worker: compare with the step mode to see which one bounds a run.
+
+Examples, from the repository root:
+    OMP_NUM_THREADS=1 python benchmarks/throughput.py --device cpu --input_size 32 --batch_size 8 --steps 5
+    python benchmarks/throughput.py --model vit_base_patch16 --input_size 224 --methods mae --flops_only
+    python benchmarks/throughput.py --model vit_base_patch16 resnet50 --input_size 224 --batch_size 64 \\
+        --json /tmp/h100.json        # a GPU; add --peak_tflops 798 for MFU against what a large bf16 matmul reaches
+    python benchmarks/throughput.py --data_pipeline --data folder --data_path /data/imagenet --input_size 224 \\
+        --batch_size 64 --num_workers 8 --methods mae
+"""
+import contextlib, copy, gc, io, json, os, platform, re, resource, statistics, sys, tempfile, time
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the method files and common.py live in the repository root
+import common, hpm, mae, maskfeat, mfm, spark  # noqa: E402
+
+METHODS = {'mae': mae, 'hpm': hpm, 'maskfeat': maskfeat, 'mfm': mfm, 'spark': spark}
+CROPS = {'mae': dict(scale=(0.2, 1.0)), 'hpm': dict(scale=(0.2, 1.0)), 'mfm': dict(scale=(0.2, 1.0)),
+         'maskfeat': dict(scale=(0.5, 1.0), ratio=(0.75, 1.3333)), 'spark': dict(scale=(0.67, 1.0))}  # each main()'s
+SCHEDULES = {'mae': common.adjust_learning_rate, 'hpm': common.adjust_learning_rate,
+             'maskfeat': maskfeat.warmup_cosine, 'mfm': mfm.official_schedule, 'spark': spark.lr_wd_annealing}
+
+
+def parse_options(argv=None):
+    parser = common.ArgumentParser(description=__doc__.split('\n')[0])
+    add = parser.add_argument
+    add('--methods', nargs='+', default=list(METHODS), choices=list(METHODS), help='methods to time (all)')
+    add('--model', nargs='+', default=[], help="encoders; each method takes the first that fits it (ViTs: mae, hpm, "
+        "maskfeat, mfm; mfm.RESNETS: mfm; spark.MODELS: spark), else its --data recipe's model for this size")
+    add('--input_size', type=int, default=224, help='image side in pixels (224)')
+    add('--batch_size', type=int, help="images per step (default: the method's recipe)")
+    add('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'], help='autocast, as in training (auto)')
+    add('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
+    add('--warmup', type=int, default=5, help='untimed steps (or batches) first (5)')
+    add('--steps', type=int, default=20, help='timed steps (or batches); 0: count FLOPs only (20)')
+    add('--flops_only', action='store_true', help='count the FLOPs per image, run no timing loop')
+    add('--compile', action='store_true', help='torch.compile the model before timing')
+    add('--peak_tflops', type=float, default=989.0, help='peak FLOP/s for MFU: 989 is the H100 SXM dense bf16 spec; '
+        'a large bf16 matmul reaches about 798 on an H100 (pass that for an attainable-peak MFU)')
+    add('--data_pipeline', action='store_true', help='time the data pipeline alone instead of the training step')
+    add('--data', choices=['shapes', 'cifar10', 'cifar100', 'imagenet', 'folder'],
+        help='the dataset whose recipe (preset) each method uses, and that --data_pipeline reads (default: shapes '
+             'up to 64 px, else imagenet; --data_pipeline: shapes)')
+    add('--data_path', default='./data', help='dataset root (--data_pipeline with cifar, imagenet or folder)')
+    add('--num_workers', type=int, help="loader processes for --data_pipeline (default: the method's recipe)")
+    add('--seed', type=int, default=0, help='seeds the model init and the synthetic batch')
+    add('--json', help='also write the rows to this JSON file')
+    opts = parser.parse_args(argv)
+    opts.steps = 0 if opts.flops_only else opts.steps
+    opts.data = opts.data or ('imagenet' if opts.input_size > 64 and not opts.data_pipeline else 'shapes')
+    checks = [(opts.input_size >= 1, f'--input_size must be at least 1, got {opts.input_size}'),
+              (opts.batch_size is None or opts.batch_size >= 1, f'--batch_size must be >= 1, got {opts.batch_size}'),
+              (opts.warmup >= 0 and opts.steps >= 0, '--warmup and --steps must not be negative'),
+              (opts.steps >= 1 or not opts.data_pipeline, '--data_pipeline needs --steps of at least 1'),
+              (not (opts.data_pipeline and (opts.compile or opts.flops_only)),
+               '--compile and --flops_only concern the training step: drop them with --data_pipeline'),
+              (opts.num_workers is None or opts.num_workers >= 0, '--num_workers must not be negative'),
+              (not opts.compile or opts.warmup >= 2, '--compile compiles in the first steps: use --warmup 2 or more'),
+              (opts.peak_tflops > 0, f'--peak_tflops must be positive, got {opts.peak_tflops}'),
+              (not opts.device.startswith('cuda') or torch.cuda.is_available(), 'no CUDA GPU: use --device cpu'),
+              (not opts.json or os.path.isdir(os.path.dirname(os.path.abspath(opts.json))),
+               f'--json {opts.json}: its folder does not exist')]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    return opts
+
+
+def fits(method, model):  # can this method's --model take this encoder?
+    if method == 'spark':
+        return model in spark.MODELS
+    return model.startswith('vit_') or (method == 'mfm' and model in mfm.RESNETS)
+
+
+def method_args(method, opts, output_dir):
+    """The method's args from its own parser (presets, checks), then common.setup with its printing silenced."""
+    module, small = METHODS[method], opts.input_size <= 64
+    # no --model fits: the --data recipe's model if that recipe is for this scale, else the shapes or default one
+    recipes = [{**module.DEFAULTS, **module.PRESETS.get(key, {})} for key in (opts.data, 'shapes' if small else '')]
+    recipe = next((r for r in recipes if (r['input_size'] <= 64) == small), recipes[-1])
+    model = next((m for m in opts.model if fits(method, m)), recipe['model'])
+    if opts.model and model not in opts.model:
+        print(f'note: no --model fits {method}; it runs {model}')
+    # the step mode reads no files: any existing folder passes the imagenet / folder presets' path check
+    path = opts.data_path if opts.data_pipeline or os.path.isdir(opts.data_path) else ROOT
+    argv = ['--data', opts.data, '--data_path', path, '--model', model, '--input_size', str(opts.input_size),
+            '--amp', opts.amp, '--device', opts.device, '--seed', str(opts.seed), '--output_dir', output_dir,
+            '--shapes_size', str(max(10, (opts.warmup + opts.steps) * (opts.batch_size or recipes[0]['batch_size'])))]
+    argv += ['--batch_size', str(opts.batch_size)] if opts.batch_size else []
+    argv += ['--num_workers', str(opts.num_workers)] if opts.num_workers is not None else []
+    try:
+        if method == 'maskfeat':  # its check wants HOG cells of half the patch (2x2 cells, 108 values per patch)
+            argv += ['--hog_cell_size', str(common.vit_config(model)['patch_size'] // 2)]
+        parser = module.get_args_parser()
+        args = module.parse_args(argv) if hasattr(module, 'parse_args') else \
+            common.parse_args(parser, method, module.DEFAULTS, module.PRESETS, argv)
+        if method == 'spark' and args.input_size % spark.MODELS[args.model][3]:  # spark.main()'s own check
+            parser.error(f'--input_size {args.input_size} is not a multiple of the downsample ratio '
+                         f'{spark.MODELS[args.model][3]} of {args.model} (use a *_ds8 model for 32-64 px images)')
+    except (SystemExit, ValueError) as e:
+        sys.exit(f'{method}: {e}')
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints every flag (and writes args.json to a temp folder)
+        common.setup(args)
+    args.accum_iter, args.iters_per_epoch = 1, 1  # one optimizer step per batch; SparK's schedule reads the count
+    return args
+
+
+def recipe(method, args):
+    """The training transform and per-sample extra that the method's main() hands to common.build_datasets."""
+    transform = common.TrainTransform(args.input_size, **CROPS[method])
+    if method == 'mfm':
+        return transform, partial(mfm.low_pass_choice, args.sample_ratio)
+    grid = args.input_size // (spark.MODELS[args.model][3] if method == 'spark' else
+                               common.vit_config(args.model)['patch_size'])
+    if method == 'maskfeat':
+        return transform, partial(maskfeat.block_masking, grid, round(grid * grid * args.mask_ratio))
+    return transform, partial(METHODS[method].uniform_noise, grid * grid)
+
+
+def build(method, args):
+    """-> model, optimizer, loss_fn(net, images, extra), on_step: as the method's main() builds them."""
+    if method == 'spark':
+        model = spark.SparK(spark.build_backbone(args.model, args.drop_path), args.input_size, args.mask_ratio,
+                            args.decoder_width)
+        for part in (model.to(args.device).sparse_encoder, model.densify_projs, model.dense_decoder):
+            part.to(memory_format=torch.channels_last)
+        groups = common.param_groups(model, 0.0, [n for n, _ in model.named_parameters() if 'mask_token' in n])
+        optimizer = spark.LAMB(groups, args.lr, betas=(0.9, 0.95 if spark.MODELS[args.model][0] == 'resnet' else 0.999))
+    else:
+        model = METHODS[method].build_model(args).to(args.device)
+        no_decay = ('encoder.pos_embed', 'encoder.cls_token') if method == 'mfm' else ()
+        optimizer = common.adamw(model, args, (0.9, 0.999) if method == 'maskfeat' else (0.9, 0.95), no_decay)
+    SCHEDULES[method](optimizer, args.warmup_epochs, args)  # peak lr; SparK's LAMB gets its weight decay only here
+    on_step = teacher = None
+    if method == 'hpm':  # the teacher stays eager under --compile: only the student is compiled
+        teacher = copy.deepcopy(model).requires_grad_(False).eval()
+        on_step = partial(hpm.update_teacher, teacher, model, 0.999)
+
+    def loss_fn(net, images, extra):  # the body of each main()'s loss_fn closure, for one process
+        if method == 'mae':
+            return net(common.normalize(images), args.mask_ratio, extra)[0]
+        if method == 'hpm':  # alpha at its final value: the cost does not depend on it
+            imgs = common.normalize(images)
+            order = hpm.hard_patches_order(teacher.teacher_losses(imgs), extra, args.mask_ratio, args.alpha_final)
+            (loss, rank_loss), _, _ = net(imgs, args.mask_ratio, order)
+            return loss + rank_loss
+        if method == 'maskfeat':
+            return net(common.normalize(images), extra.float())[0]
+        if method == 'mfm':
+            return net(images.float() / 255, mfm.frequency_mask(args.input_size, args.mask_radius, extra[:, 0]))[0]
+        return net(common.normalize(images), spark.random_masking(extra, model.keep))[0]
+    return model, optimizer, loss_fn, on_step
+
+
+def synthetic_batch(method, args):
+    """Random uint8 images and the per-sample extra drawn as the method's data loader draws it, on the device."""
+    B, S, sample_extra = args.batch_size, args.input_size, recipe(method, args)[1]
+    images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, generator=torch.Generator().manual_seed(args.seed))
+    extra = np.stack([sample_extra(np.random.default_rng([args.seed, i])) for i in range(B)])
+    return images.to(args.device), torch.from_numpy(extra).to(args.device)
+
+
+def flops_per_image(model, loss_fn, images, extra, args):
+    """FlopCounterMode over one forward + backward of 2 images (the convention is in the module docstring)."""
+    with FlopCounterMode(display=False) as counter:
+        with sdpa_kernel(SDPBackend.MATH), common.autocast(args):  # attention as plain matmuls on every backend
+            loss = loss_fn(model, images[:2], extra[:2])
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(images[:2])
+
+
+def train_step(net, model, loss_fn, images, extra, optimizer, scaler, on_step, args):
+    """common.train_one_epoch's step with accum_iter 1."""
+    with common.autocast(args):
+        loss = loss_fn(net, images, extra)
+    scaler.scale(loss).backward()
+    if args.clip_grad:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if on_step:
+        on_step()
+
+
+def time_steps(method, opts, output_dir):
+    args = method_args(method, opts, output_dir)
+    cuda, timed = args.device.type == 'cuda', opts.warmup + opts.steps if opts.steps else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(args.device)
+    model, optimizer, loss_fn, on_step = build(method, args)
+    # main() builds torch.amp.GradScaler(enabled=...), a CUDA scaler that disables itself on a CPU; this one scales
+    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
+    images, extra = synthetic_batch(method, args)
+    model.train()
+    gflop = flops_per_image(model, loss_fn, images, extra, args) / 1e9
+    net, times = torch.compile(model) if opts.compile else model, []
+    sync = partial(torch.cuda.synchronize, args.device) if cuda else lambda: None  # around the step, never inside
+    for _ in range(timed):
+        sync()
+        start = time.perf_counter()
+        train_step(net, model, loss_fn, images, extra, optimizer, scaler, on_step, args)
+        sync()
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times[opts.warmup:]) if timed else None
+    peak = torch.cuda.max_memory_allocated(args.device) / 2 ** 20 if cuda else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # Linux: KiB, the whole process, ever
+    return dict(method=method, model=args.model, input_size=args.input_size, batch=args.batch_size, amp=args.amp,
+                compile=opts.compile, images_per_s=step_s and args.batch_size / step_s, step_ms=step_s and 1e3 * step_s,
+                peak_mem_mb=step_s and peak, gflop_per_image=gflop, flop_counter='FlopCounterMode, forward + backward',
+                mfu=gflop * args.batch_size / step_s / (opts.peak_tflops * 1e3) if cuda and step_s else None,
+                device=device_name(args.device))
+
+
+def time_pipeline(method, opts, output_dir):
+    args = method_args(method, opts, output_dir)
+    train_set, _ = common.build_datasets(args, *recipe(method, args))
+    loader = common.make_loader(train_set, args, train=True)
+
+    def batches():  # epoch after epoch, as in training (each epoch starts fresh workers)
+        for epoch in range(10 ** 9):
+            loader.sampler.set_epoch(epoch)
+            train_set.epoch = epoch
+            yield from loader
+    stream = batches()
+    for _ in range(opts.warmup):
+        next(stream)
+    start = time.perf_counter()
+    for _ in range(opts.steps):
+        next(stream)
+    images_per_s = opts.steps * args.batch_size / (time.perf_counter() - start)
+    return dict(method=method, model=args.model, input_size=args.input_size, batch=args.batch_size, data=args.data,
+                num_workers=args.num_workers, images_per_s=images_per_s, device=device_name(torch.device('cpu')),
+                images_per_s_per_worker=images_per_s / max(args.num_workers, 1))  # 0 workers: the main process
+
+
+def device_name(device):  # the GPU's name, or the CPU's model name (as lscpu shows it) and the threads used
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    cpuinfo = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
+    name = next(iter(re.findall(r'model name\s*:\s*(.*)', cpuinfo)), platform.processor() or platform.machine())
+    return f'{name}, {torch.get_num_threads()} threads'
+
+
+def print_table(rows, columns):  # columns: (key, title, format); a missing value prints as '-'
+    cells = [[title for _, title, _ in columns]] + [['-' if row.get(key) is None else fmt.format(row[key])
+                                                     for key, _, fmt in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for r in cells:
+        print('  '.join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def main(argv=None):
+    opts = parse_options(argv)
+    rows, cuda = [], opts.device.startswith('cuda')
+    with tempfile.TemporaryDirectory() as output_dir:
+        for method in opts.methods:
+            run = time_pipeline if opts.data_pipeline else time_steps
+            rows.append({**run(method, opts, output_dir), 'torch': torch.__version__})
+            gc.collect()  # free this method's model and optimizer before the next one's peak is measured
+            torch.cuda.empty_cache()
+            if opts.compile:
+                torch._dynamo.reset()  # the methods share code (Block.forward): no recompile limit across them
+    print(f"device: {rows[0]['device']}; torch {torch.__version__}")
+    columns = [('method', 'method', '{}'), ('model', 'model', '{}'), ('input_size', 'size', '{}'),
+               ('batch', 'batch', '{}')]
+    if opts.data_pipeline:
+        print(f'data pipeline alone (--data {opts.data}): decode, augment, collate; {opts.steps} batches after '
+              f'{opts.warmup}')
+        print_table(rows, columns + [('num_workers', 'workers', '{}'), ('images_per_s', 'img/s', '{:.1f}'),
+                                     ('images_per_s_per_worker', 'img/s/worker', '{:.1f}')])
+    else:
+        memory = 'CUDA max_memory_allocated' if cuda else 'peak RSS of the whole process so far'
+        print(f'training step, synthetic data on the device{", torch.compile" if opts.compile else ""}: ' +
+              (f'median of {opts.steps} steps after {opts.warmup}; peak MB: {memory}; ' if opts.steps else '') +
+              f'GFLOP/img: FlopCounterMode, forward + backward' +
+              (f'; MFU against {opts.peak_tflops:g} TFLOP/s' if cuda else ''))
+        print_table(rows, columns + [('amp', 'amp', '{}'), ('images_per_s', 'img/s', '{:.1f}'),
+                                     ('step_ms', 'step ms', '{:.1f}'), ('peak_mem_mb', 'peak MB', '{:.0f}'),
+                                     ('gflop_per_image', 'GFLOP/img', '{:.2f}'), ('mfu', 'MFU', '{:.1%}')])
+    if opts.json:
+        with open(opts.json, 'w') as f:
+            json.dump(rows, f, indent=1)
+        print(f'wrote {len(rows)} rows to {opts.json}')
+
+
+if __name__ == '__main__':
+    main()
