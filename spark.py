@@ -25,9 +25,9 @@ Differences from the official code (each deliberate):
  5. bf16 autocast where supported (official: fp32); --amp none gives fp32. Evaluation adds kNN and a linear probe on
     globally average-pooled last-stage features (the official repo only fine-tunes).
 
-Expected result (`python spark.py`, built-in shapes, 32 px, resnet_mini_ds8, 8 epochs): see the README table (kNN and
-linear probe of the pretrained vs the randomly initialised encoder); one epoch takes about 50 s on one CPU thread,
-the whole run about 7.5 minutes.
+Expected result (`python spark.py`, built-in shapes, 32 px, resnet_mini_ds8, 16 epochs, 2-core CPU, 8.5 minutes):
+kNN / linear-probe top-1 11.6 / 17.9 pretrained vs 11.4 / 12.8 at random init. The probe gains 5 points; the kNN
+gain is within noise (at 8 epochs kNN was 10.7, below random): pooled features of a briefly trained convnet.
 """
 import math
 from functools import partial
@@ -47,7 +47,7 @@ DEFAULTS = dict(model='resnet50', input_size=224, batch_size=64, epochs=1600, bl
                 probe_epochs=90, shapes_size=10000)  # pretrain/utils/arg_util.py; batch 4096 via the imagenet preset
 PRESETS = {  # flags given on the command line win over these
     # LAMB's lr is a relative step (||update|| = lr ||w||): 1250 steps need a far larger one than the official 500k
-    'shapes': dict(model='resnet_mini_ds8', input_size=32, batch_size=64, epochs=8, warmup_epochs=1, blr=0.04,
+    'shapes': dict(model='resnet_mini_ds8', input_size=32, batch_size=64, epochs=16, warmup_epochs=1, blr=0.04,
                    decoder_width=64, num_workers=0, probe_epochs=30),
     'cifar10': dict(model='resnet50_ds8', input_size=32, batch_size=512, epochs=800, decoder_width=512, num_workers=4),
     'cifar100': dict(model='resnet50_ds8', input_size=32, batch_size=512, epochs=800, decoder_width=512, num_workers=4),
