@@ -238,7 +238,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.items, self.labels, self.classes, self.seed, self.epoch = items, np.asarray(labels), classes, seed, 0
         self.transform, self.sample_extra, self.num_skipped = None, None, Value('i', 0)  # shared with loader workers
 
-    __len__ = lambda self: len(self.items)
+    def __len__(self):
+        return len(self.items)
 
     def load(self, i):
         for j in (k % len(self) for k in range(i, i + len(self))):

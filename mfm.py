@@ -28,8 +28,9 @@ Differences from the paper and the official code (each deliberate):
  8. With several processes the loss is divided by the removed-frequency count of the whole batch over all processes,
     not by each GPU's own count (which depends on its mix of low- and high-pass images), so N processes equal one.
  9. `--sincos_pos_init` (on in the 32-px presets) starts the ViT's learned position embedding from MAE's sin-cos
-    table instead of trunc-normal(0.02), as in maskfeat.py (difference 8 there): with no mask token and a tiny random
-    position signal, a small ViT's attention stays uniform for thousands of steps. ImageNet keeps the official init.
+    table instead of trunc-normal(0.02, cut at +-0.02). Measured with `python mfm.py`: final loss 0.259 vs 0.277,
+    kNN / probe 11.1 / 15.4 (random init 10.2 / 11.6) vs 10.8 / 13.5 (random init 11.8 / 13.0) with the official
+    init, which leaves a small ViT almost no position signal in a short run. ImageNet presets keep the official init.
 
 Expected result (built-in shapes, 32 px, 8 epochs, 2-core CPU; kNN / linear-probe top-1, pretrained vs random init):
 `python mfm.py` (ViT-Ti/4) 11.1 / 15.4 vs 10.2 / 11.6 in 9 minutes; `python mfm.py --model resnet_tiny` 11.0 / 15.6
