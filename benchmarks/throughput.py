@@ -222,8 +222,7 @@ def time_steps(method, opts, output_dir):
     if cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
     model, optimizer, loss_fn, on_step = build(method, args)
-    # main() builds torch.amp.GradScaler(enabled=...), a CUDA scaler that disables itself on a CPU; this one scales
-    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
+    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')  # as each main() builds it
     images, extra = synthetic_batch(method, args)
     model.train()
     gflop = flops_per_image(model, loss_fn, images, extra, args) / 1e9
