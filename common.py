@@ -517,6 +517,18 @@ def adjust_learning_rate(optimizer, epoch, args):
     return lr
 
 
+def optimizer_step(model, optimizer, scaler, args, on_step=None):
+    """Clip the (unscaled) gradient norm, step, update the loss scale, clear the gradients, then `on_step()`."""
+    if args.clip_grad:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if on_step:
+        on_step()
+
+
 def train_one_epoch(model, loss_fn, loader, optimizer, scaler, epoch, args, schedule=adjust_learning_rate,
                     on_step=None):
     """One pass. `loss_fn(model, images_uint8, extra) -> (loss, logs)` is the method's objective, `on_step()` runs
@@ -538,14 +550,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, epoch, args, sche
                 loss, logs = loss_fn(model, images, extra)
             scaler.scale(loss / args.accum_iter).backward()
         if update:
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if on_step:
-                on_step()
+            optimizer_step(model, optimizer, scaler, args, on_step)
         for key, value in {'loss': loss, **logs}.items():
             sums[key] = sums.get(key, 0) + value.detach().float()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
@@ -695,8 +700,11 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
         return 100.0 * (head.eval()(test_features).argmax(1) == test_labels).float().mean().item()
 
 
-def evaluate(args, encoders, eval_sets):
-    """kNN and linear-probe top-1 on the val split for each named encoder (each has .features(images))."""
+def evaluate(args, trained, build_random, eval_sets):
+    """kNN and linear-probe top-1 on the val split of the trained encoder and of `build_random()` beside it (each has
+    .features(images)), printed and logged as the run's last line of log.txt."""
+    torch.manual_seed(args.seed)  # the random-init baseline is the same network whatever happened before
+    encoders = {'trained': trained, 'random_init': build_random().to(args.device)}
     results, num_classes = {}, len(eval_sets[0].classes) if eval_sets else 0
     for name, encoder in encoders.items() if eval_sets else ():
         encoder.global_pool = args.global_pool  # ViTs: mean of the patch tokens instead of the cls token
@@ -709,6 +717,7 @@ def evaluate(args, encoders, eval_sets):
     for metric, title in (('knn', f'kNN (k={args.knn_k})'), ('probe', 'linear probe')):
         if found := [f'{n} {results[key]:.2f}%' for n in encoders if (key := f'{n}_{metric}_top1') in results]:
             print(f'{title:>14} top-1: ' + ', '.join(found))  # only rank 0 has results
+    log_stats(args, {'epoch': args.epochs - 1, 'evaluation': True, **results})
     return results
 
 

@@ -289,9 +289,7 @@ def main(argv=None):
         common.save_checkpoint(args, epoch, model, optimizer, scaler, ema_state_dict=teacher.state_dict())
         common.log_stats(args, {'epoch': epoch, 'alpha': alpha, 'teacher_decay': decay, **stats})
 
-    torch.manual_seed(args.seed)  # the random-init baseline is the same network whatever happened before
-    results = common.evaluate(args, {'trained': model, 'random_init': build_model(args).to(args.device)}, eval_sets)
-    common.log_stats(args, {'epoch': args.epochs - 1, 'evaluation': True, **results})
+    common.evaluate(args, model, partial(build_model, args), eval_sets)
     if common.is_main():
         pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))
         draw_reconstructions(model, teacher, pictures_from, args, f'{args.output_dir}/reconstruction.png')

@@ -355,10 +355,7 @@ def main(argv=None):
         common.save_checkpoint(args, epoch, model, optimizer, scaler)
         common.log_stats(args, {'epoch': epoch, **stats})
 
-    torch.manual_seed(args.seed)  # the random-init baseline is the same network whatever happened before
-    random_init = build_model(args).encoder.to(args.device)
-    results = common.evaluate(args, {'trained': model.encoder, 'random_init': random_init}, eval_sets)
-    common.log_stats(args, {'epoch': args.epochs - 1, 'evaluation': True, **results})
+    common.evaluate(args, model.encoder, lambda: build_model(args).encoder, eval_sets)
     if common.is_main():
         pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))
         draw_spectra(model, pictures_from, args, f'{args.output_dir}/spectra.png')

@@ -408,10 +408,7 @@ def main(argv=None):
 
     encoder = build_backbone(args.model).to(args.device)  # the dense convnet, loaded strictly from the sparse twin
     encoder.load_state_dict(model.sparse_encoder.sp_cnn.state_dict())
-    torch.manual_seed(args.seed)  # the random-init baseline is the same network whatever happened before
-    results = common.evaluate(args, {'trained': encoder, 'random_init': build_backbone(args.model).to(args.device)},
-                              eval_sets)
-    common.log_stats(args, {'epoch': args.epochs - 1, 'evaluation': True, **results})
+    common.evaluate(args, encoder, partial(build_backbone, args.model), eval_sets)
     if common.is_main():
         common.atomic_save(encoder.state_dict(), f'{args.output_dir}/{args.model}_1kpretrained_timm_style.pth')
         pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))

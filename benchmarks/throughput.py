@@ -37,7 +37,6 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -206,14 +205,7 @@ def train_step(net, model, loss_fn, images, extra, optimizer, scaler, on_step, a
     with common.autocast(args):
         loss = loss_fn(net, images, extra)
     scaler.scale(loss).backward()
-    if args.clip_grad:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    if on_step:
-        on_step()
+    common.optimizer_step(model, optimizer, scaler, args, on_step)
 
 
 def time_steps(method, opts, output_dir):
