@@ -8,7 +8,9 @@ drawn in the data pipeline from `numpy.random.default_rng([seed, epoch, index])`
 whatever the number of processes, workers or restarts. That makes `--resume` exact and N processes equal one.
 """
 import argparse, copy, hashlib, json, math, os, pickle, re, resource, sys, tarfile, time, urllib.request, warnings
+from collections import Counter
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from multiprocessing import Value
 
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
@@ -102,21 +104,30 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def drop_path(x, prob, training):
+    """Stochastic depth (timm's DropPath): drop a residual branch per sample, scale the kept ones by 1 / (1 - prob)."""
+    if prob == 0.0 or not training:
+        return x
+    return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - prob) / (1 - prob)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block, as timm's (LayerNorm eps 1e-6; no drop path, which pretraining does not use)."""
-    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+    """Pre-norm transformer block, as timm's (LayerNorm eps 1e-6; drop path only when fine-tuning)."""
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
 
     def forward(self, x):  # (B, N, D)
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 class VisionTransformer(nn.Module):
     """ViT encoder; pos_embed is MAE's frozen sin-cos table, or learned (MaskFeat, MFM). Init is the method's."""
-    def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio=4.0, learned_pos=False):
+    def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio=4.0, learned_pos=False,
+                 drop_path=0.0):
         super().__init__()
         self.patch_size, self.grid_size = patch_size, img_size // patch_size
         self.num_patches = self.grid_size ** 2
@@ -125,20 +136,52 @@ class VisionTransformer(nn.Module):
         table = torch.zeros(1, 1 + self.num_patches, embed_dim) if learned_pos else \
             sincos_pos_embed(embed_dim, self.grid_size)[None]
         self.pos_embed = nn.Parameter(table, requires_grad=learned_pos)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        rates = torch.linspace(0, drop_path, depth).tolist()  # timm's rule: deeper blocks drop more
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, rate) for rate in rates])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
-    def forward_tokens(self, x):
+    def forward_tokens(self, x, final_norm=True):
         """(B, N, D) patch tokens already position-embedded -> (B, 1 + N, D) after cls, blocks and the final norm."""
         x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        return self.norm(x) if final_norm else x
 
     def features(self, imgs):
         """(B, 3, H, W) -> (B, D): the cls token after the final norm (MAE's probe feature), or the patch mean."""
         x = self.forward_tokens(self.patch_embed(imgs) + self.pos_embed[:, 1:])
         return x[:, 1:].mean(1) if getattr(self, 'global_pool', False) else x[:, 0]
+
+
+class ViTClassifier(VisionTransformer):
+    """The fine-tuning ViT (MAE's models_vit.py with global_pool): learned positions (started from the pretrained
+    table), drop path, the mean of the patch tokens -> `fc_norm` -> `head`. The encoder's final `norm` is removed, so
+    a pretrained `norm` is reported unused, as in MAE. MaskFeat (SlowFast) names the pooled norm `norm`."""
+    def __init__(self, model, img_size, num_classes, drop_path=0.1, pool_norm='fc_norm'):
+        config = vit_config(model)
+        super().__init__(img_size, **config, learned_pos=True, drop_path=drop_path)
+        del self.norm
+        self.pool_norm, self.head = pool_norm, nn.Linear(config['embed_dim'], num_classes)
+        setattr(self, pool_norm, nn.LayerNorm(config['embed_dim'], eps=1e-6))
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # main_finetune.py; the encoder comes from the checkpoint
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, imgs):  # (B, 3, H, W) -> logits (B, classes)
+        x = self.forward_tokens(self.patch_embed(imgs) + self.pos_embed[:, 1:], final_norm=False)
+        return self.head(getattr(self, self.pool_norm)(x[:, 1:].mean(1)))
+
+
+def vit_layer_id(name, depth):
+    """MAE's lr_decay.py -> (layer, top): patch_embed, cls_token, pos_embed 0; blocks.i i + 1; the head's top."""
+    if name in ('cls_token', 'pos_embed') or name.startswith('patch_embed'):
+        return 0, depth + 1
+    return (int(name.split('.')[1]) + 1 if name.startswith('blocks.') else depth + 1), depth + 1
+
+
+def vit_encoder_state(state):
+    """Any state dict of a ViT method (ours or the official one) -> its encoder, timm names: export and fine-tuning."""
+    return {k: v for k, v in clean_state_dict(state).items()
+            if k in ('cls_token', 'pos_embed') or k.startswith(('patch_embed.', 'blocks.', 'norm.'))}
 
 
 # ---- data: items are (uint8 image (3, H, W), label, extra); normalisation happens on the device -------------
@@ -233,7 +276,8 @@ def to_rgb(img):
 
 class ImageDataset(torch.utils.data.Dataset):
     """Images as a uint8 array (N, H, W, 3) or file paths, labels (-1: unlabeled) -> (transform(image, rng), label,
-    sample_extra(rng)), rng seeded by (seed, epoch, i). A file that will not decode is skipped and counted."""
+    sample_extra(rng) or, without one, the label), rng seeded by (seed, epoch, i). A file that will not decode is
+    skipped and counted."""
     def __init__(self, items, labels, classes, seed=0):
         self.items, self.labels, self.classes, self.seed, self.epoch = items, np.asarray(labels), classes, seed, 0
         self.transform, self.sample_extra, self.num_skipped = None, None, Value('i', 0)  # shared with loader workers
@@ -257,7 +301,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         rng = np.random.default_rng([self.seed, self.epoch, i])  # this sample's randomness, see the module doc
         img, label = self.load(i)
-        return self.transform(img, rng), label, self.sample_extra(rng) if self.sample_extra else 0
+        return self.transform(img, rng), label, self.sample_extra(rng) if self.sample_extra else label
 
     def with_transform(self, transform, sample_extra=None):  # a view on the same images, labels and skip counter
         twin = copy.copy(self)
@@ -325,6 +369,9 @@ class TrainTransform:
         self.size, self.scale, self.log_ratio, self.flip = size, scale, (math.log(ratio[0]), math.log(ratio[1])), flip
 
     def __call__(self, img, rng):
+        return to_uint8_tensor(self.crop_flip(img, rng))
+
+    def crop_flip(self, img, rng):
         W, H = img.size
         for _ in range(10):
             area, aspect = W * H * rng.uniform(*self.scale), math.exp(rng.uniform(*self.log_ratio))
@@ -335,7 +382,7 @@ class TrainTransform:
         else:  # 10 misses (extreme aspect ratios only): the whole image (torchvision clamps it to the ratio range)
             left, top, w, h = 0, 0, W, H
         img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
-        return to_uint8_tensor(img.transpose(Image.FLIP_LEFT_RIGHT) if self.flip and rng.random() < 0.5 else img)
+        return img.transpose(Image.FLIP_LEFT_RIGHT) if self.flip and rng.random() < 0.5 else img
 
 
 class EvalTransform:
@@ -401,10 +448,26 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--knn_k', dict(type=int, default=20), 'neighbours of the kNN evaluation (0: no kNN)'),
     ('--probe_epochs', dict(type=int), 'linear-probe epochs (0: no probe)'),
     ('--global_pool', dict(action=argparse.BooleanOptionalAction), 'ViT features: mean patch token, not the cls'),
+    ('--finetune_epochs', dict(type=int, default=0), 'then fine-tune end to end this many epochs, report top-1'),
+    ('--ft_blr', dict(type=float), 'fine-tuning base lr (lr = ft_blr * effective batch / 256)'),
+    ('--ft_batch', dict(type=int), "fine-tuning effective batch, reached by accumulation (default: pretraining's)"),
+    ('--ft_warmup_epochs', dict(type=float), 'fine-tuning warmup epochs'),
+    ('--ft_weight_decay', dict(type=float), 'fine-tuning weight decay'),
+    ('--ft_drop_path', dict(type=float), 'fine-tuning stochastic depth'),
+    ('--layer_decay', dict(type=float), 'layer-wise lr decay: layer i of n gets lr * layer_decay^(n - i)'),
+    ('--mixup', dict(type=float), 'fine-tuning mixup alpha (0: off)'),
+    ('--cutmix', dict(type=float), 'fine-tuning cutmix alpha (0: off)'),
+    ('--smoothing', dict(type=float), 'fine-tuning label smoothing'),
+    ('--reprob', dict(type=float), 'fine-tuning random-erasing probability'),
+    ('--export_encoder', dict(action='store_true'), 'write the encoder in timm names to output_dir/encoder_timm.pth'),
     ('--seed', dict(type=int, default=0), 'seeds the model init and every per-sample random choice'),
     ('--device', dict(default='cuda' if torch.cuda.is_available() else 'cpu'), 'cuda or cpu'),
     ('--amp', dict(default='auto', choices=['auto', 'bf16', 'fp16', 'none']), 'autocast; auto: bf16 where supported, '
                                                                               'else fp16 on GPUs, else none')]
+
+
+FINETUNE = dict(ft_blr=1e-3, ft_warmup_epochs=5, ft_weight_decay=0.05, ft_drop_path=0.1, layer_decay=0.75, mixup=0.8,
+                cutmix=1.0, smoothing=0.1, reprob=0.25)  # MAE's main_finetune.py; each method's recipe overrides
 
 
 def get_args_parser(description):  # the flags every method shares; the method file adds its own
@@ -417,7 +480,7 @@ def get_args_parser(description):  # the flags every method shares; the method f
 def parse_args(parser, method, defaults, presets, argv=None):
     """Parse; fill unset flags from presets[args.data], then `defaults`; validate before any work starts."""
     args = parser.parse_args(argv)
-    for key, value in {**defaults, **presets.get(args.data, {})}.items():
+    for key, value in {**FINETUNE, **defaults, **presets.get(args.data, {})}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.method, args.output_dir = method, args.output_dir or os.path.join('output', f'{method}_{args.data}')
@@ -489,15 +552,20 @@ def wrap_ddp(model, args):
 
 
 # ---- optimisation: AdamW with MAE's weight-decay groups, warmup + half-cosine per iteration, the epoch loop --
-def param_groups(model, weight_decay, no_decay_names=()):
+def param_groups(model, weight_decay, no_decay_names=(), layer_id=None, layer_decay=1.0):
     """timm 0.3.2's add_weight_decay (MAE): no decay on 1-D parameters and biases (cls_token and mask_token are 3-D,
-    so they ARE decayed), frozen parameters (the sin-cos tables) left out."""
-    decay, no_decay = [], []
+    so they ARE decayed), frozen parameters (the sin-cos tables) left out. Fine-tuning adds the layer-wise lr decay
+    (MAE's lr_decay.py, SparK's get_param_groups): layer_id(name) -> (i, n) scales the lr by layer_decay^(n - i).
+    Groups ordered by layer, no decay first: pretraining gets [no decay, decay]."""
+    groups = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
             skip = param.ndim <= 1 or name.endswith('.bias') or name in no_decay_names
-            (no_decay if skip else decay).append(param)
-    return [{'params': no_decay, 'weight_decay': 0.0}, {'params': decay, 'weight_decay': weight_decay}]
+            layer, top = layer_id(name) if layer_id else (0, 0)
+            group = groups.setdefault((layer, not skip), {'params': [], 'weight_decay': 0.0 if skip else weight_decay,
+                                                          'lr_scale': layer_decay ** (top - layer)})
+            group['params'].append(param)
+    return [groups[key] for key in sorted(groups)]
 
 
 def adamw(model, args, betas, no_decay_names=()):
@@ -613,46 +681,74 @@ def save_checkpoint(args, epoch, model, optimizer, scaler, **extra):
 
 def load_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain containers only, nothing in the file is executed."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+    try:  # argparse.Namespace is allowed: MAE's and our older checkpoints keep their arguments as one
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         sys.exit(f'error: refusing to load {path}: it holds pickled Python objects, not only tensors, and loading '
-                 f'it could run code. ({str(e).splitlines()[0]})')
+                 f'it could run code ({str(e).splitlines()[0]}). If you trust it, keep its weights only, see the '
+                 f'README, "Released checkpoints".')
 
 
 def clean_state_dict(state_dict):  # strip the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes
     return {re.sub(r'^(module\.|_orig_mod\.)+', '', k): v for k, v in state_dict.items()}
 
 
-def resume(args, model, optimizer=None, scaler=None, **extra_modules):
-    """Load --resume into model, extra modules and (unless None) optimizer, scaler and the RNG -> epoch to start at."""
+def resume(args, model, optimizer=None, scaler=None, convert=None, **extra_modules):
+    """Continue a run: load --resume into model, extra modules, optimizer, scaler and RNG -> the epoch to start at.
+    With no optimizer (--eval_only), `convert(checkpoint)` (default: its 'model') gives the weights, loaded leniently:
+    a method's released checkpoints, in their own layouts, load this way."""
     path = os.path.join(args.output_dir, 'checkpoint-last.pth') if args.resume == 'auto' else args.resume
     if not os.path.isfile(path):  # --resume auto before the first checkpoint, or no --resume at all
         return 0
     checkpoint = load_checkpoint(path)
+    if optimizer is None:
+        load_pretrained(model, convert(checkpoint) if convert else checkpoint['model'], path)
+        return 0
     for name, module in {'model': model, **extra_modules}.items():
         module.load_state_dict(clean_state_dict(checkpoint[name]))
-    if optimizer is not None:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        scaler.load_state_dict(checkpoint['scaler'])
-        if len(checkpoint['rng']) == args.world_size:  # same world size: each rank continues its own random stream
-            torch.set_rng_state(checkpoint['rng'][args.rank]['torch'])
-            if args.device.type == 'cuda':
-                torch.cuda.set_rng_state_all(checkpoint['rng'][args.rank]['cuda'])
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    scaler.load_state_dict(checkpoint['scaler'])
+    if len(checkpoint['rng']) == args.world_size:  # same world size: each rank continues its own random stream
+        torch.set_rng_state(checkpoint['rng'][args.rank]['torch'])
+        if args.device.type == 'cuda':
+            torch.cuda.set_rng_state_all(checkpoint['rng'][args.rank]['cuda'])
     if is_main():
         print(f"resumed from {path} (epoch {checkpoint['epoch']})")
-    return checkpoint['epoch'] + 1 if optimizer is not None else 0
+    return checkpoint['epoch'] + 1
+
+
+def resize_pos_embed(table, num_patches):
+    """(1, 1 + L0, D) -> (1, 1 + L, D): the grid resized bicubically, cls slot kept (MAE's interpolate_pos_embed)."""
+    old, new, dim = math.isqrt(table.shape[1] - 1), math.isqrt(num_patches), table.shape[2]
+    grid = F.interpolate(table[:, 1:].reshape(1, old, old, dim).permute(0, 3, 1, 2).float(), size=(new, new),
+                         mode='bicubic', align_corners=False)
+    return torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new * new, dim).to(table.dtype)], dim=1)
+
+
+def load_pretrained(model, state, source):
+    """Load weights non-strictly: prefixes stripped, pos_embed resized to the model's grid, tensors of another shape
+    (a head for other classes) left out; prints the keys the model lacks and those it does not use -> both lists."""
+    own, state = model.state_dict(), clean_state_dict(state)
+    if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
+        state['pos_embed'] = resize_pos_embed(state['pos_embed'], own['pos_embed'].shape[1] - 1)
+    unused = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in unused}, strict=False)
+    if is_main():  # keys counted by their first name: 'decoder_blocks (96)'
+        count = lambda keys: ', '.join(f'{k} ({n})' for k, n in Counter(k.split('.')[0] for k in keys).items())
+        print(f'loaded {source}: missing {count(missing) or "none"}; unused {count(unexpected + unused) or "none"}')
+    return sorted(missing), sorted(unexpected + unused)
 
 
 # ---- evaluation on frozen features: kNN (DINO protocol) and a linear probe (MAE protocol) -------------------
 @torch.no_grad()
-def extract_features(encoder, dataset, args):
-    """(N, D) float features and (N,) labels of a whole split, each rank extracting its shard, gathered to all."""
-    encoder.eval()
+def extract_features(function, dataset, args):
+    """function(images) (B, D) -> (N, D) floats and (N,) labels of a whole split, each rank doing its shard, gathered
+    to all. The caller puts the network in eval mode."""
     features, labels = [], []
     for images, label, _ in make_loader(dataset, args, train=False):
         with autocast(args):
-            features.append(encoder.features(normalize(images.to(args.device, non_blocking=True))).float())
+            features.append(function(normalize(images.to(args.device, non_blocking=True))).float())
         labels.append(label.to(args.device))
     if args.world_size == 1:
         return torch.cat(features), torch.cat(labels)
@@ -708,7 +804,7 @@ def evaluate(args, trained, build_random, eval_sets):
     results, num_classes = {}, len(eval_sets[0].classes) if eval_sets else 0
     for name, encoder in encoders.items() if eval_sets else ():
         encoder.global_pool = args.global_pool  # ViTs: mean of the patch tokens instead of the cls token
-        (train_f, train_y), (val_f, val_y) = [extract_features(encoder, split, args) for split in eval_sets]
+        (train_f, train_y), (val_f, val_y) = [extract_features(encoder.eval().features, s, args) for s in eval_sets]
         if args.knn_k and is_main():
             results[f'{name}_knn_top1'] = knn_accuracy(train_f, train_y, val_f, val_y, num_classes, args.knn_k)
         if args.probe_epochs and is_main():
@@ -719,6 +815,154 @@ def evaluate(args, trained, build_random, eval_sets):
             print(f'{title:>14} top-1: ' + ', '.join(found))  # only rank 0 has results
     log_stats(args, {'epoch': args.epochs - 1, 'evaluation': True, **results})
     return results
+
+
+# ---- fine-tuning end to end (MAE's main_finetune.py recipe), the evaluation the papers report ---------------------
+def _affine(img, coefficients):  # shear / translate: bicubic, uncovered pixels filled with the ImageNet mean
+    return img.transform(img.size, Image.AFFINE, coefficients, resample=Image.BICUBIC, fillcolor=(124, 116, 104))
+
+
+def _lookup(img, table):  # the same 256-entry table on each of the 3 channels
+    return img.point([table(v) for v in range(256)] * 3)
+
+
+# timm's rand-m9-mstd0.5-inc1 ops (auto_augment.py, 'increasing' set): name -> (random sign?, op(img, m, sign)), the
+# magnitude m on timm's 0-10 scale. Posterize at m = 10 keeps 0 bits (black), which Pillow 13 refuses: own table.
+RAND_OPS = {
+    'AutoContrast': (False, lambda img, m, s: ImageOps.autocontrast(img)),
+    'Equalize': (False, lambda img, m, s: ImageOps.equalize(img)),
+    'Invert': (False, lambda img, m, s: ImageOps.invert(img)),
+    'Rotate': (True, lambda img, m, s: img.rotate(s * m / 10 * 30, Image.BICUBIC, fillcolor=(124, 116, 104))),
+    'PosterizeIncreasing': (False, lambda img, m, s: _lookup(img, lambda v: v & ~(2 ** (4 + int(m / 10 * 4)) - 1))),
+    'SolarizeIncreasing': (False, lambda img, m, s: ImageOps.solarize(img, 256 - int(m / 10 * 256))),
+    'SolarizeAdd': (False, lambda img, m, s: _lookup(img, lambda v: min(255, v + int(m / 10 * 110)) if v < 128 else v)),
+    **{name: (True, lambda img, m, s, kind=kind: kind(img).enhance(max(0.1, 1 + s * m / 10 * 0.9)))
+       for name, kind in [('ColorIncreasing', ImageEnhance.Color), ('ContrastIncreasing', ImageEnhance.Contrast),
+                          ('BrightnessIncreasing', ImageEnhance.Brightness),
+                          ('SharpnessIncreasing', ImageEnhance.Sharpness)]},
+    'ShearX': (True, lambda img, m, s: _affine(img, (1, s * m / 10 * 0.3, 0, 0, 1, 0))),
+    'ShearY': (True, lambda img, m, s: _affine(img, (1, 0, 0, s * m / 10 * 0.3, 1, 0))),
+    'TranslateXRel': (True, lambda img, m, s: _affine(img, (1, 0, s * m / 10 * 0.45 * img.size[0], 0, 1, 0))),
+    'TranslateYRel': (True, lambda img, m, s: _affine(img, (1, 0, 0, 0, 1, s * m / 10 * 0.45 * img.size[1])))}
+
+
+class RandAugment:
+    """timm's RandAugment rand-m9-mstd0.5-inc1: 2 ops drawn with replacement, each applied with probability 0.5 at a
+    magnitude ~ N(9, 0.5) clipped to [0, 10], signed ops negated half the time; equal to timm's ops pixel for pixel
+    for equal draws (measured), the draws coming from the sample's generator."""
+    def __init__(self, magnitude=9, std=0.5, num_ops=2, prob=0.5):
+        self.magnitude, self.std, self.num_ops, self.prob = magnitude, std, num_ops, prob
+
+    def __call__(self, img, rng):
+        for k in rng.integers(len(RAND_OPS), size=self.num_ops):
+            if rng.random() > self.prob:
+                continue
+            m = min(max(float(rng.normal(self.magnitude, self.std)), 0.0), 10.0)
+            signed, op = list(RAND_OPS.values())[k]
+            img = op(img, m, (-1 if rng.random() > 0.5 else 1) if signed else 1)
+        return img
+
+
+class FinetuneTransform(TrainTransform):
+    """timm's create_transform for fine-tuning: RandomResizedCrop (scale 0.08-1, bicubic), flip, RandAugment
+    rand-m9-mstd0.5-inc1, then random erasing with probability reprob (timm's 'pixel' mode: N(0, 1) noise in the
+    normalised space, here made in uint8, so clipped to 0-255, before the normalisation on the device)."""
+    def __init__(self, size, reprob):
+        super().__init__(size, scale=(0.08, 1.0))
+        self.reprob, self.augment = reprob, RandAugment()
+
+    def __call__(self, img, rng):
+        x = to_uint8_tensor(self.augment(self.crop_flip(img, rng), rng))  # (3, H, W)
+        if rng.random() >= self.reprob:
+            return x
+        mean, std = (np.array(v)[:, None, None] * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
+        for _ in range(10):  # a box of 2-33% of the area, aspect 0.3-3.3
+            area = rng.uniform(0.02, 1 / 3) * self.size ** 2
+            aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if h < self.size and w < self.size:
+                top, left = rng.integers(0, self.size - h + 1), rng.integers(0, self.size - w + 1)
+                noise = np.clip(mean + std * rng.standard_normal((3, h, w)), 0, 255).round().astype(np.uint8)
+                x[:, top:top + h, left:left + w] = torch.from_numpy(noise)
+                break
+        return x
+
+
+def mix(images, labels, num_classes, mixup, cutmix, smoothing, rng):
+    """timm's Mixup (mode 'batch', prob 1, switch prob 0.5, correct_lam): the batch mixed with itself reversed, by
+    mixup (lam ~ Beta(mixup, mixup)) or cutmix (a box of the partner's pixels; lam = the area left), half the time
+    each when both are on -> images, label-smoothed targets (B, classes) mixed alike (rows sum to 1)."""
+    target = torch.full((len(labels), num_classes), smoothing / num_classes, device=labels.device)
+    target.scatter_(1, labels.long()[:, None], 1 - smoothing + smoothing / num_classes)
+    if mixup <= 0 and cutmix <= 0:
+        return images, target
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    lam = float(rng.beta(*[cutmix if use_cutmix else mixup] * 2))
+    if use_cutmix:  # rand_bbox of timm 0.3.2 (MAE) and SparK: sides sqrt(1 - lam) of the image's, centre uniform,
+        H, W = images.shape[-2:]  # clipped (timm >= 0.9 makes odd sides one pixel longer)
+        (cut_h, cut_w), cy, cx = (int(n * math.sqrt(1 - lam)) for n in (H, W)), rng.integers(H), rng.integers(W)
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
+        images = images.clone()
+        images[:, :, y0:y1, x0:x1] = images.flip(0)[:, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
+    else:
+        images = images * lam + images.flip(0) * (1 - lam)
+    return images, target * lam + target.flip(0) * (1 - lam)
+
+
+def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=None, bce=False):
+    """Fine-tune `build_classifier(num_classes)` (images -> logits) from the encoder weights `state` on the labeled
+    train split -> val top-1 (%), printed and logged after each epoch; the network is saved as finetuned.pth.
+    main_finetune.py's protocol: AdamW (0.9, 0.999) with layer-wise lr decay (layer_id(name) -> (i, n); default the
+    ViT's), no decay on pos_embed / cls_token / 1-D, per-iteration warmup then half-cosine to 1e-6, drop path,
+    FinetuneTransform, mixup / cutmix with label smoothing, soft-target cross-entropy; `optimizer(groups, lr=...)` and
+    `bce` give SparK's LAMB and binary cross-entropy for ResNets. --ft_batch reaches the recipe's effective batch by
+    accumulation. Differences from the official fine-tuning code:
+     a. No model EMA (SparK), repeated augmentation (SparK's ConvNeXts) or colour jitter (SlowFast MaskFeat); SparK's
+        TrivialAugmentWide is RandAugment here, its val crop 0.875 (not 0.95), its lr schedule the MAE one.
+     b. Random-erasing noise is drawn in uint8 (clipped to 0-255), not as N(0, 1) in the normalised space.
+     c. The top-1 of the last epoch is reported (not the best), and the fine-tuning run does not resume after a crash
+        (the pretraining checkpoints do)."""
+    if not args.finetune_epochs or not eval_sets:
+        return None
+    (train, val), cuda = eval_sets, args.device.type == 'cuda'
+    ft = argparse.Namespace(**{**vars(args), 'epochs': args.finetune_epochs, 'warmup_epochs': args.ft_warmup_epochs,
+                               'min_lr': 1e-6, 'clip_grad': None})
+    ft.accum_iter = max(1, (args.ft_batch or 0) // (args.batch_size * args.world_size))
+    ft.lr = args.ft_blr * args.batch_size * ft.accum_iter * args.world_size / 256
+    num_classes = len(train.classes)
+    classifier = build_classifier(num_classes).to(args.device)
+    load_pretrained(classifier, state, 'the pretrained encoder into the classifier')
+    layer_id = layer_id or partial(vit_layer_id, depth=len(getattr(classifier, 'blocks', ())))
+    groups = param_groups(classifier, args.ft_weight_decay, ('pos_embed', 'cls_token'), layer_id, args.layer_decay)
+    optimizer = (optimizer or partial(torch.optim.AdamW, fused=cuda))(groups, lr=ft.lr)
+    scaler, model = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16'), wrap_ddp(classifier, args)
+    loader = make_loader(train.with_transform(FinetuneTransform(args.input_size, args.reprob)), ft, train=True)
+    rng = np.random.default_rng([args.seed, args.rank])  # each batch's mixup / cutmix draw
+
+    def loss_fn(model, images, labels):
+        images, target = mix(normalize(images), labels, num_classes, args.mixup, args.cutmix, args.smoothing, rng)
+        logits = model(images).float()
+        if bce:
+            return F.binary_cross_entropy_with_logits(logits, target), {}
+        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean(), {}
+    for epoch in range(args.finetune_epochs):
+        stats = train_one_epoch(model, loss_fn, loader, optimizer, scaler, epoch, ft)
+        logits, labels = extract_features(classifier.eval(), val, args)
+        top1 = 100.0 * (logits.argmax(1) == labels).float().mean().item()
+        log_stats(args, {'finetune_epoch': epoch, **stats, 'finetune_top1': top1})
+        if is_main():
+            print(f'fine-tuning epoch {epoch}: loss {stats["train_loss"]:.4f}, val top-1 {top1:.2f}%')
+    if is_main():
+        atomic_save({'model': classifier.state_dict(), 'args': plain(args)}, f'{args.output_dir}/finetuned.pth')
+    return top1
+
+
+def export_encoder(args, state):  # --export_encoder: the encoder alone, timm names, as the papers release it
+    if args.export_encoder and is_main():
+        atomic_save(state, os.path.join(args.output_dir, 'encoder_timm.pth'))
+        print(f'encoder written to {os.path.join(args.output_dir, "encoder_timm.pth")}')
 
 
 def save_picture(columns, path, min_side=96):

@@ -30,6 +30,8 @@ Differences from the official code (each deliberate):
     over 100 epochs; on a 1000-step CPU run it is 0.875 -> 0.9875, where the official constants would leave the
     teacher at its random initialisation.
  5. bf16 autocast by default where supported (official: fp16); kNN and linear probe as in mae.py.
+ 6. Fine-tuning is common.finetune with scripts/finetune_base.sh's values (layer decay 0.8, blr 5e-4, batch 384);
+    --teacher evaluates, fine-tunes and exports the EMA teacher instead of the student (finetune --teacher).
 
 Expected result (`python hpm.py`, built-in shapes, 32 px, ViT-Ti/4, 5 epochs, 2-core CPU; kNN / linear-probe top-1):
 17.2 / 28.2 pretrained vs 10.7 / 15.7 at random init, 6.5 minutes (README table).
@@ -49,14 +51,16 @@ from common import Block, VisionTransformer, patchify, unpatchify
 DEFAULTS = dict(model='vit_base_patch16', input_size=224, batch_size=64, epochs=400, blr=1.5e-4,
                 min_lr=0.0, weight_decay=0.05, warmup_epochs=40, mask_ratio=0.75, norm_pix_loss=False,
                 decoder_embed_dim=512, decoder_depth=8, num_workers=8, probe_epochs=90, shapes_size=10000,
-                alpha_final=0.5)  # the official scripts do not pass --norm_pix_loss: plain pixels
+                alpha_final=0.5,  # the official scripts do not pass --norm_pix_loss: plain pixels
+                ft_blr=5e-4, layer_decay=0.8)  # scripts/finetune_base.sh (common.FINETUNE: the rest)
 PRESETS = {  # flags given on the command line win over these
     'shapes': dict(model='vit_tiny_patch4', input_size=32, batch_size=64, epochs=5, warmup_epochs=1, blr=1.5e-3,
                    decoder_embed_dim=128, decoder_depth=2, num_workers=0, probe_epochs=30, global_pool=True,
                    norm_pix_loss=True),
     'cifar10': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800, num_workers=4),
     'cifar100': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800, num_workers=4),
-    'imagenet': dict(model='vit_base_patch16', epochs=200, target_batch=2048),  # PRETRAIN.md: 8 GPUs x 32 x 8
+    'imagenet': dict(model='vit_base_patch16', epochs=200, target_batch=2048,  # PRETRAIN.md: 8 GPUs x 32 x 8
+                     ft_batch=384),  # finetune_base.sh: 8 GPUs x 48
 }
 
 
@@ -69,6 +73,7 @@ def get_args_parser():
     parser.add_argument('--decoder_depth', type=int, help='decoder blocks, of each of the two decoders (8)')
     parser.add_argument('--alpha_final', type=float, help='alpha_T: the fraction of masked patches chosen as the '
                                                           'hardest at the end of training (0.5)')
+    parser.add_argument('--teacher', action='store_true', help='evaluate / fine-tune / export the EMA teacher')
     return parser
 
 
@@ -261,6 +266,12 @@ def draw_reconstructions(model, teacher, dataset, args, path, count=8):
     common.save_picture([common.denormalize(columns[0]), hot] + [common.denormalize(c) for c in columns[1:]], path)
 
 
+def official_state(checkpoint, teacher=False):
+    """Ours {'model', 'ema_state_dict'} or the official {'state_dict' (`module.` names), 'ema_state_dict', 'model' (the
+    architecture's name)} -> the student's weights, or with --teacher the EMA teacher's (finetune.py --teacher)."""
+    return checkpoint['ema_state_dict'] if teacher else checkpoint.get('state_dict', checkpoint['model'])
+
+
 # ---- main -------------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = common.parse_args(get_args_parser(), 'hpm', DEFAULTS, PRESETS, argv)
@@ -272,7 +283,10 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
     ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, train=True)
     teacher = copy.deepcopy(model).requires_grad_(False).eval()  # after DDP's broadcast: equal on every rank
-    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler, ema_state_dict=teacher)
+    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler,
+                                partial(official_state, teacher=args.teacher), ema_state_dict=teacher)
+    if args.eval_only:  # the pictures' teacher: the evaluated weights
+        teacher.load_state_dict(model.state_dict())
     steps_per_epoch = len(loader) // args.accum_iter
 
     def loss_fn(model, images, noise, alpha):  # one step of the objective, inside autocast
@@ -294,6 +308,10 @@ def main(argv=None):
         pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))
         draw_reconstructions(model, teacher, pictures_from, args, f'{args.output_dir}/reconstruction.png')
         print(f'wrote {args.output_dir}/reconstruction.png and log.txt')
+    encoder = common.vit_encoder_state((teacher if args.teacher else model).state_dict())
+    common.export_encoder(args, encoder)
+    classifier = partial(common.ViTClassifier, args.model, args.input_size, drop_path=args.ft_drop_path)
+    common.finetune(args, classifier, encoder, eval_sets)
 
 
 if __name__ == '__main__':

@@ -17,6 +17,8 @@ Differences from the official code (each deliberate):
  3. bf16 autocast by default where supported (the official code uses fp16 + GradScaler); --amp fp16 or none.
  4. The linear probe trains SGD on features extracted once without augmentation (common.linear_probe_accuracy)
     rather than LARS at batch 16384 on augmented images, and a kNN evaluation (DINO protocol) is added.
+ 5. Fine-tuning (--finetune_epochs N; with --eval_only --resume FILE for a released encoder) is common.finetune:
+    main_finetune.py with FINETUNE.md's ViT-B values (ViT-L's under --data imagenet); its differences are listed there.
 
 Expected result (`python mae.py`, built-in shapes, 32 px, ViT-Ti/4, 2-core CPU): see the README table
 (kNN and linear probe of the pretrained vs the randomly initialised encoder): 15.4 / 28.5 vs 11.3 / 14.8, 4.5 minutes.
@@ -34,13 +36,15 @@ from common import Block, VisionTransformer, patchify, unpatchify
 # ---- arguments --------------------------------------------------------------------------------------------------
 DEFAULTS = dict(model='vit_base_patch16', input_size=224, batch_size=64, epochs=400, blr=1.5e-4,
                 min_lr=0.0, weight_decay=0.05, warmup_epochs=40, mask_ratio=0.75, norm_pix_loss=True,
-                decoder_embed_dim=512, decoder_depth=8, num_workers=8, probe_epochs=90, shapes_size=10000)
+                decoder_embed_dim=512, decoder_depth=8, num_workers=8, probe_epochs=90, shapes_size=10000,
+                ft_blr=5e-4, layer_decay=0.65)  # fine-tuning, FINETUNE.md for ViT-B (common.FINETUNE: the rest)
 PRESETS = {  # flags given on the command line win over these
     'shapes': dict(model='vit_tiny_patch4', input_size=32, batch_size=64, epochs=7, warmup_epochs=1, blr=1.5e-3,
                    decoder_embed_dim=128, decoder_depth=2, num_workers=0, probe_epochs=30, global_pool=True),
     'cifar10': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800, num_workers=4),
     'cifar100': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800, num_workers=4),
-    'imagenet': dict(model='vit_large_patch16', epochs=800, target_batch=4096),  # PRETRAIN.md
+    'imagenet': dict(model='vit_large_patch16', epochs=800, target_batch=4096,  # PRETRAIN.md; FINETUNE.md for ViT-L
+                     ft_blr=1e-3, layer_decay=0.75, ft_drop_path=0.2, ft_batch=1024),
 }
 
 
@@ -201,6 +205,10 @@ def main(argv=None):
         pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))
         draw_reconstructions(model, pictures_from, args, f'{args.output_dir}/reconstruction.png')
         print(f'wrote {args.output_dir}/reconstruction.png and log.txt')
+    encoder = common.vit_encoder_state(model.state_dict())  # timm names, as the released mae_pretrain_*.pth
+    common.export_encoder(args, encoder)
+    classifier = partial(common.ViTClassifier, args.model, args.input_size, drop_path=args.ft_drop_path)
+    common.finetune(args, classifier, encoder, eval_sets)
 
 
 if __name__ == '__main__':

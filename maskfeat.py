@@ -39,6 +39,10 @@ Differences from the official code (each deliberate):
     takes the cls token through the same LayerNorm instead. kNN and probe as in common.py.
  8. Only the image path: one prediction depth (the last block, MASK.PRETRAIN_DEPTH [11] for ViT-B), no MViT pooling,
     no video, no pixel target.
+ 9. Fine-tuning is common.finetune with in1k_VIT_B_MaskFeat_FT's values (layer decay 0.65, 20 warmup epochs, lr 1e-3
+    per 256 as mmpretrain's 8e-3 at 2048), mean pooling, `norm`, then `head` (SlowFast's `head.projection`, renamed
+    on load); no colour jitter. mmpretrain files load renamed (official_state); the order of their 108 HOG outputs,
+    which only the pretraining head uses, is not checked against SlowFast's.
 
 State-dict keys equal SlowFast's for the ViT-B image model (patch_embed.proj, cls_token, pos_embed (1, 197, D),
 blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, mask_token (1, 1, D), pred_head.transforms.0.0 (the
@@ -56,8 +60,8 @@ from pixels, with no loss on the visible tokens; a sin-cos start for the positio
 patches and a 4x larger lr all stayed on the plateau in runs of 300 to 1200 steps. Use this run to check the
 program, not the method; MaskFeat's gains come with long schedules on natural images.
 """
-import math
-from functools import partial
+import math, re
+from functools import partial, reduce
 
 import numpy as np
 import torch
@@ -72,7 +76,8 @@ HOG_BINS = 9  # masked.py: self.nbins = 9, unsigned orientations of 20 degrees
 # ---- arguments --------------------------------------------------------------------------------------------------
 DEFAULTS = dict(model='vit_base_patch16', input_size=224, batch_size=32, epochs=300, blr=2e-4, min_lr=1e-6,
                 weight_decay=0.05, warmup_epochs=30, clip_grad=0.02, mask_ratio=0.4, hog_cell_size=8,
-                global_pool=True, num_workers=8, probe_epochs=90, shapes_size=10000)
+                global_pool=True, num_workers=8, probe_epochs=90, shapes_size=10000,
+                ft_blr=1e-3, ft_warmup_epochs=20, layer_decay=0.65)  # in1k_VIT_B_MaskFeat_FT (common.FINETUNE: rest)
 PRESETS = {  # flags given on the command line win over these
     'shapes': dict(model='vit_tiny_patch8', input_size=32, hog_cell_size=4, batch_size=128, epochs=8,
                    warmup_epochs=1, blr=1.5e-3, num_workers=0, probe_epochs=30),
@@ -80,7 +85,8 @@ PRESETS = {  # flags given on the command line win over these
                     warmup_epochs=40, blr=1e-3, num_workers=4),
     'cifar100': dict(model='vit_small_patch4', input_size=32, hog_cell_size=2, batch_size=256, epochs=800,
                      warmup_epochs=40, blr=1e-3, num_workers=4),
-    'imagenet': dict(model='vit_base_patch16', epochs=1600, target_batch=2048, min_lr=8e-6),  # in1k_VIT_B_MaskFeat_PT
+    'imagenet': dict(model='vit_base_patch16', epochs=1600, target_batch=2048, min_lr=8e-6,  # in1k_VIT_B_MaskFeat_PT
+                     ft_batch=2048),
 }
 
 
@@ -307,6 +313,23 @@ def draw_hog(model, dataset, args, path, count=8, glyph=16):
     common.save_picture([original, truth, predicted], path)
 
 
+MMPRETRAIN_NAMES = [(r'^backbone\.', ''), (r'^patch_embed\.projection', 'patch_embed.proj'), (r'^layers\.', 'blocks.'),
+                    (r'\.ln([12])\.', r'.norm\1.'), (r'ffn\.layers\.0\.0', 'mlp.fc1'), (r'ffn\.layers\.1', 'mlp.fc2'),
+                    (r'^ln1\.', 'pred_head.transforms.0.0.'), (r'^neck\.fc\.', 'pred_head.projections.0.')]
+
+
+def official_state(checkpoint):
+    """Ours {'model'}, SlowFast's .pyth {'model_state'} (its HOG buffers `hogs.*` dropped; a fine-tuned model's
+    `head.projection` is our `head`) or mmpretrain's {'state_dict'} (`backbone.layers.i.ln1`...) -> our names."""
+    if 'model_state' in checkpoint:
+        return {k.replace('head.projection.', 'head.'): v for k, v in checkpoint['model_state'].items()
+                if not k.startswith('hogs.')}
+    if 'state_dict' in checkpoint:
+        return {reduce(lambda k, rule: re.sub(*rule, k), MMPRETRAIN_NAMES, k): v
+                for k, v in checkpoint['state_dict'].items()}
+    return checkpoint['model']
+
+
 # ---- main -------------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
@@ -319,7 +342,7 @@ def main(argv=None):
     # SOLVER.BETAS default (0.9, 0.999); no decay on 1-D params and biases, but cls/pos/mask tokens decay
     optimizer = common.adamw(model, args, betas=(0.9, 0.999))  # (ZERO_WD_1D_PARAM True, ZERO_DECAY_POS_CLS False)
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
-    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler)
+    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler, official_state)
     ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, train=True)
 
     def loss_fn(model, images, mask):  # one step of the objective, inside autocast
@@ -337,6 +360,11 @@ def main(argv=None):
         pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))
         draw_hog(model, pictures_from, args, f'{args.output_dir}/hog.png')
         print(f'wrote {args.output_dir}/hog.png and log.txt')
+    encoder = common.vit_encoder_state(model.state_dict())  # no `norm`: SlowFast deletes it at pretraining
+    common.export_encoder(args, encoder)
+    classifier = partial(common.ViTClassifier, args.model, args.input_size, drop_path=args.ft_drop_path,
+                         pool_norm='norm')  # SlowFast: mean of the patch tokens, `norm`, head
+    common.finetune(args, classifier, encoder, eval_sets)
 
 
 if __name__ == '__main__':

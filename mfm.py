@@ -31,6 +31,10 @@ Differences from the paper and the official code (each deliberate):
     table instead of trunc-normal(0.02, cut at +-0.02). Measured with `python mfm.py`: final loss 0.259 vs 0.277,
     kNN / probe 11.1 / 15.4 (random init 10.2 / 11.6) vs 10.8 / 13.5 (random init 11.8 / 13.0) with the official
     init, which leaves a small ViT almost no position signal in a short run. ImageNet presets keep the official init.
+10. Fine-tuning is common.finetune (layer decay 0.8, lr 1e-3 per 256, the official 8e-3 at 2048). The ViT is common's
+    ViTClassifier, loaded through timm_layout: its k bias starts at 0 and then trains (BEiT keeps it at 0). ResNets
+    get timm's `fc` on the pooled last stage and the same recipe, without layer decay: the official ResNet-50 recipe
+    is timm's training script, outside the repository.
 
 Expected result (built-in shapes, 32 px, 8 epochs, 2-core CPU; kNN / linear-probe top-1, pretrained vs random init):
 `python mfm.py` (ViT-Ti/4) 11.1 / 15.4 vs 10.2 / 11.6 in 9 minutes; `python mfm.py --model resnet_tiny` (blr 6e-3
@@ -51,7 +55,8 @@ from common import VisionTransformer
 # ---- arguments --------------------------------------------------------------------------------------------------
 DEFAULTS = dict(model='vit_base_patch16', input_size=224, batch_size=128, epochs=300, blr=1.5e-4, weight_decay=0.05,
                 warmup_epochs=20, clip_grad=3.0, global_pool=True, sincos_pos_init=False, num_workers=8,
-                probe_epochs=90, shapes_size=10000)
+                probe_epochs=90, shapes_size=10000,
+                ft_blr=1e-3, layer_decay=0.8)  # vit_base fine-tuning config: 8e-3 at batch 2048 (common.FINETUNE: rest)
 PRESETS = {  # flags given on the command line win over these
     'shapes': dict(model='vit_tiny_patch4', input_size=32, batch_size=128, epochs=8, warmup_epochs=1, blr=1.5e-3,
                    sincos_pos_init=True, num_workers=0, probe_epochs=30),
@@ -59,7 +64,8 @@ PRESETS = {  # flags given on the command line win over these
                     num_workers=4),
     'cifar100': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=300, sincos_pos_init=True,
                      num_workers=4),
-    'imagenet': dict(model='vit_base_patch16', epochs=300, target_batch=2048),  # configs/*/mfm_pretrain__*.yaml
+    'imagenet': dict(model='vit_base_patch16', epochs=300, target_batch=2048,  # configs/*/mfm_pretrain__*.yaml
+                     ft_batch=2048),
 }
 RESNETS = {'resnet50': ((3, 4, 6, 3), 64), 'resnet_tiny': ((1, 1, 1, 1), 16)}  # name: (blocks per stage, width)
 
@@ -249,7 +255,17 @@ class ResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def features(self, imgs):  # (B, 3, H, W) -> (B, C): global average pool of the last stage, for evaluation
-        return self.forward(imgs).mean((2, 3))
+        return ResNet.forward(self, imgs).mean((2, 3))
+
+
+class ResNetClassifier(ResNet):
+    """timm's ResNet with its classifier `fc` on the pooled last stage, for fine-tuning (difference 10)."""
+    def __init__(self, model, img_size, num_classes):
+        super().__init__(model, img_size)
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+    def forward(self, imgs):  # (B, 3, H, W) -> logits (B, classes)
+        return self.fc(self.features(imgs))
 
 
 class MFM(nn.Module):
@@ -360,6 +376,11 @@ def main(argv=None):
         pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))
         draw_spectra(model, pictures_from, args, f'{args.output_dir}/spectra.png')
         print(f'wrote {args.output_dir}/spectra.png and log.txt')
+    encoder = timm_layout(model.state_dict())  # as the official fine-tuning loads it: `encoder.` stripped
+    common.export_encoder(args, encoder)
+    classifier = partial(ResNetClassifier, args.model, args.input_size) if args.model in RESNETS else \
+        partial(common.ViTClassifier, args.model, args.input_size, drop_path=args.ft_drop_path)
+    common.finetune(args, classifier, encoder, eval_sets)
 
 
 if __name__ == '__main__':

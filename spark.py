@@ -24,6 +24,10 @@ Differences from the official code (each deliberate):
     normalises its own batch, so CPU torchrun runs equal one process only approximately.
  5. bf16 autocast where supported (official: fp32); --amp none gives fp32. Evaluation adds kNN and a linear probe on
     globally average-pooled last-stage features (the official repo only fine-tunes).
+ 6. Fine-tuning is common.finetune with downstream_imagenet's resnet50 row: LAMB without bias correction, adapting
+    every tensor; binary cross-entropy; blr 2e-3, layer scale 0.7 over the official layer groups (layer_id), wd 0.02,
+    mixup 0.1, cutmix 1.0, drop path 0.05. ConvNeXts get AdamW and soft-target cross-entropy, with the same numbers
+    unless flags say otherwise. No EMA; RandAugment instead of TrivialAugmentWide (see common.finetune).
 
 Expected result (`python spark.py`, built-in shapes, 32 px, resnet_mini_ds8, 16 epochs, 2-core CPU, 8.5 minutes):
 kNN / linear-probe top-1 11.6 / 17.9 pretrained vs 11.4 / 12.8 at random init. The probe gains 5 points; the kNN
@@ -44,14 +48,15 @@ from common import (LayerNorm2d, Sparse, SparseBatchNorm2d, SparseSyncBatchNorm2
 # ---- arguments ----------------------------------------------------------------------------------------------------
 DEFAULTS = dict(model='resnet50', input_size=224, batch_size=64, epochs=1600, blr=2e-4, weight_decay=0.04,
                 weight_decay_end=0.2, warmup_epochs=40, mask_ratio=0.6, decoder_width=768, num_workers=8,
-                probe_epochs=90, shapes_size=10000)  # pretrain/utils/arg_util.py; batch 4096 via the imagenet preset
+                probe_epochs=90, shapes_size=10000,  # pretrain/utils/arg_util.py; batch 4096 via the imagenet preset
+                ft_blr=2e-3, layer_decay=0.7, ft_weight_decay=0.02, mixup=0.1, ft_drop_path=0.05)  # resnet50 FT
 PRESETS = {  # flags given on the command line win over these
     # LAMB's lr is a relative step (||update|| = lr ||w||): 1250 steps need a far larger one than the official 500k
     'shapes': dict(model='resnet_mini_ds8', input_size=32, batch_size=64, epochs=16, warmup_epochs=1, blr=0.04,
                    decoder_width=64, num_workers=0, probe_epochs=30),
     'cifar10': dict(model='resnet50_ds8', input_size=32, batch_size=512, epochs=800, decoder_width=512, num_workers=4),
     'cifar100': dict(model='resnet50_ds8', input_size=32, batch_size=512, epochs=800, decoder_width=512, num_workers=4),
-    'imagenet': dict(model='resnet50', epochs=1600, target_batch=4096),  # README: 1600 epochs, batch 4096
+    'imagenet': dict(model='resnet50', epochs=1600, target_batch=4096, ft_batch=2048),  # README: 1600 ep, batch 4096
 }
 
 
@@ -125,8 +130,9 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """timm's ResNet with num_classes=0 (no fc), as SparK pretrains it; forward returns the 4 stage outputs."""
-    def __init__(self, blocks, planes=64, downsample_ratio=32, drop_path_rate=0.0):
+    """timm's ResNet with num_classes=0 (no fc), as SparK pretrains it; forward returns the 4 stage outputs. With
+    classes (fine-tuning), the global average pool of the last stage -> `fc` -> logits."""
+    def __init__(self, blocks, planes=64, downsample_ratio=32, drop_path_rate=0.0, num_classes=0):
         super().__init__()
         small = downsample_ratio == 8  # difference 3: 3x3 stride-1 stem, no max-pool
         self.conv1 = nn.Conv2d(3, planes, 3, 1, 1, bias=False) if small else nn.Conv2d(3, planes, 7, 2, 3, bias=False)
@@ -140,6 +146,7 @@ class ResNet(nn.Module):
             self.add_module(f'layer{i + 1}', nn.Sequential(*stage))
             inplanes = width * 4
             self.feature_channels.append(inplanes)
+        self.fc = nn.Linear(inplanes, num_classes) if num_classes else None
         for m in self.modules():  # timm's init, with zero_init_last_bn
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
@@ -153,7 +160,7 @@ class ResNet(nn.Module):
         for i in range(4):
             x = getattr(self, f'layer{i + 1}')(x)
             features.append(x)
-        return features
+        return self.fc(x.mean((2, 3))) if self.fc else features
 
     def features(self, imgs):
         """(B, 3, H, W) -> (B, C): global average pool of the last stage."""
@@ -177,8 +184,9 @@ class ConvNeXtBlock(nn.Module):
 
 
 class ConvNeXt(nn.Module):
-    """The official ConvNeXt (SparK's models/convnext.py) with num_classes=0: no norm / head."""
-    def __init__(self, depths, dims, downsample_ratio=32, drop_path_rate=0.0):
+    """The official ConvNeXt (SparK's models/convnext.py) with num_classes=0: no norm / head. With classes
+    (fine-tuning), the global average pool -> `norm` -> `head` -> logits."""
+    def __init__(self, depths, dims, downsample_ratio=32, drop_path_rate=0.0, num_classes=0):
         super().__init__()
         stem, norm = 4 if downsample_ratio == 32 else 1, partial(LayerNorm2d, eps=1e-6)  # difference 3: 1x1 stem
         self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(3, dims[0], stem, stem), norm(dims[0]))])
@@ -188,6 +196,8 @@ class ConvNeXt(nn.Module):
         self.stages = nn.ModuleList(nn.Sequential(*[ConvNeXtBlock(dims[i], rates.pop(0)) for _ in range(depths[i])])
                                     for i in range(4))
         self.feature_channels, self.downsample_ratio = list(dims), downsample_ratio
+        if num_classes:
+            self.norm, self.head = nn.LayerNorm(dims[-1], eps=1e-6), nn.Linear(dims[-1], num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.trunc_normal_(m.weight, std=0.02)  # timm's trunc_normal_: cut at +-2, effectively normal
@@ -198,15 +208,43 @@ class ConvNeXt(nn.Module):
         for downsample, stage in zip(self.downsample_layers, self.stages):
             x = stage(downsample(x))
             features.append(x)
-        return features
+        return self.head(self.norm(x.mean((2, 3)))) if hasattr(self, 'head') else features
 
     features = ResNet.features
 
 
-def build_backbone(name, drop_path=None):
+def build_backbone(name, drop_path=None, num_classes=0):
     family, blocks, widths, ratio, default_drop_path = MODELS[name]
     network = ResNet if family == 'resnet' else ConvNeXt
-    return network(blocks, widths, ratio, default_drop_path if drop_path is None else drop_path)
+    return network(blocks, widths, ratio, default_drop_path if drop_path is None else drop_path, num_classes)
+
+
+def layer_id(name, network):
+    """downstream_imagenet/models/__init__.py -> (layer, top) for the fine-tuning lr decay. ResNet-50: stem 0,
+    layer1 1, layer2 in 2 groups (2-3), layer3 in 2 (4-5), layer4 6, fc 7; other depths group blocks likewise (sizes
+    the official code does not list, e.g. resnet_mini_ds8, get groups of 2). ConvNeXt: 6 groups (12 with a deep
+    stage 3): stem 0, stage i i+1, stage 3 in groups of 3 blocks, the last stage N, the head N + 1."""
+    parts = name.split('.')
+    if isinstance(network, ResNet):
+        L2, L3 = len(network.layer2), len(network.layer3)
+        size2, size3 = {(4, 6): (2, 3), (4, 23): (2, 3), (8, 36): (4, 4), (24, 36): (4, 4)}.get((L2, L3), (2, 2))
+        n2, n3 = math.ceil(L2 / size2), math.ceil(L3 / size3)
+        top = 2 + n2 + n3
+        stage = int(parts[0][5:]) if parts[0].startswith('layer') else 0  # 0: the stem (or fc)
+        if stage in (2, 3):
+            layer = 2 + int(parts[1]) // size2 if stage == 2 else 2 + n2 + int(parts[1]) // size3
+        else:
+            layer = top + 1 if parts[0] == 'fc' else {0: 0, 1: 1, 4: top}[stage]
+        return layer, top + 1
+    top = 12 if len(network.stages[-2]) > 9 else 6
+    stage = int(parts[1]) if parts[0] in ('downsample_layers', 'stages') else -1
+    if parts[0] == 'downsample_layers':
+        layer = [0, 2, 3, top][stage]
+    elif parts[0] == 'stages':
+        layer = [1, 2, 3 + int(parts[2]) // 3, top][stage]
+    else:
+        layer = top + 1
+    return layer, top + 1
 
 
 class UNetBlock(nn.Module):
@@ -307,10 +345,11 @@ def sync_batchnorm(model):
 class LAMB(torch.optim.Optimizer):
     """timm's LAMB as SparK uses it (pretrain/utils/lamb.py, bias correction on, always_adapt off): gradients clipped to
     a global norm of 5 inside the step (main.py), Adam moments with bias correction, weight decay added to the update,
-    and for decayed tensors the update rescaled by the trust ratio ||w|| / ||update||."""
-    def __init__(self, params, lr, betas, eps=1e-6, max_grad_norm=5.0):
+    and for decayed tensors the update rescaled by the trust ratio ||w|| / ||update||. Fine-tuning (util.py) runs it
+    without clipping or bias correction, and with the trust ratio on every tensor (always_adapt)."""
+    def __init__(self, params, lr, betas, eps=1e-6, max_grad_norm=5.0, bias_correction=True, always_adapt=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, step=0))
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.bias_correction, self.always_adapt = max_grad_norm, bias_correction, always_adapt
 
     @torch.no_grad()
     def step(self):
@@ -320,7 +359,8 @@ class LAMB(torch.optim.Optimizer):
         for group in self.param_groups:
             group['step'] += 1  # one count per group, as timm
             (beta1, beta2), decay = group['betas'], group['weight_decay']
-            correction1, correction2 = 1 - beta1 ** group['step'], 1 - beta2 ** group['step']
+            correction1, correction2 = (1 - beta1 ** group['step'], 1 - beta2 ** group['step']) \
+                if self.bias_correction else (1.0, 1.0)
             for p in (p for p in group['params'] if p.grad is not None):
                 grad, state = p.grad * clip, self.state[p]
                 if not state:
@@ -329,7 +369,7 @@ class LAMB(torch.optim.Optimizer):
                 state['exp_avg_sq'].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denominator = state['exp_avg_sq'].sqrt() / math.sqrt(correction2) + group['eps']
                 update = state['exp_avg'] / correction1 / denominator
-                if decay != 0:
+                if decay != 0 or self.always_adapt:
                     update.add_(p, alpha=decay)
                     w_norm, u_norm = p.norm(), update.norm()
                     update.mul_(torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0))
@@ -372,6 +412,14 @@ def draw_reconstructions(model, dataset, args, path, count=8):
     common.save_picture([common.denormalize(c) for c in columns], path)
 
 
+def official_state(checkpoint):
+    """Ours {'model'}, the official `*_spark_style.pth` {'module'} (the whole model; buffers imn_m, imn_s, norm_black
+    unused) or `*_timm_style.pth` (the bare encoder state dict) -> our names, for --eval_only."""
+    if 'model' in checkpoint or 'module' in checkpoint:
+        return checkpoint.get('model', checkpoint.get('module'))
+    return {f'sparse_encoder.sp_cnn.{k}': v for k, v in checkpoint.items()}
+
+
 # ---- main ---------------------------------------------------------------------------------------------------------
 def main(argv=None):
     parser = get_args_parser()
@@ -393,7 +441,7 @@ def main(argv=None):
     beta2 = 0.95 if MODELS[args.model][0] == 'resnet' else 0.999  # official `ada`
     optimizer = LAMB(groups, args.lr, betas=(0.9, beta2))
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
-    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler)
+    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler, official_state)
     ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, train=True)
     args.iters_per_epoch = len(loader) // args.accum_iter  # optimizer steps, for the schedule's end point
 
@@ -409,11 +457,17 @@ def main(argv=None):
     encoder = build_backbone(args.model).to(args.device)  # the dense convnet, loaded strictly from the sparse twin
     encoder.load_state_dict(model.sparse_encoder.sp_cnn.state_dict())
     common.evaluate(args, encoder, partial(build_backbone, args.model), eval_sets)
+    common.export_encoder(args, encoder.state_dict())
     if common.is_main():
         common.atomic_save(encoder.state_dict(), f'{args.output_dir}/{args.model}_1kpretrained_timm_style.pth')
         pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))
         draw_reconstructions(model, pictures_from, args, f'{args.output_dir}/reconstruction.png')
         print(f'wrote {args.output_dir}/reconstruction.png, the encoder weights and log.txt')
+    resnet = MODELS[args.model][0] == 'resnet'  # ResNets: LAMB and binary cross-entropy; ConvNeXts: AdamW, soft CE
+    common.finetune(args, partial(build_backbone, args.model, args.ft_drop_path), encoder.state_dict(), eval_sets,
+                    lambda name: layer_id(name, encoder),
+                    partial(LAMB, betas=(0.9, 0.999), max_grad_norm=1e7, bias_correction=False, always_adapt=True)
+                    if resnet else None, bce=resnet)
 
 
 if __name__ == '__main__':

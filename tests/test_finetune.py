@@ -1,0 +1,404 @@
+"""Fine-tuning: official checkpoint layouts load with only the expected missing / unused keys, position tables are
+resized, the encoder export round-trips, layer-decay groups, mixup / cutmix, the fine-tuning transform, and runs of
+mae.py that fine-tune as a user would start them."""
+import inspect, os, re
+from functools import partial
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import hpm
+import mae
+import maskfeat
+import mfm
+import spark
+from conftest import TINY, read_log, run_script
+
+LOAD_PRETRAINED = common.load_pretrained  # the original, whatever a test patches
+BLOCK = ['norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.qkv.bias', 'attn.proj.weight', 'attn.proj.bias',
+         'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight', 'mlp.fc2.bias']
+
+
+def timm_encoder_keys(depth):
+    """timm's VisionTransformer keys without `head` (and without the `fc_norm` of global pooling): the layout of the
+    released encoder-only files (MAE's mae_pretrain_vit_*.pth)."""
+    return ({'cls_token', 'pos_embed', 'patch_embed.proj.weight', 'patch_embed.proj.bias', 'norm.weight', 'norm.bias'}
+            | {f'blocks.{i}.{k}' for i in range(depth) for k in BLOCK})
+
+
+def seeded(seed, build, *args, **kwargs):
+    torch.manual_seed(seed)
+    return build(*args, **kwargs)
+
+
+def resume_eval_only(model, checkpoint, tmp_path, monkeypatch, convert=None, args=None):
+    """Write `checkpoint`, load it as --eval_only --resume does (common.resume without an optimizer) -> the (missing,
+    unused) lists of that load."""
+    path = str(tmp_path / 'official.pth')
+    torch.save(checkpoint, path)
+    reports = []
+    monkeypatch.setattr(common, 'load_pretrained', lambda *a: reports.append(LOAD_PRETRAINED(*a)) or reports[-1])
+    args = args(path) if args else SimpleNamespace(resume=path, output_dir=str(tmp_path), world_size=1, rank=0,
+                                                   device=torch.device('cpu'))
+    assert common.resume(args, model, None, None, convert) == 0
+    (missing, unused), = reports
+    return missing, unused
+
+
+def assert_loaded(model, expected):
+    own = model.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(own[key], value), key
+
+
+# ---- official layouts ------------------------------------------------------------------------------------------------
+def test_mae_encoder_only_and_full_checkpoints_load(tmp_path, monkeypatch):
+    """MAE's encoder-only file misses only the decoder and mask token in MAE, only head/fc_norm in the classifier."""
+    source = seeded(1, mae.MAE, 'vit_tiny_patch4', 16, 32, 1).state_dict()
+    encoder = {k: v for k, v in source.items() if not k.startswith(('decoder_', 'mask_token'))}
+    assert set(encoder) == timm_encoder_keys(12)  # the released mae_pretrain_vit_*.pth layout
+    parse = lambda path: common.parse_args(mae.get_args_parser(), 'mae', mae.DEFAULTS, mae.PRESETS,
+                                           ['--eval_only', '--resume', path, '--output_dir', str(tmp_path)])
+    model = seeded(2, mae.MAE, 'vit_tiny_patch4', 16, 32, 1)
+    missing, unused = resume_eval_only(model, {'model': encoder}, tmp_path, monkeypatch, args=parse)
+    assert unused == [] and 'mask_token' in missing and 'decoder_pos_embed' in missing
+    assert set(missing) == {k for k in model.state_dict() if k.startswith('decoder_') or k == 'mask_token'}
+    assert_loaded(model, encoder)
+
+    classifier = seeded(2, common.ViTClassifier, 'vit_tiny_patch4', 16, 10)
+    missing, unused = common.load_pretrained(classifier, encoder, 'encoder')
+    assert missing == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
+    assert unused == ['norm.bias', 'norm.weight']
+    assert_loaded(classifier, {k: v for k, v in encoder.items() if not k.startswith('norm.')})
+
+    model = seeded(3, mae.MAE, 'vit_tiny_patch4', 16, 32, 1)  # the full model (mae_visualize_*.pth): nothing left out
+    assert resume_eval_only(model, {'model': source}, tmp_path, monkeypatch, args=parse) == ([], [])
+    assert_loaded(model, source)
+
+
+@pytest.mark.parametrize('teacher', [False, True])
+def test_hpm_official_checkpoint_gives_the_student_or_the_teacher(tmp_path, monkeypatch, teacher):
+    """HPM's {'state_dict' (module.), 'ema_state_dict', 'model': arch name} loads whole, the chosen network's."""
+    student = seeded(1, hpm.HPM, 'vit_tiny_patch4', 16, 32, 1).state_dict()
+    ema = seeded(3, hpm.HPM, 'vit_tiny_patch4', 16, 32, 1).state_dict()
+    assert not torch.equal(student['blocks.0.attn.qkv.weight'], ema['blocks.0.attn.qkv.weight'])
+    checkpoint = {'state_dict': {f'module.{k}': v for k, v in student.items()}, 'ema_state_dict': ema,
+                  'model': 'mae_vit_base_patch16', 'epoch': 199}
+    model = seeded(2, hpm.HPM, 'vit_tiny_patch4', 16, 32, 1)
+    convert = partial(hpm.official_state, teacher=teacher)
+    assert resume_eval_only(model, checkpoint, tmp_path, monkeypatch, convert) == ([], [])
+    assert_loaded(model, ema if teacher else student)
+
+
+def mmpretrain_name(key):
+    """Our MaskFeat name -> mmpretrain's (the inverse of maskfeat.MMPRETRAIN_NAMES, written out from its key names)."""
+    if key.startswith('pred_head.projections.0.'):
+        return 'neck.fc.' + key.removeprefix('pred_head.projections.0.')
+    key = re.sub(r'^pred_head\.transforms\.0\.0\.', 'ln1.', key)  # the backbone's final norm
+    key = re.sub(r'^patch_embed\.proj\.', 'patch_embed.projection.', key)
+    key = re.sub(r'^blocks\.(\d+)\.norm([12])\.', r'layers.\1.ln\2.', key)
+    key = re.sub(r'^blocks\.', 'layers.', key).replace('.mlp.fc1.', '.ffn.layers.0.0.').replace('.mlp.fc2.',
+                                                                                              '.ffn.layers.1.')
+    return 'backbone.' + key
+
+
+def test_maskfeat_slowfast_and_mmpretrain_checkpoints_load(tmp_path, monkeypatch):
+    """SlowFast's {'model_state'} (HOG buffers dropped, head.projection) and mmpretrain's renamed {'state_dict'}
+    load into MaskFeat / the classifier with nothing missing."""
+    source = seeded(1, maskfeat.MaskFeat, 'vit_tiny_patch4', 16, 2).state_dict()
+    sobel = torch.tensor([[1., 0, -1], [2, 0, -2], [1, 0, -1]]).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    hog = {'weight_x': sobel, 'weight_y': sobel.transpose(2, 3), 'gkern': torch.rand(16, 16)}
+    slowfast = {'model_state': {**source, **{f'hogs.0.{k}': v for k, v in hog.items()}}, 'epoch': 300}
+    model = seeded(2, maskfeat.MaskFeat, 'vit_tiny_patch4', 16, 2)
+    assert resume_eval_only(model, slowfast, tmp_path, monkeypatch, maskfeat.official_state) == ([], [])
+    assert_loaded(model, source)
+
+    # a SlowFast fine-tuned model: the pooled norm is `norm`, the classifier `head.projection`
+    tuned = seeded(1, common.ViTClassifier, 'vit_tiny_patch4', 16, 10, pool_norm='norm').state_dict()
+    assert {'norm.weight', 'head.weight'} <= set(tuned) and not any(k.startswith('fc_norm') for k in tuned)
+    checkpoint = {'model_state': {k.replace('head.', 'head.projection.'): v for k, v in tuned.items()}}
+    classifier = seeded(2, common.ViTClassifier, 'vit_tiny_patch4', 16, 10, pool_norm='norm')
+    assert common.load_pretrained(classifier, maskfeat.official_state(checkpoint), 'slowfast') == ([], [])
+    assert_loaded(classifier, tuned)
+
+    mm = {mmpretrain_name(k): v for k, v in source.items()}
+    assert {'backbone.patch_embed.projection.weight', 'backbone.layers.0.ln1.weight', 'backbone.layers.0.attn.qkv.bias',
+            'backbone.layers.0.attn.proj.weight', 'backbone.layers.0.ffn.layers.0.0.weight',
+            'backbone.layers.0.ffn.layers.1.bias', 'backbone.ln1.weight', 'neck.fc.weight', 'backbone.cls_token',
+            'backbone.pos_embed', 'backbone.mask_token'} <= set(mm)
+    # mmpretrain's HOGGenerator keeps its kernels as buffers: they may be reported unused, nothing else
+    mm.update({f'target_generator.{k}': v for k, v in
+               (('weight_x', hog['weight_x']), ('weight_y', hog['weight_y']), ('gaussian_kernel', hog['gkern']))})
+    model = seeded(3, maskfeat.MaskFeat, 'vit_tiny_patch4', 16, 2)
+    missing, unused = resume_eval_only(model, {'state_dict': mm, 'meta': {'epoch': 300}}, tmp_path, monkeypatch,
+                                       maskfeat.official_state)
+    assert missing == [] and all(k.startswith('target_generator.') for k in unused)
+    assert_loaded(model, source)
+
+
+def test_spark_timm_style_and_spark_style_checkpoints_load(tmp_path, monkeypatch):
+    """SparK's bare timm-style encoder fills the sparse encoder only; the spark-style file loads whole."""
+    encoder = seeded(1, spark.build_backbone, 'resnet_mini_ds8').state_dict()
+    model = spark.SparK(seeded(2, spark.build_backbone, 'resnet_mini_ds8'), 32, 0.6, 16)
+    missing, unused = resume_eval_only(model, encoder, tmp_path, monkeypatch, spark.official_state)
+    assert unused == []
+    assert set(missing) == {k for k in model.state_dict() if not k.startswith('sparse_encoder.sp_cnn.')
+                            and not k.endswith('num_batches_tracked')}  # PyTorch's BatchNorm fills those in itself
+    assert_loaded(model.sparse_encoder.sp_cnn, encoder)
+
+    whole = spark.SparK(seeded(3, spark.build_backbone, 'resnet_mini_ds8'), 32, 0.6, 16).state_dict()
+    deprecated = {'imn_m': torch.rand(1, 3, 1, 1), 'imn_s': torch.rand(1, 3, 1, 1),
+                  'norm_black': torch.zeros(1, 3, 32, 32)}
+    checkpoint = {'module': {**whole, **deprecated}, 'epoch': 1599, 'arg': {'model': 'resnet_mini_ds8'}}
+    model = spark.SparK(seeded(4, spark.build_backbone, 'resnet_mini_ds8'), 32, 0.6, 16)
+    assert resume_eval_only(model, checkpoint, tmp_path, monkeypatch, spark.official_state) == (
+        [], ['imn_m', 'imn_s', 'norm_black'])
+    assert_loaded(model, whole)
+
+    classifier = seeded(5, spark.build_backbone, 'resnet_mini_ds8', num_classes=10)  # fine-tuning: only `fc` new
+    assert common.load_pretrained(classifier, encoder, 'timm style') == (['fc.bias', 'fc.weight'], [])
+
+
+def test_mfm_official_checkpoint_and_its_timm_layout_load(tmp_path, monkeypatch):
+    """MFM's {'model': encoder.*, decoder.*} (BEiT q/v biases) loads whole; its timm layout fills the classifier."""
+    official = seeded(1, mfm.MFM, 'vit_tiny_patch4', 16).state_dict()
+    with torch.no_grad():
+        for key in [k for k in official if k.endswith(('q_bias', 'v_bias'))]:
+            official[key] = torch.randn_like(official[key])
+    model = seeded(2, mfm.MFM, 'vit_tiny_patch4', 16)
+    assert resume_eval_only(model, {'model': official, 'epoch': 299}, tmp_path, monkeypatch) == ([], [])
+    assert_loaded(model, official)
+
+    classifier = seeded(2, common.ViTClassifier, 'vit_tiny_patch4', 16, 10)
+    missing, unused = common.load_pretrained(classifier, mfm.timm_layout(official), 'timm layout')
+    assert missing == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
+    assert unused == ['norm.bias', 'norm.weight']
+    q, v = official['encoder.blocks.3.attn.q_bias'], official['encoder.blocks.3.attn.v_bias']
+    assert torch.equal(classifier.blocks[3].attn.qkv.bias, torch.cat([q, torch.zeros_like(q), v]))
+    assert torch.equal(classifier.blocks[3].mlp.fc2.weight, official['encoder.blocks.3.mlp.fc2.weight'])
+
+
+# ---- position tables -------------------------------------------------------------------------------------------------
+def test_pos_embed_of_a_smaller_grid_is_resized():
+    """A 4x4-grid table loaded at 8x8: resized, cls slot kept, constants constant, rows and columns not swapped."""
+    state = seeded(1, common.ViTClassifier, 'vit_tiny_patch4', 16, 10).state_dict()
+    table = torch.full((1, 17, 192), 0.5)
+    table[0, 0] = torch.randn(192)  # the cls slot
+    cols, rows = torch.arange(16) % 4, torch.arange(16) // 4
+    table[0, 1:, 0], table[0, 1:, 1] = cols.float(), rows.float()  # dim 0 encodes the column, dim 1 the row
+    model = seeded(2, common.ViTClassifier, 'vit_tiny_patch4', 32, 10)
+    missing, unused = common.load_pretrained(model, {**state, 'pos_embed': table}, '16 px')
+    assert 'pos_embed' not in missing + unused and model.pos_embed.shape == (1, 65, 192)
+    assert torch.equal(model.pos_embed[0, 0], table[0, 0])
+    grid = model.pos_embed.detach()[0, 1:].reshape(8, 8, 192)  # (row, column, D)
+    assert torch.allclose(grid[..., 2:], torch.tensor(0.5), atol=1e-6)
+    assert torch.allclose(grid[..., 0], grid[:1, :, 0].expand(8, -1), atol=1e-6)  # columns: the same on every row
+    assert torch.allclose(grid[..., 1], grid[:, :1, 1].expand(-1, 8), atol=1e-6)  # rows: the same on every column
+    assert (grid[0, 1:, 0] - grid[0, :-1, 0]).min() >= -1e-6 and grid[0, -1, 0] - grid[0, 0, 0] > 2.5
+
+
+# ---- export ----------------------------------------------------------------------------------------------------------
+def test_exported_encoder_round_trips_into_the_classifier_with_timm_keys():
+    """vit_encoder_state of a (DDP-named) MAE fills the classifier's encoder exactly; its keys are timm's minus head."""
+    model = seeded(1, mae.MAE, 'vit_tiny_patch4', 16, 32, 1)
+    encoder = common.vit_encoder_state({f'module._orig_mod.{k}': v for k, v in model.state_dict().items()})
+    assert set(encoder) == timm_encoder_keys(12)
+    classifier = seeded(2, common.ViTClassifier, 'vit_tiny_patch4', 16, 10)
+    common.load_pretrained(classifier, encoder, 'export')
+    own, original = classifier.state_dict(), model.state_dict()
+    tested = [k for k in own if not k.startswith(('head.', 'fc_norm.'))]
+    assert len(tested) == len(timm_encoder_keys(12)) - 2  # all but `norm`, which fine-tuning drops
+    assert all(torch.equal(own[k], original[k]) for k in tested)
+
+    base = common.vit_encoder_state(mae.MAE('vit_base_patch16', 224, 32, 1).state_dict())
+    assert set(base) == timm_encoder_keys(12)
+    shapes = {'pos_embed': (1, 197, 768), 'patch_embed.proj.weight': (768, 3, 16, 16), 'blocks.11.mlp.fc1.weight':
+              (3072, 768), 'norm.weight': (768,)}
+    assert all(tuple(base[k].shape) == v for k, v in shapes.items())
+
+
+# ---- layer decay -----------------------------------------------------------------------------------------------------
+def lr_scales(model, groups):
+    """-> {parameter name: (lr_scale, weight_decay)}, asserting every trainable parameter is in exactly one group."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = [(names[id(p)], (g['lr_scale'], g['weight_decay'])) for g in groups for p in g['params']]
+    assert sorted(n for n, _ in found) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    return dict(found)
+
+
+def test_vit_base_layer_decay_follows_mae():
+    """ViT-B/16 at 0.65: embeddings 0.65^13, blocks.i 0.65^(12-i), head and fc_norm 1; no decay on pos/cls/1-D."""
+    model = common.ViTClassifier('vit_base_patch16', 224, 1000)
+    groups = common.param_groups(model, 0.05, ('pos_embed', 'cls_token'), partial(common.vit_layer_id, depth=12),
+                                 0.65)
+    scales = lr_scales(model, groups)
+    expected = {'patch_embed.proj.weight': 0.65 ** 13, 'cls_token': 0.65 ** 13, 'pos_embed': 0.65 ** 13,
+                'blocks.0.attn.qkv.weight': 0.65 ** 12, 'blocks.0.norm1.weight': 0.65 ** 12,
+                'blocks.5.mlp.fc1.bias': 0.65 ** 7, 'blocks.11.mlp.fc2.weight': 0.65, 'head.weight': 1.0,
+                'head.bias': 1.0, 'fc_norm.weight': 1.0}
+    for name, scale in expected.items():
+        assert scales[name][0] == pytest.approx(scale), name
+    for name, (_, decay) in scales.items():
+        param = model.get_parameter(name)
+        no_decay = param.ndim <= 1 or name.endswith('.bias') or name in ('pos_embed', 'cls_token')
+        assert decay == (0.0 if no_decay else 0.05), name
+    assert scales['blocks.3.attn.proj.weight'][1] == 0.05 and scales['pos_embed'][1] == 0.0
+
+
+def test_spark_resnet50_layer_decay_follows_the_official_grouping():
+    """ResNet-50 at 0.7 (downstream_imagenet): stem 0.7^7, layer1 ^6, layer2 in pairs ^5 ^4, layer3 in threes ^3
+    ^2, layer4 ^1, fc 1; no decay on BN and biases."""
+    model = spark.build_backbone('resnet50', num_classes=1000)
+    groups = common.param_groups(model, 0.05, (), partial(spark.layer_id, network=model), 0.7)
+    scales = lr_scales(model, groups)
+    exponent = lambda name: (7 if not name.startswith(('layer', 'fc')) else 6 if name.startswith('layer1') else
+                             5 - int(name.split('.')[1]) // 2 if name.startswith('layer2') else
+                             3 - int(name.split('.')[1]) // 3 if name.startswith('layer3') else
+                             1 if name.startswith('layer4') else 0)
+    assert {exponent(n) for n in scales} == set(range(8))
+    for name, (scale, decay) in scales.items():
+        assert scale == pytest.approx(0.7 ** exponent(name)), name
+        assert decay == (0.0 if model.get_parameter(name).ndim <= 1 else 0.05), name
+    assert scales['layer2.1.conv2.weight'][0] == pytest.approx(0.7 ** 5)
+    assert scales['layer2.2.conv1.weight'][0] == pytest.approx(0.7 ** 4)
+    assert scales['layer3.2.bn3.weight'][0] == pytest.approx(0.7 ** 3)
+    assert scales['layer3.3.conv1.weight'][0] == pytest.approx(0.7 ** 2)
+
+
+# ---- mixup / cutmix --------------------------------------------------------------------------------------------------
+STUB = 'STUB' in inspect.getsource(common.mix)
+
+
+def batch(seed=0, size=16):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 3, size, size, generator=generator), torch.tensor([0, 1, 2, 3, 4, 5])
+
+
+@pytest.mark.parametrize('mixup, cutmix', [(0.0, 0.0), (0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mix_soft_targets_sum_to_one(mixup, cutmix):
+    """Targets are (B, K) probabilities; with neither mixup nor cutmix, the images are untouched and the target is
+    the smoothed one-hot."""
+    images, labels = batch()
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        mixed, target = common.mix(images.clone(), labels, 10, mixup, cutmix, 0.1, rng)
+        assert mixed.shape == images.shape and target.shape == (6, 10)
+        assert torch.allclose(target.sum(1), torch.ones(6), atol=1e-5) and (target >= 0).all()
+        if mixup == cutmix == 0:
+            assert torch.equal(mixed, images)
+            expected = torch.full((6, 10), 0.01)
+            expected[torch.arange(6), labels] = 1 - 0.1 + 0.01
+            assert torch.allclose(target, expected, atol=1e-7)
+
+
+@pytest.mark.skipif(STUB, reason='common.mix is still the stub')
+def test_cutmix_pastes_one_rectangle_of_the_flipped_batch():
+    """Cutmix only: each image is itself outside one box shared by the batch and the flipped batch inside it; the
+    flipped label weighs the box's share of the area."""
+    images, labels = batch()
+    flipped, rng, boxes = images.flip(0), np.random.default_rng(0), 0
+    for _ in range(10):
+        mixed, target = common.mix(images.clone(), labels, 10, 0.0, 1.0, 0.0, rng)
+        inside = (mixed != images).any(1)  # (B, H, W): random floats differ everywhere the box covers
+        box = torch.zeros(16, 16, dtype=torch.bool)
+        if inside.any():
+            rows, cols = inside.any(0).any(1).nonzero()[:, 0], inside.any(0).any(0).nonzero()[:, 0]
+            box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        assert torch.equal(mixed, torch.where(box, flipped, images))  # a filled rectangle, the same for all
+        lam = 1 - box.float().mean()
+        expected = lam * torch.eye(10)[labels] + (1 - lam) * torch.eye(10)[labels.flip(0)]
+        assert torch.allclose(target, expected, atol=1e-5)
+        boxes += 0 < box.sum() < 16 * 16
+    assert boxes >= 5  # Beta(1, 1): most draws cut a proper box
+
+
+@pytest.mark.skipif(STUB, reason='common.mix is still the stub')
+def test_mixup_blends_with_the_flipped_batch():
+    """Mixup only: lam * images + (1 - lam) * flipped images, and the same lam mixes the labels."""
+    images, labels = batch()
+    rng, blended = np.random.default_rng(0), 0
+    for _ in range(5):
+        mixed, target = common.mix(images.clone(), labels, 10, 1.0, 0.0, 0.0, rng)
+        lam = target[0, labels[0]]
+        assert torch.allclose(mixed, lam * images + (1 - lam) * images.flip(0), atol=1e-5)
+        assert torch.allclose(target, lam * torch.eye(10)[labels] + (1 - lam) * torch.eye(10)[labels.flip(0)],
+                              atol=1e-6)
+        blended += lam < 0.999
+    assert blended >= 3
+
+
+# ---- the fine-tuning transform ---------------------------------------------------------------------------------
+def test_finetune_transform_is_deterministic_and_erases_one_box():
+    """uint8 (3, size, size), a function of the generator; reprob=1 changes pixels inside one box only."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    keep, erase = common.FinetuneTransform(16, 0.0), common.FinetuneTransform(16, 1.0)
+    a = keep(img, np.random.default_rng([0, 0, 7]))
+    assert a.shape == (3, 16, 16) and a.dtype == torch.uint8
+    assert torch.equal(a, keep(img, np.random.default_rng([0, 0, 7])))
+    assert not all(torch.equal(a, keep(img, np.random.default_rng([0, 0, i]))) for i in range(5))
+    for seed in range(5):
+        plain, erased = keep(img, np.random.default_rng([0, 1, seed])), erase(img, np.random.default_rng([0, 1, seed]))
+        assert torch.equal(erased, erase(img, np.random.default_rng([0, 1, seed])))
+        changed = (plain != erased).any(0)
+        assert changed.sum() >= 3  # at least 2% of 256 pixels replaced by noise
+        rows, cols = changed.any(1).nonzero()[:, 0], changed.any(0).nonzero()[:, 0]
+        box = torch.zeros(16, 16, dtype=torch.bool)
+        box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        assert box.float().mean() <= 1 / 3 + 0.07 and torch.equal(erased[:, ~box], plain[:, ~box])
+
+
+# ---- fine-tuning runs ---------------------------------------------------------------------------------------
+def colour_folder(root, seed=0):
+    """A folder dataset of 16 px noise images whose class is a +40 tint of one channel (red, green, blue): 32
+    training and 10 val images a class, learnable in a few fine-tuning epochs, unlike 16 px shapes."""
+    rng = np.random.default_rng(seed)
+    for split, count in (('train', 32), ('val', 10)):
+        for c, name in enumerate(['red', 'green', 'blue']):
+            os.makedirs(root / split / name)
+            for i in range(count):
+                pixels = rng.integers(0, 216, (16, 16, 3))
+                pixels[..., c] += 40
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f'{i}.png')
+
+
+def test_tiny_finetune_learns(tmp_path):
+    """Four epochs from a random encoder: the training loss falls and val top-1 ends far above chance (1/3);
+    finetuned.pth loads weights-only as the classifier."""
+    colour_folder(tmp_path / 'data')
+    out = str(tmp_path / 'run')
+    run_script('mae.py', ['--data', 'folder', '--data_path', str(tmp_path / 'data'), '--input_size', '16', '--model',
+                          'vit_tiny_patch4', '--batch_size', '8', '--num_workers', '0', '--decoder_embed_dim', '32',
+                          '--decoder_depth', '1', '--probe_epochs', '0', '--knn_k', '0', '--eval_only',
+                          '--finetune_epochs', '4', '--ft_warmup_epochs', '0', '--ft_blr', '5e-3', '--mixup', '0',
+                          '--cutmix', '0', '--reprob', '0', '--output_dir', out])
+    log = [line for line in read_log(out) if 'finetune_epoch' in line]
+    assert [line['finetune_epoch'] for line in log] == [0, 1, 2, 3]
+    first, last = log[0], log[-1]
+    assert last['train_loss'] < first['train_loss'] - 0.02  # seen: falls 0.05-0.09 over seeds 0-9
+    assert last['finetune_top1'] >= 80.0  # seen: 96.7-100 (epoch 0: 66.7-100)
+    state = torch.load(f'{out}/finetuned.pth', map_location='cpu', weights_only=True)['model']
+    assert set(state) == set(common.ViTClassifier('vit_tiny_patch4', 16, 3).state_dict())
+    assert state['head.weight'].shape == (3, 192)
+
+
+def test_eval_only_finetune_and_export_end_to_end(tmp_path):
+    """mae.py --eval_only --resume <encoder-only file> reports the missing decoder, fine-tunes, and exports the
+    encoder as loaded, in timm names."""
+    encoder = {k: v for k, v in seeded(1, mae.MAE, 'vit_tiny_patch4', 16, 32, 1).state_dict().items()
+               if not k.startswith(('decoder_', 'mask_token'))}
+    torch.save({'model': encoder}, tmp_path / 'mae_pretrain_vit_tiny.pth')
+    out = str(tmp_path / 'run')
+    result = run_script('mae.py', TINY + ['--decoder_embed_dim', '32', '--decoder_depth', '1', '--eval_only',
+                                          '--resume', str(tmp_path / 'mae_pretrain_vit_tiny.pth'), '--finetune_epochs',
+                                          '1', '--export_encoder', '--output_dir', out])
+    report = re.search(r'loaded \S*mae_pretrain_vit_tiny\.pth: missing (.*); unused (.*)', result.stdout)
+    assert report and 'decoder_blocks' in report[1] and 'mask_token' in report[1] and report[2] == 'none'
+    assert re.search(r'fine-tuning epoch 0: loss [\d.]+, val top-1 [\d.]+%', result.stdout)
+    assert 'finetune_top1' in read_log(out)[-1]
+    exported = torch.load(f'{out}/encoder_timm.pth', map_location='cpu', weights_only=True)
+    assert set(exported) == timm_encoder_keys(12)
+    assert all(torch.equal(exported[k], v) for k, v in encoder.items())
