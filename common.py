@@ -425,6 +425,7 @@ class ArgumentParser(argparse.ArgumentParser):
 FLAGS = [  # (flag, argparse options, help); a default of None is filled from the dataset preset or the method default
     ('--model', dict(), 'encoder, e.g. vit_base_patch16, or vit_tiny_patch4 for 32 px images'),
     ('--input_size', dict(type=int), 'image side in pixels'),
+    ('--crop_scale', dict(type=float), 'smallest area fraction of the pretraining RandomResizedCrop (method recipe)'),
     ('--batch_size', dict(type=int), 'images per process and step (effective batch: x accum_iter x world size)'),
     ('--epochs', dict(type=int), 'pretraining epochs'),
     ('--accum_iter', dict(type=int), 'micro-batches per optimizer step (a preset with a target batch sets it)'),
@@ -802,7 +803,7 @@ def evaluate(args, trained, build_random, eval_sets):
     torch.manual_seed(args.seed)  # the random-init baseline is the same network whatever happened before
     encoders = {'trained': trained, 'random_init': build_random().to(args.device)}
     results, num_classes = {}, len(eval_sets[0].classes) if eval_sets else 0
-    for name, encoder in encoders.items() if eval_sets else ():
+    for name, encoder in encoders.items() if eval_sets and (args.knn_k or args.probe_epochs) else ():
         encoder.global_pool = args.global_pool  # ViTs: mean of the patch tokens instead of the cls token
         (train_f, train_y), (val_f, val_y) = [extract_features(encoder.eval().features, s, args) for s in eval_sets]
         if args.knn_k and is_main():

@@ -48,7 +48,7 @@ import common
 from common import Block, VisionTransformer, patchify, unpatchify
 
 # ---- arguments --------------------------------------------------------------------------------------------------
-DEFAULTS = dict(model='vit_base_patch16', input_size=224, batch_size=64, epochs=400, blr=1.5e-4,
+DEFAULTS = dict(model='vit_base_patch16', input_size=224, crop_scale=0.2, batch_size=64, epochs=400, blr=1.5e-4,
                 min_lr=0.0, weight_decay=0.05, warmup_epochs=40, mask_ratio=0.75, norm_pix_loss=False,
                 decoder_embed_dim=512, decoder_depth=8, num_workers=8, probe_epochs=90, shapes_size=10000,
                 alpha_final=0.5,  # the official scripts do not pass --norm_pix_loss: plain pixels
@@ -277,8 +277,8 @@ def main(argv=None):
     args = common.parse_args(get_args_parser(), 'hpm', DEFAULTS, PRESETS, argv)
     common.setup(args)
     model = build_model(args).to(args.device)
-    train_set, eval_sets = common.build_datasets(args, common.TrainTransform(args.input_size, scale=(0.2, 1.0)),
-                                                 partial(uniform_noise, model.num_patches))
+    crop = common.TrainTransform(args.input_size, scale=(args.crop_scale, 1.0))
+    train_set, eval_sets = common.build_datasets(args, crop, partial(uniform_noise, model.num_patches))
     optimizer = common.adamw(model, args, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
     ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, train=True)

@@ -34,7 +34,7 @@ import common
 from common import Block, VisionTransformer, patchify, unpatchify
 
 # ---- arguments --------------------------------------------------------------------------------------------------
-DEFAULTS = dict(model='vit_base_patch16', input_size=224, batch_size=64, epochs=400, blr=1.5e-4,
+DEFAULTS = dict(model='vit_base_patch16', input_size=224, crop_scale=0.2, batch_size=64, epochs=400, blr=1.5e-4,
                 min_lr=0.0, weight_decay=0.05, warmup_epochs=40, mask_ratio=0.75, norm_pix_loss=True,
                 decoder_embed_dim=512, decoder_depth=8, num_workers=8, probe_epochs=90, shapes_size=10000,
                 ft_blr=5e-4, layer_decay=0.65)  # fine-tuning, FINETUNE.md for ViT-B (common.FINETUNE: the rest)
@@ -184,8 +184,8 @@ def main(argv=None):
     args = common.parse_args(get_args_parser(), 'mae', DEFAULTS, PRESETS, argv)
     common.setup(args)
     model = build_model(args).to(args.device)
-    train_set, eval_sets = common.build_datasets(args, common.TrainTransform(args.input_size, scale=(0.2, 1.0)),
-                                                 partial(uniform_noise, model.num_patches))
+    crop = common.TrainTransform(args.input_size, scale=(args.crop_scale, 1.0))
+    train_set, eval_sets = common.build_datasets(args, crop, partial(uniform_noise, model.num_patches))
     optimizer = common.adamw(model, args, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
     start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler)

@@ -74,8 +74,8 @@ from common import VisionTransformer
 HOG_BINS = 9  # masked.py: self.nbins = 9, unsigned orientations of 20 degrees
 
 # ---- arguments --------------------------------------------------------------------------------------------------
-DEFAULTS = dict(model='vit_base_patch16', input_size=224, batch_size=32, epochs=300, blr=2e-4, min_lr=1e-6,
-                weight_decay=0.05, warmup_epochs=30, clip_grad=0.02, mask_ratio=0.4, hog_cell_size=8,
+DEFAULTS = dict(model='vit_base_patch16', input_size=224, crop_scale=0.5, batch_size=32, epochs=300, blr=2e-4,
+                min_lr=1e-6, weight_decay=0.05, warmup_epochs=30, clip_grad=0.02, mask_ratio=0.4, hog_cell_size=8,
                 global_pool=True, num_workers=8, probe_epochs=90, shapes_size=10000,
                 ft_blr=1e-3, ft_warmup_epochs=20, layer_decay=0.65)  # in1k_VIT_B_MaskFeat_FT (common.FINETUNE: rest)
 PRESETS = {  # flags given on the command line win over these
@@ -337,7 +337,7 @@ def main(argv=None):
     model = build_model(args).to(args.device)
     num_mask = round(model.num_patches * args.mask_ratio)  # imagenet.py: round(14 * 14 * 0.4) = 78
     # in1k_VIT_B_MaskFeat_PT: crop scale (0.5, 1), ratio (0.75, 1.3333), flip, and no colour augmentation
-    crop = common.TrainTransform(args.input_size, scale=(0.5, 1.0), ratio=(0.75, 1.3333))
+    crop = common.TrainTransform(args.input_size, scale=(args.crop_scale, 1.0), ratio=(0.75, 1.3333))
     train_set, eval_sets = common.build_datasets(args, crop, partial(block_masking, model.grid_size, num_mask))
     # SOLVER.BETAS default (0.9, 0.999); no decay on 1-D params and biases, but cls/pos/mask tokens decay
     optimizer = common.adamw(model, args, betas=(0.9, 0.999))  # (ZERO_WD_1D_PARAM True, ZERO_DECAY_POS_CLS False)

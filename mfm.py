@@ -53,9 +53,9 @@ import common
 from common import VisionTransformer
 
 # ---- arguments --------------------------------------------------------------------------------------------------
-DEFAULTS = dict(model='vit_base_patch16', input_size=224, batch_size=128, epochs=300, blr=1.5e-4, weight_decay=0.05,
-                warmup_epochs=20, clip_grad=3.0, global_pool=True, sincos_pos_init=False, num_workers=8,
-                probe_epochs=90, shapes_size=10000,
+DEFAULTS = dict(model='vit_base_patch16', input_size=224, crop_scale=0.2, batch_size=128, epochs=300, blr=1.5e-4,
+                weight_decay=0.05, warmup_epochs=20, clip_grad=3.0, global_pool=True, sincos_pos_init=False,
+                num_workers=8, probe_epochs=90, shapes_size=10000,
                 ft_blr=1e-3, layer_decay=0.8)  # vit_base fine-tuning config: 8e-3 at batch 2048 (common.FINETUNE: rest)
 PRESETS = {  # flags given on the command line win over these
     'shapes': dict(model='vit_tiny_patch4', input_size=32, batch_size=128, epochs=8, warmup_epochs=1, blr=1.5e-3,
@@ -347,8 +347,8 @@ def main(argv=None):
     args = parse_args(argv)
     common.setup(args)
     model = build_model(args).to(args.device)
-    train_set, eval_sets = common.build_datasets(args, common.TrainTransform(args.input_size, scale=(0.2, 1.0)),
-                                                 partial(low_pass_choice, args.sample_ratio))
+    crop = common.TrainTransform(args.input_size, scale=(args.crop_scale, 1.0))
+    train_set, eval_sets = common.build_datasets(args, crop, partial(low_pass_choice, args.sample_ratio))
     optimizer = common.adamw(model, args, betas=(0.9, 0.95),  # the ViT's no_weight_decay(), besides 1-D and biases
                              no_decay_names=('encoder.pos_embed', 'encoder.cls_token'))
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')

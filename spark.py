@@ -46,8 +46,9 @@ from common import (LayerNorm2d, Sparse, SparseBatchNorm2d, SparseSyncBatchNorm2
 
 
 # ---- arguments ----------------------------------------------------------------------------------------------------
-DEFAULTS = dict(model='resnet50', input_size=224, batch_size=64, epochs=1600, blr=2e-4, weight_decay=0.04,
-                weight_decay_end=0.2, warmup_epochs=40, mask_ratio=0.6, decoder_width=768, num_workers=8,
+DEFAULTS = dict(model='resnet50', input_size=224, crop_scale=0.67, batch_size=64, epochs=1600, blr=2e-4,
+                weight_decay=0.04, weight_decay_end=0.2, warmup_epochs=40, mask_ratio=0.6, decoder_width=768,
+                num_workers=8,
                 probe_epochs=90, shapes_size=10000,  # pretrain/utils/arg_util.py; batch 4096 via the imagenet preset
                 ft_blr=2e-3, layer_decay=0.7, ft_weight_decay=0.02, mixup=0.1, ft_drop_path=0.05)  # resnet50 FT
 PRESETS = {  # flags given on the command line win over these
@@ -387,7 +388,7 @@ def lr_wd_annealing(optimizer, epoch, args):
         low = 0.001 * args.lr if low is None else low
         lr = low + (args.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
     wd_start, wd_end = args.weight_decay, args.weight_decay_end
-    wd = wd_end + (wd_start - wd_end) * 0.5 * (1 + math.cos(math.pi * epoch / last))
+    wd = wd_end + (wd_start - wd_end) * 0.5 * (1 + math.cos(math.pi * epoch / max(last, 1e-8)))
     for group, decayed in zip(optimizer.param_groups, (False, True)):  # common.param_groups: [no decay, decay]
         group['lr'], group['weight_decay'] = lr, wd if decayed else 0.0
     return lr
@@ -435,8 +436,8 @@ def main(argv=None):
         sync_batchnorm(model)
     for part in (model.to(args.device).sparse_encoder, model.densify_projs, model.dense_decoder):
         part.to(memory_format=torch.channels_last)  # the sparse norms' layout: faster, grads match DDP's buckets
-    train_set, eval_sets = common.build_datasets(args, common.TrainTransform(args.input_size, scale=(0.67, 1.0)),
-                                                 partial(uniform_noise, model.num_patches))
+    crop = common.TrainTransform(args.input_size, scale=(args.crop_scale, 1.0))
+    train_set, eval_sets = common.build_datasets(args, crop, partial(uniform_noise, model.num_patches))
     groups = common.param_groups(model, 0.0, [n for n, _ in model.named_parameters() if 'mask_token' in n])
     beta2 = 0.95 if MODELS[args.model][0] == 'resnet' else 0.999  # official `ada`
     optimizer = LAMB(groups, args.lr, betas=(0.9, beta2))

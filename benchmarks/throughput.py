@@ -45,8 +45,6 @@ sys.path.insert(0, ROOT)  # the method files and common.py live in the repositor
 import common, hpm, mae, maskfeat, mfm, spark  # noqa: E402
 
 METHODS = {'mae': mae, 'hpm': hpm, 'maskfeat': maskfeat, 'mfm': mfm, 'spark': spark}
-CROPS = {'mae': dict(scale=(0.2, 1.0)), 'hpm': dict(scale=(0.2, 1.0)), 'mfm': dict(scale=(0.2, 1.0)),
-         'maskfeat': dict(scale=(0.5, 1.0), ratio=(0.75, 1.3333)), 'spark': dict(scale=(0.67, 1.0))}  # each main()'s
 SCHEDULES = {'mae': common.adjust_learning_rate, 'hpm': common.adjust_learning_rate,
              'maskfeat': maskfeat.warmup_cosine, 'mfm': mfm.official_schedule, 'spark': spark.lr_wd_annealing}
 
@@ -137,7 +135,8 @@ def method_args(method, opts, output_dir):
 
 def recipe(method, args):
     """The training transform and per-sample extra that the method's main() hands to common.build_datasets."""
-    transform = common.TrainTransform(args.input_size, **CROPS[method])
+    ratio = (0.75, 1.3333) if method == 'maskfeat' else (3 / 4, 4 / 3)  # as each main() builds it
+    transform = common.TrainTransform(args.input_size, scale=(args.crop_scale, 1.0), ratio=ratio)
     if method == 'mfm':
         return transform, partial(mfm.low_pass_choice, args.sample_ratio)
     grid = args.input_size // (spark.MODELS[args.model][3] if method == 'spark' else
