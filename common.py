@@ -1,4 +1,5 @@
-"""What every method file shares: the ViT, patchify, data, training plumbing, checkpoints, evaluation, sparse ops.
+"""What every method file shares: the ViT, patchify, data, training plumbing, checkpoints, evaluation (kNN, linear
+probe, fine-tuning, released checkpoints), sparse ops.
 
 Shapes: B batch, C,H,W image, p patch size, h,w patch grid, L = h*w patches, K kept (visible) patches, D encoder
 width, P = p*p*C values per patch. Masks are (B, L) with 1 = masked (removed) and 0 = visible, in every method file.
