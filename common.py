@@ -689,7 +689,7 @@ def load_checkpoint(path):
     except pickle.UnpicklingError as e:
         sys.exit(f'error: refusing to load {path}: it holds pickled Python objects, not only tensors, and loading '
                  f'it could run code ({str(e).splitlines()[0]}). If you trust it, keep its weights only, see the '
-                 f'README, "Released checkpoints".')
+                 f'README, "Fine-tuning and released checkpoints".')
 
 
 def clean_state_dict(state_dict):  # strip the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes

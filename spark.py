@@ -41,8 +41,8 @@ import torch
 import torch.nn as nn
 
 import common
-from common import (LayerNorm2d, Sparse, SparseBatchNorm2d, SparseSyncBatchNorm2d, patchify, sparse_twin, unpatchify,
-                    visible_at, visible_sites)
+from common import (LayerNorm2d, Sparse, SparseBatchNorm2d, SparseSyncBatchNorm2d, drop_path, patchify, sparse_twin,
+                    unpatchify, visible_at, visible_sites)  # drop_path: timm's DropPath, SparK pretrains with it
 
 
 # ---- arguments ----------------------------------------------------------------------------------------------------
@@ -104,13 +104,6 @@ MODELS = {  # name: (family, blocks per stage, widths, downsample ratio, pretrai
     'convnext_tiny_ds8': ('convnext', [3, 3, 9, 3], [96, 192, 384, 768], 8, 0.1),
     'convnext_atto_ds8': ('convnext', [2, 2, 6, 2], [40, 80, 160, 320], 8, 0.0),
 }
-
-
-def drop_path(x, prob, training):
-    """Stochastic depth: drop a whole residual branch per sample (timm's DropPath; SparK pretrains with it)."""
-    if prob == 0.0 or not training:
-        return x
-    return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - prob) / (1 - prob)
 
 
 class Bottleneck(nn.Module):
