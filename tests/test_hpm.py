@@ -83,10 +83,13 @@ FLAGS = TINY + ['--decoder_embed_dim', '32', '--decoder_depth', '1']
 
 def test_end_to_end_run(tmp_path):
     out = str(tmp_path / 'run')
-    run_script('hpm.py', FLAGS + ['--output_dir', out])
+    run_script('hpm.py', FLAGS + ['--output_dir', out, '--finetune_epochs', '1'])
     log = read_log(out)
     assert math.isfinite(log[0]['train_reconstruction']) and math.isfinite(log[0]['train_relative'])
-    assert 'trained_probe_top1' in log[-1] and os.path.getsize(f'{out}/reconstruction.png') > 1000
+    evaluation, finetuned = next(line for line in log if line.get('evaluation')), log[-1]  # fine-tuning logs last
+    assert finetuned['finetune_epoch'] == 0 and 0 <= finetuned['finetune_top1'] <= 100
+    assert os.path.exists(f'{out}/finetuned.pth')
+    assert 'trained_probe_top1' in evaluation and os.path.getsize(f'{out}/reconstruction.png') > 1000
 
 
 def test_resume_restores_the_teacher(tmp_path):

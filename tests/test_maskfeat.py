@@ -127,10 +127,13 @@ def test_hog_cell_must_be_half_the_patch():
 
 def test_end_to_end_run(tmp_path):
     out = str(tmp_path / 'run')
-    result = run_script('maskfeat.py', TINY + ['--output_dir', out, '--hog_cell_size', '2'])
+    result = run_script('maskfeat.py', TINY + ['--output_dir', out, '--hog_cell_size', '2', '--finetune_epochs', '1'])
     log = read_log(out)
     assert math.isfinite(log[0]['train_loss']) and log[0]['images_per_s'] > 0
-    assert 'trained_knn_top1' in log[-1] and 'random_init_probe_top1' in log[-1]
+    evaluation, finetuned = next(line for line in log if line.get('evaluation')), log[-1]  # fine-tuning logs last
+    assert finetuned['finetune_epoch'] == 0 and 0 <= finetuned['finetune_top1'] <= 100
+    assert os.path.exists(f'{out}/finetuned.pth')
+    assert 'trained_knn_top1' in evaluation and 'random_init_probe_top1' in evaluation
     assert os.path.exists(f'{out}/checkpoint-last.pth') and os.path.exists(f'{out}/checkpoint-0.pth')
     assert os.path.getsize(f'{out}/hog.png') > 1000
     assert 'linear probe top-1' in result.stdout

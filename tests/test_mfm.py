@@ -166,10 +166,13 @@ def test_schedule_warms_up_then_follows_the_whole_run_cosine():
 @pytest.mark.parametrize('model', ['vit_tiny_patch4', 'resnet_tiny'])
 def test_end_to_end_run(tmp_path, model):
     out = str(tmp_path / 'run')
-    result = run_script('mfm.py', TINY + ['--model', model, '--output_dir', out])
+    result = run_script('mfm.py', TINY + ['--model', model, '--output_dir', out, '--finetune_epochs', '1'])
     log = read_log(out)
     assert math.isfinite(log[0]['train_loss']) and log[0]['images_per_s'] > 0
-    assert 'trained_knn_top1' in log[-1] and 'random_init_probe_top1' in log[-1]
+    evaluation, finetuned = next(line for line in log if line.get('evaluation')), log[-1]  # fine-tuning logs last
+    assert finetuned['finetune_epoch'] == 0 and 0 <= finetuned['finetune_top1'] <= 100
+    assert os.path.exists(f'{out}/finetuned.pth')
+    assert 'trained_knn_top1' in evaluation and 'random_init_probe_top1' in evaluation
     assert os.path.exists(f'{out}/checkpoint-last.pth') and os.path.exists(f'{out}/checkpoint-0.pth')
     assert os.path.getsize(f'{out}/spectra.png') > 1000
     assert 'linear probe top-1' in result.stdout

@@ -208,10 +208,13 @@ def test_lr_and_weight_decay_schedule_endpoints():
 def test_end_to_end_run(tmp_path, model, size):
     out = str(tmp_path / 'run')
     result = run_script('spark.py', TINY + ['--model', model, '--input_size', size, '--decoder_width', '32',
-                                            '--output_dir', out])
+                                            '--output_dir', out, '--finetune_epochs', '1'])  # ResNet: LAMB + BCE
     log = read_log(out)
     assert math.isfinite(log[0]['train_loss']) and log[0]['images_per_s'] > 0
-    assert 'trained_knn_top1' in log[-1] and 'random_init_probe_top1' in log[-1]
+    evaluation, finetuned = next(line for line in log if line.get('evaluation')), log[-1]  # fine-tuning logs last
+    assert finetuned['finetune_epoch'] == 0 and 0 <= finetuned['finetune_top1'] <= 100
+    assert os.path.exists(f'{out}/finetuned.pth')
+    assert 'trained_knn_top1' in evaluation and 'random_init_probe_top1' in evaluation
     assert os.path.exists(f'{out}/checkpoint-last.pth') and os.path.getsize(f'{out}/reconstruction.png') > 1000
     encoder = torch.load(f'{out}/{model}_1kpretrained_timm_style.pth', weights_only=True)
     spark.build_backbone(model).load_state_dict(encoder, strict=True)  # the dense network takes it as it is
