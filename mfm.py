@@ -33,8 +33,8 @@ Differences from the paper and the official code (each deliberate):
     init, which leaves a small ViT almost no position signal in a short run. ImageNet presets keep the official init.
 10. Fine-tuning is common.finetune (layer decay 0.8, lr 1e-3 per 256, the official 8e-3 at 2048). The ViT is common's
     ViTClassifier, loaded through timm_layout: its k bias starts at 0 and then trains (BEiT keeps it at 0). ResNets
-    get timm's `fc` on the pooled last stage and the same recipe, without layer decay: the official ResNet-50 recipe
-    is timm's training script, outside the repository.
+    get timm's `fc` on the pooled last stage and the same recipe without layer decay or drop path: the official
+    ResNet-50 recipe is timm's training script, outside the repository.
 
 Expected result (built-in shapes, 32 px, 8 epochs, 2-core CPU; kNN / linear-probe top-1, pretrained vs random init):
 `python mfm.py` (ViT-Ti/4) 11.1 / 15.4 vs 10.2 / 11.6 in 9 minutes; `python mfm.py --model resnet_tiny` (blr 6e-3
@@ -255,7 +255,7 @@ class ResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def features(self, imgs):  # (B, 3, H, W) -> (B, C): global average pool of the last stage, for evaluation
-        return ResNet.forward(self, imgs).mean((2, 3))
+        return ResNet.forward(self, imgs).mean((2, 3))  # not self.forward: the classifier's returns logits
 
 
 class ResNetClassifier(ResNet):
