@@ -11,12 +11,12 @@ lr 1e-3 per 256 and layer decay 0.75, MAE's code defaults; SparK keeps its LAMB 
 300 epochs, barely moves a network in 234 steps at batch 64: fine-tuned, it stayed below chance, 7.60%). The encoder is ViT-Ti/4
 (5.4M parameters) for the four ViT methods; SparK, a convnet method, uses resnet_mini_ds8 (0.5M; convnext_atto_ds8,
 3.4M, runs 3x slower than ViT-Ti/4 on a CPU). The pretraining lr is each method's 32-px `shapes` preset. Random-init
-rows evaluate both networks untrained (`--eval_only` without `--resume`): their kNN and probe come from every run
-(each method's own initialisation), their fine-tuning from mae.py and spark.py.
+rows evaluate each method's network untrained, with the method's own initialisation: kNN and probe in the same run,
+fine-tuning in a second run (`--eval_only` without `--resume`).
 
 Writes <output_dir>/results.md (the table, the command, the machine, the date) and results.json; each run keeps its
 log.txt and pictures under <output_dir>/<method>. Run from the repository root:
-    python benchmarks/compare.py                   # the README table: 54 minutes on a 2-core CPU
+    python benchmarks/compare.py                   # the README table: 63 minutes on a 2-core CPU
     python benchmarks/compare.py --train_per_class 5000 --val_per_class 1000 --epochs 100 --finetune_epochs 20
 """
 import argparse, datetime, json, os, platform, subprocess, sys, time
@@ -101,13 +101,11 @@ def main(argv=None):
         log, seconds[method] = run(method, shared + METHODS[method], os.path.join(opts.output_dir, method))
         rows[method] = summary(log)
         print(f'{method}: {rows[method]}, {seconds[method]:.0f} s', flush=True)
-    for method in [m for m in ('mae', 'spark') if m in opts.methods]:  # fine-tuning from random weights, per network
-        name = f'{method}_random'  # --eval_only without --resume: the untrained network, nothing else evaluated
+    for method in opts.methods:  # fine-tuning from random weights: --eval_only without --resume, nothing else
+        name = f'{method}_random'
         log, seconds[name] = run(method, shared + METHODS[method] + ['--eval_only', '--knn_k', '0', '--probe_epochs',
                                                                      '0'], os.path.join(opts.output_dir, name))
-        for other in rows:
-            if (other == 'spark') == (method == 'spark'):
-                rows[other]['random_init_finetune'] = summary(log)['finetune']
+        rows[method]['random_init_finetune'] = summary(log)['finetune']
     write_results(opts, rows, seconds, argv)
 
 
