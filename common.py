@@ -967,6 +967,14 @@ def export_encoder(args, state):  # --export_encoder: the encoder alone, timm na
         print(f'encoder written to {os.path.join(args.output_dir, "encoder_timm.pth")}')
 
 
+def picture_images(args, train_set, eval_sets, count=8):
+    """(count, 3, H, W) uint8 on the device for a method's pictures: val images (else training images, uncropped)
+    spread evenly over the split, so that the sorted classes of an image folder all show, not only the first."""
+    dataset = eval_sets[1] if eval_sets else train_set.with_transform(EvalTransform(args.input_size))
+    indices = np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int)
+    return torch.stack([dataset[i][0] for i in indices]).to(args.device)
+
+
 def save_picture(columns, path, min_side=96):
     """Write a PNG grid: one row per sample, one column per (N, 3, H, W) tensor of [0, 1] values."""
     rows = torch.cat([torch.cat(list(col.detach().float().clamp(0, 1).cpu()), dim=1) for col in columns], dim=2)

@@ -245,11 +245,11 @@ def build_model(args):
 
 
 @torch.no_grad()
-def draw_reconstructions(model, teacher, dataset, args, path, count=8):
+def draw_reconstructions(model, teacher, images, args, path):
     """Rows of original | the teacher's predicted losses (hot = hard) | input under the hard-patches mask at
     alpha_T | reconstruction | reconstruction with the visible patches pasted back."""
     model.eval()
-    images = common.normalize(torch.stack([dataset[i][0] for i in range(count)]).to(args.device))
+    images, count = common.normalize(images), len(images)  # (B, 3, H, W) uint8 -> normalised
     noise = torch.rand(count, model.num_patches, generator=torch.Generator().manual_seed(0)).to(args.device)
     predicted = teacher.teacher_losses(images)  # (B, L)
     (_, _), pred, mask = model(images, args.mask_ratio, hard_patches_order(predicted, noise, args.mask_ratio,
@@ -305,8 +305,7 @@ def main(argv=None):
 
     common.evaluate(args, model, partial(build_model, args), eval_sets)
     if common.is_main():
-        pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))
-        draw_reconstructions(model, teacher, pictures_from, args, f'{args.output_dir}/reconstruction.png')
+        draw_reconstructions(model, teacher, common.picture_images(args, train_set, eval_sets), args, f'{args.output_dir}/reconstruction.png')
         print(f'wrote {args.output_dir}/reconstruction.png and log.txt')
     encoder = common.vit_encoder_state((teacher if args.teacher else model).state_dict())
     common.export_encoder(args, encoder)

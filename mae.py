@@ -163,11 +163,11 @@ def build_model(args):
 
 
 @torch.no_grad()
-def draw_reconstructions(model, dataset, args, path, count=8):
+def draw_reconstructions(model, images, args, path):
     """Rows of original | masked | reconstruction | reconstruction with the visible patches pasted back.
     With norm-pix the prediction is un-normalised with each original patch's own mean and variance."""
     model.eval()
-    images = common.normalize(torch.stack([dataset[i][0] for i in range(count)]).to(args.device))
+    images, count = common.normalize(images), len(images)  # (B, 3, H, W) uint8 -> normalised
     noise = torch.rand(count, model.num_patches, generator=torch.Generator().manual_seed(0)).to(args.device)
     _, pred, mask = model(images, args.mask_ratio, noise)
     target, p, h = patchify(images, model.patch_size), model.patch_size, model.grid_size
@@ -202,8 +202,7 @@ def main(argv=None):
 
     common.evaluate(args, model, partial(build_model, args), eval_sets)
     if common.is_main():
-        pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))
-        draw_reconstructions(model, pictures_from, args, f'{args.output_dir}/reconstruction.png')
+        draw_reconstructions(model, common.picture_images(args, train_set, eval_sets), args, f'{args.output_dir}/reconstruction.png')
         print(f'wrote {args.output_dir}/reconstruction.png and log.txt')
     encoder = common.vit_encoder_state(model.state_dict())  # timm names, as the released mae_pretrain_*.pth
     common.export_encoder(args, encoder)

@@ -294,11 +294,11 @@ def hog_glyphs(histograms, glyph=16):
 
 
 @torch.no_grad()
-def draw_hog(model, dataset, args, path, count=8, glyph=16):
+def draw_hog(model, images, args, path, glyph=16):
     """Rows of original | HOG of the original | predicted HOG at the masked patches, the visible patches showing the
     input pixels at half brightness. A cell is `glyph` pixels wide, the images are enlarged to match."""
     model.eval()
-    images = common.normalize(torch.stack([dataset[i][0] for i in range(count)]).to(args.device))
+    images, count = common.normalize(images), len(images)  # (B, 3, H, W) uint8 -> normalised
     num_mask = round(model.num_patches * args.mask_ratio)
     mask = torch.from_numpy(np.stack([block_masking(model.grid_size, num_mask, np.random.default_rng(i))
                                       for i in range(count)])).to(args.device)  # (B, L)
@@ -357,8 +357,7 @@ def main(argv=None):
 
     common.evaluate(args, model, partial(build_model, args), eval_sets)
     if common.is_main():
-        pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))
-        draw_hog(model, pictures_from, args, f'{args.output_dir}/hog.png')
+        draw_hog(model, common.picture_images(args, train_set, eval_sets), args, f'{args.output_dir}/hog.png')
         print(f'wrote {args.output_dir}/hog.png and log.txt')
     encoder = common.vit_encoder_state(model.state_dict())  # no `norm`: SlowFast deletes it at pretraining
     common.export_encoder(args, encoder)

@@ -322,12 +322,11 @@ def log_amplitude(imgs):
 
 
 @torch.no_grad()
-def draw_spectra(model, dataset, args, path, count=8):
+def draw_spectra(model, originals, args, path):
     """Rows (low-pass, high-pass alternating) of original | corrupted input | prediction | log-amplitude spectrum of
     each, on the original's scale, the mask circle outlined in red."""
     model.eval()
-    count = min(count, len(dataset))
-    imgs = torch.stack([dataset[i][0] for i in range(count)]).to(args.device).float() / 255
+    imgs, count = originals.float() / 255, len(originals)  # (B, 3, H, W) uint8 -> [0, 1]
     removed = frequency_mask(args.input_size, args.mask_radius, (torch.arange(count) % 2 == 0).to(args.device))
     _, pred, corrupted = model(imgs, removed)
     images = [imgs, common.denormalize(corrupted), common.denormalize(pred)]
@@ -373,8 +372,7 @@ def main(argv=None):
 
     common.evaluate(args, model.encoder, lambda: build_model(args).encoder, eval_sets)
     if common.is_main():
-        pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))
-        draw_spectra(model, pictures_from, args, f'{args.output_dir}/spectra.png')
+        draw_spectra(model, common.picture_images(args, train_set, eval_sets), args, f'{args.output_dir}/spectra.png')
         print(f'wrote {args.output_dir}/spectra.png and log.txt')
     encoder = timm_layout(model.state_dict())  # as the official fine-tuning loads it: `encoder.` stripped
     common.export_encoder(args, encoder)

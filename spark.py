@@ -389,11 +389,11 @@ def lr_wd_annealing(optimizer, epoch, args):
 
 # ---- pictures -----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def draw_reconstructions(model, dataset, args, path, count=8):
+def draw_reconstructions(model, images, args, path):
     """Rows of original | masked | reconstruction | reconstruction with the visible patches pasted back; the prediction
     is un-normalised with each original patch's mean and variance (as SparK's vis output)."""
     model.eval()
-    images = common.normalize(torch.stack([dataset[i][0] for i in range(count)]).to(args.device))
+    images, count = common.normalize(images), len(images)  # (B, 3, H, W) uint8 -> normalised
     noise = torch.rand(count, model.num_patches, generator=torch.Generator().manual_seed(0)).to(args.device)
     mask = random_masking(noise, model.keep)
     _, rec = model(images, mask)
@@ -454,8 +454,7 @@ def main(argv=None):
     common.export_encoder(args, encoder.state_dict())
     if common.is_main():
         common.atomic_save(encoder.state_dict(), f'{args.output_dir}/{args.model}_1kpretrained_timm_style.pth')
-        pictures_from = eval_sets[1] if eval_sets else train_set.with_transform(common.EvalTransform(args.input_size))
-        draw_reconstructions(model, pictures_from, args, f'{args.output_dir}/reconstruction.png')
+        draw_reconstructions(model, common.picture_images(args, train_set, eval_sets), args, f'{args.output_dir}/reconstruction.png')
         print(f'wrote {args.output_dir}/reconstruction.png, the encoder weights and log.txt')
     resnet = MODELS[args.model][0] == 'resnet'  # ResNets: LAMB and binary cross-entropy; ConvNeXts: AdamW, soft CE
     common.finetune(args, partial(build_backbone, args.model, args.ft_drop_path), encoder.state_dict(), eval_sets,
