@@ -8,7 +8,7 @@ Randomness: every per-sample random choice (crop, flip, the mask noise a method 
 drawn in the data pipeline from `numpy.random.default_rng([seed, epoch, index])`: the same samples, crops and masks
 whatever the number of processes, workers or restarts. That makes `--resume` exact and N processes equal one.
 """
-import argparse, copy, hashlib, json, math, os, pickle, re, resource, sys, tarfile, time, urllib.request, warnings
+import argparse, copy, hashlib, json, math, os, pickle, re, resource, shutil, sys, tarfile, time, urllib.request, warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -924,13 +924,17 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
      a. No model EMA (SparK), repeated augmentation (SparK's ConvNeXts) or colour jitter (SlowFast MaskFeat); SparK's
         TrivialAugmentWide is RandAugment here, its val crop 0.875 (not 0.95), its lr schedule the MAE one.
      b. Random-erasing noise is drawn in uint8 (clipped to 0-255), not as N(0, 1) in the normalised space.
-     c. The top-1 of the last epoch is reported (not the best), and the fine-tuning run does not resume after a crash
-        (the pretraining checkpoints do)."""
+     c. The top-1 of the last epoch is reported (not the best).
+    Each epoch is checkpointed in output_dir/finetune/: the same command run again after a crash continues from the
+    last epoch (exactly: optimizer, loss scale, RNG and per-epoch mixup draws restored) when its start weights and
+    fine-tuning epochs are the same; otherwise it starts afresh. The folder is removed once finetuned.pth is written."""
     if not args.finetune_epochs or not eval_sets:
         return None
     (train, val), cuda = eval_sets, args.device.type == 'cuda'
     ft = argparse.Namespace(**{**vars(args), 'epochs': args.finetune_epochs, 'warmup_epochs': args.ft_warmup_epochs,
-                               'min_lr': 1e-6, 'clip_grad': None})
+                               'min_lr': 1e-6, 'clip_grad': None, 'output_dir': f'{args.output_dir}/finetune',
+                               'resume': 'auto', 'save_freq': sys.maxsize})
+    start_from = float(sum(v.double().sum() for v in state.values() if v.is_floating_point()))  # names the start
     ft.accum_iter = max(1, (args.ft_batch or 0) // (args.batch_size * args.world_size))
     ft.lr = args.ft_blr * args.batch_size * ft.accum_iter * args.world_size / 256
     num_classes = len(train.classes)
@@ -941,7 +945,6 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
     optimizer = (optimizer or partial(torch.optim.AdamW, fused=cuda))(groups, lr=ft.lr)
     scaler, model = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16'), wrap_ddp(classifier, args)
     loader = make_loader(train.with_transform(FinetuneTransform(args.input_size, args.reprob)), ft, train=True)
-    rng = np.random.default_rng([args.seed, args.rank])  # each batch's mixup / cutmix draw
 
     def loss_fn(model, images, labels):
         images, target = mix(normalize(images), labels, num_classes, args.mixup, args.cutmix, args.smoothing, rng)
@@ -949,15 +952,23 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
         if bce:
             return F.binary_cross_entropy_with_logits(logits, target), {}
         return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean(), {}
-    for epoch in range(args.finetune_epochs):
+    last = f'{ft.output_dir}/checkpoint-last.pth'
+    previous = load_checkpoint(last) if os.path.isfile(last) else {}
+    same = previous.get('start_from') == start_from and previous['args']['epochs'] == ft.epochs  # interrupted
+    start, top1 = resume(ft, classifier, optimizer, scaler) if same else 0, None
+    os.makedirs(ft.output_dir, exist_ok=True)
+    for epoch in range(start, args.finetune_epochs):
+        rng = np.random.default_rng([args.seed, args.rank, epoch])  # this epoch's mixup / cutmix draws
         stats = train_one_epoch(model, loss_fn, loader, optimizer, scaler, epoch, ft)
         logits, labels = extract_features(classifier.eval(), val, args)
         top1 = 100.0 * (logits.argmax(1) == labels).float().mean().item()
         log_stats(args, {'finetune_epoch': epoch, **stats, 'finetune_top1': top1})
         if is_main():
             print(f'fine-tuning epoch {epoch}: loss {stats["train_loss"]:.4f}, val top-1 {top1:.2f}%')
+        save_checkpoint(ft, epoch, classifier, optimizer, scaler, start_from=start_from)
     if is_main():
         atomic_save({'model': classifier.state_dict(), 'args': plain(args)}, f'{args.output_dir}/finetuned.pth')
+        shutil.rmtree(ft.output_dir)
     return top1
 
 

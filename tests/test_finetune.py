@@ -1,7 +1,7 @@
 """Fine-tuning: official checkpoint layouts load with only the expected missing / unused keys, position tables are
 resized, the encoder export round-trips, layer-decay groups, mixup / cutmix, the fine-tuning transform, and runs of
 mae.py that fine-tune as a user would start them."""
-import inspect, os, re
+import inspect, os, re, signal, subprocess, sys, time
 from functools import partial
 from types import SimpleNamespace
 
@@ -16,7 +16,7 @@ import mae
 import maskfeat
 import mfm
 import spark
-from conftest import TINY, read_log, run_script
+from conftest import ROOT, TINY, load_weights, read_log, run_script
 
 LOAD_PRETRAINED = common.load_pretrained  # the original, whatever a test patches
 BLOCK = ['norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.qkv.bias', 'attn.proj.weight', 'attn.proj.bias',
@@ -402,3 +402,30 @@ def test_eval_only_finetune_and_export_end_to_end(tmp_path):
     exported = torch.load(f'{out}/encoder_timm.pth', map_location='cpu', weights_only=True)
     assert set(exported) == timm_encoder_keys(12)
     assert all(torch.equal(exported[k], v) for k, v in encoder.items())
+
+
+def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
+    """SIGKILL after the first fine-tuning epoch's checkpoint, then the same command again: it continues from that
+    epoch and ends with the uninterrupted run's weights (mixup, cutmix, erasing and drop path on: every random stream
+    is restored), and removes its checkpoint folder."""
+    colour_folder(tmp_path / 'data')
+    flags = ['--data', 'folder', '--data_path', str(tmp_path / 'data'), '--input_size', '16', '--model',
+             'vit_tiny_patch4', '--batch_size', '8', '--num_workers', '0', '--decoder_embed_dim', '32',
+             '--decoder_depth', '1', '--probe_epochs', '0', '--knn_k', '0', '--eval_only', '--finetune_epochs', '2']
+    straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
+    run_script('mae.py', flags + ['--output_dir', straight])
+    process = subprocess.Popen([sys.executable, 'mae.py', *flags, '--output_dir', killed], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    deadline = time.time() + 120
+    while not os.path.exists(f'{killed}/finetune/checkpoint-last.pth') and process.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(f'{killed}/finetuned.pth')  # killed during the second epoch
+    assert torch.load(f'{killed}/finetune/checkpoint-last.pth', weights_only=True)['epoch'] == 0
+    result = run_script('mae.py', flags + ['--output_dir', killed])
+    assert 'resumed from' in result.stdout and not os.path.exists(f'{killed}/finetune')
+    a, b = load_weights(f'{straight}/finetuned.pth'), load_weights(f'{killed}/finetuned.pth')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
