@@ -8,7 +8,8 @@ Randomness: every per-sample random choice (crop, flip, the mask noise a method 
 drawn in the data pipeline from `numpy.random.default_rng([seed, epoch, index])`: the same samples, crops and masks
 whatever the number of processes, workers or restarts. That makes `--resume` exact and N processes equal one.
 """
-import argparse, copy, hashlib, json, math, os, pickle, re, resource, shutil, sys, tarfile, time, urllib.request, warnings
+import argparse, copy, hashlib, json, math, os, pickle, re, resource, shutil, sys, tarfile, time, warnings
+import urllib.request
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from functools import partial
