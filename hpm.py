@@ -305,7 +305,8 @@ def main(argv=None):
 
     common.evaluate(args, model, partial(build_model, args), eval_sets)
     if common.is_main():
-        draw_reconstructions(model, teacher, common.picture_images(args, train_set, eval_sets), args, f'{args.output_dir}/reconstruction.png')
+        images = common.picture_images(args, train_set, eval_sets)  # (8, 3, H, W) uint8
+        draw_reconstructions(model, teacher, images, args, f'{args.output_dir}/reconstruction.png')
         print(f'wrote {args.output_dir}/reconstruction.png and log.txt')
     encoder = common.vit_encoder_state((teacher if args.teacher else model).state_dict())
     common.export_encoder(args, encoder)

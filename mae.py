@@ -202,7 +202,8 @@ def main(argv=None):
 
     common.evaluate(args, model, partial(build_model, args), eval_sets)
     if common.is_main():
-        draw_reconstructions(model, common.picture_images(args, train_set, eval_sets), args, f'{args.output_dir}/reconstruction.png')
+        images = common.picture_images(args, train_set, eval_sets)  # (8, 3, H, W) uint8
+        draw_reconstructions(model, images, args, f'{args.output_dir}/reconstruction.png')
         print(f'wrote {args.output_dir}/reconstruction.png and log.txt')
     encoder = common.vit_encoder_state(model.state_dict())  # timm names, as the released mae_pretrain_*.pth
     common.export_encoder(args, encoder)

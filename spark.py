@@ -454,7 +454,8 @@ def main(argv=None):
     common.export_encoder(args, encoder.state_dict())
     if common.is_main():
         common.atomic_save(encoder.state_dict(), f'{args.output_dir}/{args.model}_1kpretrained_timm_style.pth')
-        draw_reconstructions(model, common.picture_images(args, train_set, eval_sets), args, f'{args.output_dir}/reconstruction.png')
+        images = common.picture_images(args, train_set, eval_sets)  # (8, 3, H, W) uint8
+        draw_reconstructions(model, images, args, f'{args.output_dir}/reconstruction.png')
         print(f'wrote {args.output_dir}/reconstruction.png, the encoder weights and log.txt')
     resnet = MODELS[args.model][0] == 'resnet'  # ResNets: LAMB and binary cross-entropy; ConvNeXts: AdamW, soft CE
     common.finetune(args, partial(build_backbone, args.model, args.ft_drop_path), encoder.state_dict(), eval_sets,
