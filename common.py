@@ -928,7 +928,7 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
      c. The top-1 of the last epoch is reported (not the best).
     Each epoch is checkpointed in output_dir/finetune/: the same command run again after a crash continues from the
     last epoch (exactly: optimizer, loss scale, RNG and per-epoch mixup draws restored) when its start weights and
-    fine-tuning epochs are the same; otherwise it starts afresh. The folder is removed once finetuned.pth is written."""
+    fine-tuning settings are the same; otherwise it starts afresh. The folder is removed once finetuned.pth is written."""
     if not args.finetune_epochs or not eval_sets:
         return None
     (train, val), cuda = eval_sets, args.device.type == 'cuda'
@@ -955,7 +955,8 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
         return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean(), {}
     last = f'{ft.output_dir}/checkpoint-last.pth'
     previous = load_checkpoint(last) if os.path.isfile(last) else {}
-    same = previous.get('start_from') == start_from and previous['args']['epochs'] == ft.epochs  # interrupted
+    same = previous.get('start_from') == start_from and all(  # the same fine-tuning, interrupted: continue it
+        previous['args'].get(k) == getattr(ft, k) for k in [*FINETUNE, 'epochs', 'ft_batch', 'batch_size', 'seed'])
     start, top1 = resume(ft, classifier, optimizer, scaler) if same else 0, None
     os.makedirs(ft.output_dir, exist_ok=True)
     for epoch in range(start, args.finetune_epochs):

@@ -1,7 +1,7 @@
 """Fine-tuning: official checkpoint layouts load with only the expected missing / unused keys, position tables are
 resized, the encoder export round-trips, layer-decay groups, mixup / cutmix, the fine-tuning transform, and runs of
 mae.py that fine-tune as a user would start them."""
-import inspect, os, re, signal, subprocess, sys, time
+import inspect, os, re, shutil, signal, subprocess, sys, time
 from functools import partial
 from types import SimpleNamespace
 
@@ -407,7 +407,7 @@ def test_eval_only_finetune_and_export_end_to_end(tmp_path):
 def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
     """SIGKILL after the first fine-tuning epoch's checkpoint, then the same command again: it continues from that
     epoch and ends with the uninterrupted run's weights (mixup, cutmix, erasing and drop path on: every random stream
-    is restored), and removes its checkpoint folder."""
+    is restored), and removes its checkpoint folder. The same start with another setting starts afresh."""
     colour_folder(tmp_path / 'data')
     flags = ['--data', 'folder', '--data_path', str(tmp_path / 'data'), '--input_size', '16', '--model',
              'vit_tiny_patch4', '--batch_size', '8', '--num_workers', '0', '--decoder_embed_dim', '32',
@@ -425,6 +425,10 @@ def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
     process.wait()
     assert not os.path.exists(f'{killed}/finetuned.pth')  # killed during the second epoch
     assert torch.load(f'{killed}/finetune/checkpoint-last.pth', weights_only=True)['epoch'] == 0
+    shutil.copytree(f'{killed}/finetune', f'{tmp_path}/kept')
+    other = run_script('mae.py', flags + ['--ft_blr', '2e-3', '--output_dir', killed])  # another setting: afresh
+    assert 'resumed from' not in other.stdout and not os.path.exists(f'{killed}/finetune')
+    shutil.copytree(f'{tmp_path}/kept', f'{killed}/finetune')
     result = run_script('mae.py', flags + ['--output_dir', killed])
     assert 'resumed from' in result.stdout and not os.path.exists(f'{killed}/finetune')
     a, b = load_weights(f'{straight}/finetuned.pth'), load_weights(f'{killed}/finetuned.pth')
