@@ -914,21 +914,23 @@ def mix(images, labels, num_classes, mixup, cutmix, smoothing, rng):
     return images, target * lam + target.flip(0) * (1 - lam)
 
 
-def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=None, bce=False):
+def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=None, bce=False,
+             schedule=adjust_learning_rate):
     """Fine-tune `build_classifier(num_classes)` (images -> logits) from the encoder weights `state` on the labeled
     train split -> val top-1 (%), printed and logged after each epoch; the network is saved as finetuned.pth.
     main_finetune.py's protocol: AdamW (0.9, 0.999) with layer-wise lr decay (layer_id(name) -> (i, n); default the
     ViT's), no decay on pos_embed / cls_token / 1-D, per-iteration warmup then half-cosine to 1e-6, drop path,
-    FinetuneTransform, mixup / cutmix with label smoothing, soft-target cross-entropy; `optimizer(groups, lr=...)` and
-    `bce` give SparK's LAMB and binary cross-entropy for ResNets. --ft_batch reaches the recipe's effective batch by
-    accumulation. Differences from the official fine-tuning code:
+    FinetuneTransform, mixup / cutmix with label smoothing, soft-target cross-entropy; `optimizer(groups, lr=...)`,
+    `bce` and `schedule` give SparK's LAMB, binary cross-entropy for ResNets and lr schedule. --ft_batch reaches the
+    recipe's effective batch by accumulation. Differences from the official fine-tuning code:
      a. No model EMA (SparK), repeated augmentation (SparK's ConvNeXts) or colour jitter (SlowFast MaskFeat); SparK's
-        TrivialAugmentWide is RandAugment here, its val crop 0.875 (not 0.95), its lr schedule the MAE one.
+        TrivialAugmentWide is RandAugment here, its val crop 0.875 (not 0.95).
      b. Random-erasing noise is drawn in uint8 (clipped to 0-255), not as N(0, 1) in the normalised space.
      c. The top-1 of the last epoch is reported (not the best).
     Each epoch is checkpointed in output_dir/finetune/: the same command run again after a crash continues from the
     last epoch (exactly: optimizer, loss scale, RNG and per-epoch mixup draws restored) when its start weights and
-    fine-tuning settings are the same; otherwise it starts afresh. The folder is removed once finetuned.pth is written."""
+    fine-tuning settings are the same; otherwise it starts afresh. The folder is removed once finetuned.pth is
+    written."""
     if not args.finetune_epochs or not eval_sets:
         return None
     (train, val), cuda = eval_sets, args.device.type == 'cuda'
@@ -961,7 +963,7 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
     os.makedirs(ft.output_dir, exist_ok=True)
     for epoch in range(start, args.finetune_epochs):
         rng = np.random.default_rng([args.seed, args.rank, epoch])  # this epoch's mixup / cutmix draws
-        stats = train_one_epoch(model, loss_fn, loader, optimizer, scaler, epoch, ft)
+        stats = train_one_epoch(model, loss_fn, loader, optimizer, scaler, epoch, ft, schedule)
         logits, labels = extract_features(classifier.eval(), val, args)
         top1 = 100.0 * (logits.argmax(1) == labels).float().mean().item()
         log_stats(args, {'finetune_epoch': epoch, **stats, 'finetune_top1': top1})

@@ -27,7 +27,8 @@ Differences from the official code (each deliberate):
  6. Fine-tuning is common.finetune with downstream_imagenet's resnet50 row: LAMB without bias correction, adapting
     every tensor; binary cross-entropy; blr 2e-3, layer scale 0.7 over the official layer groups (layer_id), wd 0.02,
     mixup 0.1, cutmix 1.0, drop path 0.05. ConvNeXts get AdamW and soft-target cross-entropy, with the same numbers
-    unless flags say otherwise. No EMA; RandAugment instead of TrivialAugmentWide (see common.finetune).
+    unless flags say otherwise; the lr schedule is downstream_imagenet's (finetune_annealing: from 0.005x the peak,
+    down to 0.001x). No EMA; RandAugment instead of TrivialAugmentWide (see common.finetune).
 
 Expected result (`python spark.py`, built-in shapes, 32 px, resnet_mini_ds8, 16 epochs, 2-core CPU, 8.5 minutes):
 kNN / linear-probe top-1 11.6 / 17.9 pretrained vs 11.4 / 12.8 at random init. The probe gains 5 points; the kNN
@@ -387,6 +388,19 @@ def lr_wd_annealing(optimizer, epoch, args):
     return lr
 
 
+def finetune_annealing(optimizer, epoch, args):
+    """downstream_imagenet/lr_decay.py, per iteration: lr rises linearly from 0.005x the peak over the warmup, then a
+    cosine to 0.001x the peak at the end; each group keeps its layer-decay scale and its constant weight decay."""
+    if epoch < args.warmup_epochs:
+        lr = args.lr * (0.005 + 0.995 * epoch / args.warmup_epochs)
+    else:
+        progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
+        lr = args.lr * (0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * progress)))
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group['lr_scale']
+    return lr
+
+
 # ---- pictures -----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def draw_reconstructions(model, images, args, path):
@@ -461,7 +475,7 @@ def main(argv=None):
     common.finetune(args, partial(build_backbone, args.model, args.ft_drop_path), encoder.state_dict(), eval_sets,
                     lambda name: layer_id(name, encoder),
                     partial(LAMB, betas=(0.9, 0.999), max_grad_norm=1e7, bias_correction=False, always_adapt=True)
-                    if resnet else None, bce=resnet)
+                    if resnet else None, bce=resnet, schedule=finetune_annealing)
 
 
 if __name__ == '__main__':

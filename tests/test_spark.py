@@ -204,6 +204,20 @@ def test_lr_and_weight_decay_schedule_endpoints():
     assert optimizer.param_groups[0]['weight_decay'] == 0.0 and at(9.99 / 2)[1] == pytest.approx(0.12)  # halfway
 
 
+def test_finetune_schedule_endpoints_keep_layer_scales_and_weight_decay():
+    """downstream_imagenet's lr_wd_annealing: 0.005x at the start, the peak after warmup, 0.001x at the end, times
+    each group's layer scale; the weight decay is left alone."""
+    args = SimpleNamespace(lr=1.0, warmup_epochs=2, epochs=10)
+    optimizer = SimpleNamespace(param_groups=[{'lr_scale': 0.5, 'weight_decay': 0.0}, {'lr_scale': 1.0,
+                                                                                       'weight_decay': 0.02}])
+    assert spark.finetune_annealing(optimizer, 0, args) == pytest.approx(0.005)
+    assert spark.finetune_annealing(optimizer, 2, args) == pytest.approx(1.0)
+    assert spark.finetune_annealing(optimizer, 6, args) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert spark.finetune_annealing(optimizer, 10, args) == pytest.approx(0.001)
+    assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([0.0005, 0.001])
+    assert [g['weight_decay'] for g in optimizer.param_groups] == [0.0, 0.02]
+
+
 @pytest.mark.parametrize('model,size', [('resnet_mini_ds8', '32'), ('convnext_atto_ds8', '16')])
 def test_end_to_end_run(tmp_path, model, size):
     out = str(tmp_path / 'run')
