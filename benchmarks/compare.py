@@ -8,7 +8,7 @@ the same evaluation: kNN (k=20), a 30-epoch linear probe on frozen features, and
 fine-tuning (common.finetune with mixup / cutmix off and a half-epoch warmup for so short a run; the four ViTs share
 lr 1e-3 per 256 and layer decay 0.75, MAE's code defaults; SparK keeps its LAMB recipe but at 20x its lr, 0.04 per
 256, as its pretraining preset: LAMB steps by lr times |w|, and the official 2e-3 per 256, scaled for batch 2048 and
-300 epochs, barely moves a network in 234 steps at batch 64: fine-tuned, it stayed below chance, 7.60%). The
+300 epochs, barely moves a network in 234 steps at batch 64: fine-tuned, it stayed near chance, 10.65%). The
 encoder is ViT-Ti/4 (5.4M parameters) for the four ViT methods; SparK, a convnet method, uses resnet_mini_ds8 (0.5M;
 convnext_atto_ds8, 3.4M, runs 3x slower than ViT-Ti/4 on a CPU). The pretraining lr is each method's 32-px `shapes`
 preset. Random-init rows evaluate each method's network untrained, with the method's own initialisation: kNN and
@@ -16,7 +16,7 @@ probe in the same run, fine-tuning in a second run (`--eval_only` without `--res
 
 Writes <output_dir>/results.md (the table, the command, the machine, the date) and results.json; each run keeps its
 log.txt and pictures under <output_dir>/<method>. Run from the repository root:
-    python benchmarks/compare.py                   # the README table: 63 minutes on a 2-core CPU
+    python benchmarks/compare.py                   # the README table: 62 minutes on a 2-core CPU
     python benchmarks/compare.py --train_per_class 5000 --val_per_class 1000 --epochs 100 --finetune_epochs 20
 """
 import argparse, datetime, json, os, platform, subprocess, sys, time
