@@ -371,16 +371,20 @@ class LAMB(torch.optim.Optimizer):
                 p.add_(update, alpha=-group['lr'])
 
 
-def lr_wd_annealing(optimizer, epoch, args):
-    """pretrain/utils/lr_control.py, per iteration: lr rises linearly from 0.005x the peak over warmup_epochs, then a
-    cosine to --min_lr (default 0.001x the peak); weight decay follows a cosine UP, weight_decay to weight_decay_end."""
-    last = args.epochs - 1 / args.iters_per_epoch  # the last iteration, in epochs: its lr is 0.001x, its wd the end
+def annealed_lr(epoch, args, end, low):
+    """SparK's lr curve (pretrain/utils/lr_control.py, downstream_imagenet/lr_decay.py), per iteration: linear from
+    0.005x the peak over warmup_epochs, then a cosine down to `low` at epoch `end`."""
     if epoch < args.warmup_epochs:
-        lr = args.lr * (0.005 + 0.995 * epoch / args.warmup_epochs)
-    else:
-        progress, low = (epoch - args.warmup_epochs) / max(last - args.warmup_epochs, 1e-8), args.min_lr
-        low = 0.001 * args.lr if low is None else low
-        lr = low + (args.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
+        return args.lr * (0.005 + 0.995 * epoch / args.warmup_epochs)
+    progress = (epoch - args.warmup_epochs) / max(end - args.warmup_epochs, 1e-8)
+    return low + (args.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_wd_annealing(optimizer, epoch, args):
+    """Pretraining: the lr curve down to --min_lr (default 0.001x the peak) at the last iteration; the weight decay
+    follows a cosine UP, weight_decay to weight_decay_end."""
+    last = args.epochs - 1 / args.iters_per_epoch  # the last iteration, in epochs: its lr is the floor, its wd the end
+    lr = annealed_lr(epoch, args, last, 0.001 * args.lr if args.min_lr is None else args.min_lr)
     wd_start, wd_end = args.weight_decay, args.weight_decay_end
     wd = wd_end + (wd_start - wd_end) * 0.5 * (1 + math.cos(math.pi * epoch / max(last, 1e-8)))
     for group, decayed in zip(optimizer.param_groups, (False, True)):  # common.param_groups: [no decay, decay]
@@ -389,13 +393,9 @@ def lr_wd_annealing(optimizer, epoch, args):
 
 
 def finetune_annealing(optimizer, epoch, args):
-    """downstream_imagenet/lr_decay.py, per iteration: lr rises linearly from 0.005x the peak over the warmup, then a
-    cosine to 0.001x the peak at the end; each group keeps its layer-decay scale and its constant weight decay."""
-    if epoch < args.warmup_epochs:
-        lr = args.lr * (0.005 + 0.995 * epoch / args.warmup_epochs)
-    else:
-        progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
-        lr = args.lr * (0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * progress)))
+    """Fine-tuning (downstream_imagenet's lr_wd_annealing): the lr curve down to 0.001x the peak at the end, times
+    each group's layer-decay scale; the weight decay stays constant."""
+    lr = annealed_lr(epoch, args, args.epochs, 0.001 * args.lr)
     for group in optimizer.param_groups:
         group['lr'] = lr * group['lr_scale']
     return lr
