@@ -16,7 +16,7 @@ probe in the same run, fine-tuning in a second run (`--eval_only` without `--res
 
 Writes <output_dir>/results.md (the table, the command, the machine, the date) and results.json; each run keeps its
 log.txt and pictures under <output_dir>/<method>. Run from the repository root:
-    python benchmarks/compare.py                   # the README table: 62 minutes on a 2-core CPU
+    python benchmarks/compare.py                   # the README table: 61 minutes on a 2-core CPU
     python benchmarks/compare.py --train_per_class 5000 --val_per_class 1000 --epochs 100 --finetune_epochs 20
 """
 import argparse, datetime, json, os, platform, subprocess, sys, time
