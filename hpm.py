@@ -7,7 +7,8 @@ predictor, reads the same latent tokens as the pixel decoder and predicts each m
 is trained with a relative objective (Sec. 3.2, Eq. 5): for every pair of masked patches of an image, it should rank
 them as their true (detached) reconstruction errors rank them. An EMA copy of the model, the teacher, predicts the
 losses of all patches on the unmasked image; the alpha_t * N_masked patches it finds hardest are masked, the rest of
-the mask is random. alpha_t rises linearly from 0 to 0.5 over training, so masking goes from easy to hard (Sec. 3.3).
+the mask is random. alpha_t = 0.5 * (epoch + 1) / epochs (epoch counted from 0, as the official generate_mask)
+grows linearly over training, so masking goes from easy to hard (Sec. 3.3).
 
 Relative loss, with y = detached reconstruction errors and s = predicted losses of the masked patches of one image:
   L_rank = sum_{i,j: y_i != y_j} ( -[y_j > y_i] log(sigmoid(s_j - s_i) + 1e-6)
@@ -24,11 +25,10 @@ Differences from the official code (each deliberate):
     the same up to rounding. The pair loss runs over all (L, L) pairs, weighted to the masked ones: the same sum.
  3. The teacher runs only the encoder and the loss predictor (the official EMA model also runs the unused pixel
     decoder), and is made after DDP has synchronised the student, so every rank's teacher starts equal.
- 4. Teacher decay: official 0.999 rising to 0.9999 over 100 epochs of the 200-epoch ImageNet recipe. We keep that
-    shape in fractions of the run: the time constant 1/(1 - decay) grows from 0.8% to 8% of all optimizer steps over
-    the first half of training. At the official recipe (200 epochs of 625 steps) that is exactly 0.999 -> 0.9999
-    over 100 epochs; on a 1000-step CPU run it is 0.875 -> 0.9875, where the official constants would leave the
-    teacher at its random initialisation.
+ 4. Teacher decay as engine_pretrain.py sets it, per epoch: 0.999 + epoch / 100 * (0.9999 - 0.999) for the first
+    100 epochs, then 0.9999, whatever --epochs (`--ema_decay 0.999 0.9999 --ema_ramp_epochs 100`). The `shapes`
+    preset sets a faster teacher, 0.84 -> 0.984 over 2.5 epochs (its whole run is 780 steps, where the official
+    constants would leave the teacher near its random initialisation); it prints the values in its settings line.
  5. bf16 autocast by default where supported (official: fp16); kNN and linear probe as in mae.py.
  6. Fine-tuning is common.finetune with scripts/finetune_base.sh's values (layer decay 0.8, blr 5e-4, batch 384);
     --teacher evaluates, fine-tunes and exports the EMA teacher instead of the student (finetune --teacher).
@@ -51,36 +51,56 @@ from common import Block, VisionTransformer, patchify, unpatchify
 DEFAULTS = dict(model='vit_base_patch16', input_size=224, crop_scale=0.2, batch_size=64, epochs=400, blr=1.5e-4,
                 min_lr=0.0, weight_decay=0.05, warmup_epochs=40, mask_ratio=0.75, norm_pix_loss=False,
                 decoder_embed_dim=512, decoder_depth=8, num_workers=8, probe_epochs=90, shapes_size=10000,
-                alpha_final=0.5,  # the official scripts do not pass --norm_pix_loss: plain pixels
-                ft_blr=5e-4, layer_decay=0.8)  # scripts/finetune_base.sh (common.FINETUNE: the rest)
+                decoder_num_heads=16, alpha_final=0.5, ema_decay=(0.999, 0.9999), ema_ramp_epochs=100,  # engine_
+                # pretrain.py; the official scripts do not pass --norm_pix_loss: plain pixels
+                ft_blr=5e-4, layer_decay=0.8)  # scripts/finetune_base.sh and _large.sh (common.FINETUNE: the rest)
 PRESETS = {  # flags given on the command line win over these
     'shapes': dict(model='vit_tiny_patch4', input_size=32, batch_size=64, epochs=5, warmup_epochs=1, blr=1.5e-3,
-                   decoder_embed_dim=128, decoder_depth=2, num_workers=0, probe_epochs=30, global_pool=True,
-                   norm_pix_loss=True),
+                   decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, num_workers=0, probe_epochs=30,
+                   global_pool=True,
+                   norm_pix_loss=True, ema_decay=(0.84, 0.984), ema_ramp_epochs=2.5),  # difference 4
     'cifar10': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800, num_workers=4),
     'cifar100': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800, num_workers=4),
-    'imagenet': dict(model='vit_base_patch16', epochs=200, target_batch=2048,  # PRETRAIN.md: 8 GPUs x 32 x 8
-                     ft_batch=384),  # finetune_base.sh: 8 GPUs x 48
+    'imagenet': dict(model='vit_base_patch16', epochs=200, target_batch=2048),  # PRETRAIN.md: 8 GPUs x 32 x 8
 }
 
 
+def recipe(model, data, input_size):  # finetune_base.sh: 8 GPUs x 48, finetune_large.sh: 8 x 64 (same lr etc.)
+    return {'ft_batch': 512 if 'large' in model else 384} if data == 'imagenet' else {}
+
+
 def get_args_parser():
-    parser = common.get_args_parser('HPM pretraining, then kNN / linear-probe evaluation')
-    parser.add_argument('--mask_ratio', type=float, help='fraction of patches removed (0.75)')
+    parser = common.get_args_parser('HPM pretraining, then kNN / linear-probe evaluation',
+                                    'a ViT: vit_<tiny|small|base|large|huge>_patch<p>, e.g. vit_tiny_patch4 at 32 px')
+    parser.add_argument('--mask_ratio', type=float, help='fraction of patches removed')
     parser.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction,
-                        help='per-patch normalised pixel target (on)')
-    parser.add_argument('--decoder_embed_dim', type=int, help='decoder width (512)')
-    parser.add_argument('--decoder_depth', type=int, help='decoder blocks, of each of the two decoders (8)')
+                        help='per-patch normalised pixel target')
+    parser.add_argument('--decoder_embed_dim', type=int, help='decoder width')
+    parser.add_argument('--decoder_depth', type=int, help='decoder blocks, of each of the two decoders')
+    parser.add_argument('--decoder_num_heads', type=int, help='decoder attention heads')
     parser.add_argument('--alpha_final', type=float, help='alpha_T: the fraction of masked patches chosen as the '
-                                                          'hardest at the end of training (0.5)')
+                                                          'hardest at the end of training')
+    parser.add_argument('--ema_decay', type=float, nargs=2, metavar=('START', 'END'),
+                        help='teacher EMA decay at epoch 0 and at the end of the ramp')
+    parser.add_argument('--ema_ramp_epochs', type=float, help='epochs of the linear ramp from START to END')
     parser.add_argument('--teacher', action='store_true', help='evaluate / fine-tune / export the EMA teacher')
     return parser
 
 
+def parse_args(argv=None):
+    parser = get_args_parser()
+    args = common.parse_args(parser, 'hpm', DEFAULTS, PRESETS, argv, recipe)
+    L = (args.input_size // common.vit_config(args.model)['patch_size']) ** 2
+    common.check_mask_count(parser, args.mask_ratio, int(L * (1 - args.mask_ratio)), L)
+    if not (0 <= min(args.ema_decay) and max(args.ema_decay) < 1 and args.ema_ramp_epochs > 0):
+        parser.error(f'--ema_decay must be two values in [0, 1) and --ema_ramp_epochs positive, got '
+                     f'{args.ema_decay} and {args.ema_ramp_epochs}')
+    return args
+
 
 # ---- masking ----------------------------------------------------------------------------------------------------
-def uniform_noise(num_patches, rng):
-    """Per-sample mask noise, drawn in the data loader (difference 1)."""
+def mask_noise(num_patches, rng):
+    """Per-sample mask noise (L,), drawn in the data loader (difference 1): the argsort of it is the random mask."""
     return rng.random(num_patches, dtype=np.float32)
 
 
@@ -127,22 +147,21 @@ def pixel_target(imgs, patch_size, norm_pix_loss):
 # ---- model ------------------------------------------------------------------------------------------------------
 class HPM(VisionTransformer):
     """MAE (encoder keys inherited from the ViT, MAE's pixel decoder) plus the loss-predictor decoder, with the
-    official state-dict names (models_mae_learn_loss.py)."""
-    def __init__(self, model='vit_large_patch16', img_size=224, decoder_embed_dim=512, decoder_depth=8,
-                 norm_pix_loss=False):
-        config = common.vit_config(model)
-        super().__init__(img_size, **config)
-        p, dim = config['patch_size'], config['embed_dim']
-        self.decoder_embed = nn.Linear(dim, decoder_embed_dim)
+    official state-dict names and constructor (models_mae_learn_loss.py; defaults ViT-L/16's)."""
+    def __init__(self, img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512,
+                 decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=False, global_pool=False):
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, global_pool=global_pool)
+        p = patch_size
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(common.sincos_pos_embed(decoder_embed_dim, self.grid_size)[None],
                                               requires_grad=False)  # fixed sin-cos, like the encoder's
-        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_embed_dim // 32)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
                                              for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, p * p * 3)  # decoder to patch pixels
         # the loss predictor: a decoder of the same shape, whose P outputs per patch are averaged to one loss
-        self.decoder_blocks_losspred = nn.ModuleList([Block(decoder_embed_dim, decoder_embed_dim // 32)
+        self.decoder_blocks_losspred = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
                                                       for _ in range(decoder_depth)])
         self.decoder_norm_losspred = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred_losspred = nn.Linear(decoder_embed_dim, p * p * 3)
@@ -226,22 +245,16 @@ def relative_loss(predicted, errors, mask):
 
 
 # ---- teacher ----------------------------------------------------------------------------------------------------
-def teacher_decay(epoch, args, steps_per_epoch):
-    """Difference 4: the decay's time constant 1/(1 - decay) grows from 0.8% to 8% of all optimizer steps over the
-    first half of training (official: 0.999 -> 0.9999 over 100 of 200 epochs of 625 steps)."""
-    steps = args.epochs * steps_per_epoch
-    start, end = 1 - 1 / max(1.0, 0.008 * steps), 1 - 1 / max(1.0, 0.08 * steps)
-    return start + min(epoch / (args.epochs / 2), 1.0) * (end - start)
+def teacher_decay(epoch, start=0.999, end=0.9999, ramp_epochs=100):
+    """engine_pretrain.py: the EMA decay of this (integer) epoch, start + epoch / ramp_epochs * (end - start) during
+    the ramp, then end; in epochs, whatever the run's length (difference 4 for the shapes preset's values)."""
+    return start + min(epoch / ramp_epochs, 1.0) * (end - start)
 
 
-@torch.no_grad()
-def update_teacher(teacher, student, decay):
-    """teacher = decay * teacher + (1 - decay) * student, for every parameter (timm's ModelEma)."""
-    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - decay)
-
-
-def build_model(args):
-    return HPM(args.model, args.input_size, args.decoder_embed_dim, args.decoder_depth, args.norm_pix_loss)
+def build_model(args):  # --model vit_base_patch16 -> HPM(patch_size=16, embed_dim=768, depth=12, num_heads=12, ...)
+    return HPM(args.input_size, **common.vit_config(args.model), decoder_embed_dim=args.decoder_embed_dim,
+               decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
+               norm_pix_loss=args.norm_pix_loss, global_pool=args.global_pool)
 
 
 @torch.no_grad()
@@ -274,22 +287,20 @@ def official_state(checkpoint, teacher=False):
 
 # ---- main -------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = common.parse_args(get_args_parser(), 'hpm', DEFAULTS, PRESETS, argv)
+    args = parse_args(argv)
     common.setup(args)
     model = build_model(args).to(args.device)
     crop = common.TrainTransform(args.input_size, scale=(args.crop_scale, 1.0))
-    train_set, eval_sets = common.build_datasets(args, crop, partial(uniform_noise, model.num_patches))
-    optimizer = common.adamw(model, args, betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
-    ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, train=True)
+    train_set, eval_sets = common.build_datasets(args, crop, partial(mask_noise, model.num_patches))
+    optimizer, step = common.adamw(model, args, betas=(0.9, 0.95)), common.step_settings(args)
+    ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, not args.eval_only)
     teacher = copy.deepcopy(model).requires_grad_(False).eval()  # after DDP's broadcast: equal on every rank
-    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler,
+    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, step['scaler'],
                                 partial(official_state, teacher=args.teacher), ema_state_dict=teacher)
     if args.eval_only:  # the pictures' teacher: the evaluated weights
         teacher.load_state_dict(model.state_dict())
-    steps_per_epoch = len(loader) // args.accum_iter
 
-    def loss_fn(model, images, noise, alpha):  # one step of the objective, inside autocast
+    def loss_fn(model, images, labels, noise, alpha):  # one step of the objective, inside autocast
         imgs = common.normalize(images)
         order = hard_patches_order(teacher.teacher_losses(imgs), noise, args.mask_ratio, alpha)
         (loss, rank_loss), _, _ = model(imgs, args.mask_ratio, order)
@@ -297,11 +308,12 @@ def main(argv=None):
 
     for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
         alpha = args.alpha_final * (epoch + 1) / args.epochs  # easy to hard: alpha_t, updated per epoch (Sec. 3.3)
-        decay = teacher_decay(epoch, args, steps_per_epoch)
-        stats = common.train_one_epoch(ddp_model, partial(loss_fn, alpha=alpha), loader, optimizer, scaler, epoch,
-                                       args, on_step=partial(update_teacher, teacher, model, decay))
-        common.save_checkpoint(args, epoch, model, optimizer, scaler, ema_state_dict=teacher.state_dict())
+        decay = teacher_decay(epoch, *args.ema_decay, args.ema_ramp_epochs)
+        stats = common.train_one_epoch(ddp_model, partial(loss_fn, alpha=alpha), loader, optimizer, epoch,
+                                       schedule=partial(common.adjust_learning_rate, args=args),
+                                       on_step=partial(common.update_ema, teacher, model, decay), **step)
         common.log_stats(args, {'epoch': epoch, 'alpha': alpha, 'teacher_decay': decay, **stats})
+        common.save_checkpoint(args, epoch, model, optimizer, step['scaler'], ema_state_dict=teacher.state_dict())
 
     common.evaluate(args, model, partial(build_model, args), eval_sets)
     if common.is_main():
@@ -310,7 +322,8 @@ def main(argv=None):
         print(f'wrote {args.output_dir}/reconstruction.png and log.txt')
     encoder = common.vit_encoder_state((teacher if args.teacher else model).state_dict())
     common.export_encoder(args, encoder)
-    classifier = partial(common.ViTClassifier, args.model, args.input_size, drop_path=args.ft_drop_path)
+    classifier = partial(common.ViTClassifier, img_size=args.input_size, **common.vit_config(args.model),
+                         drop_path=args.ft_drop_path)
     common.finetune(args, classifier, encoder, eval_sets)
 
 

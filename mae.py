@@ -12,13 +12,22 @@ Differences from the official code (each deliberate):
     what makes resume exact and N processes equal one. `MAE.forward(imgs, mask_ratio, noise=None)` still draws it
     like the official code when no noise is given.
  2. Defaults are the paper's recipe (PRETRAIN.md: norm-pix on, blr 1.5e-4, effective batch 4096 through --accum_iter,
-    800 epochs for --data imagenet), not main_pretrain.py's argparse defaults. The decoder has 32-wide heads
-    (16 at width 512 as in the paper) and its width/depth are flags, so small presets can shrink it.
+    800 epochs for --data imagenet), not main_pretrain.py's argparse defaults. The decoder's width, depth and heads
+    are flags (official 512 / 8 / 16), so small presets can shrink it.
  3. bf16 autocast by default where supported (the official code uses fp16 + GradScaler); --amp fp16 or none.
  4. The linear probe trains SGD on features extracted once without augmentation (common.linear_probe_accuracy)
     rather than LARS at batch 16384 on augmented images, and a kNN evaluation (DINO protocol) is added.
+ 6. --mask_type red|blue|green|purple: ColorMAE's data-independent masks (Hinojosa, Liu, Ghanem, ECCV 2024,
+    arXiv:2407.13036; official code carlosh93/ColorMAE, models/utils/masking_generator.py), MAE otherwise unchanged.
+    The mask keeps visible the patches where a window of filtered noise is highest (as the official descending sort).
+    Differences from ColorMAE: (a) the patterns are generated at start-up (noise_bank, seed 0: 32 periodic 64 x 64
+    fields in patch units; sigma 1 and 2 patches, our choice) where the official code downloads .npz files whose
+    filter widths it does not state; (b) each sample draws its own pattern, window and flips from its generator in
+    the data loader (difference 1), where the official code draws one window and one pair of flips per batch and
+    gives sample i pattern i; (c) its per-window division by the maximum is left out: it does not change the order.
  5. Fine-tuning (--finetune_epochs N; with --eval_only --resume FILE for a released encoder) is common.finetune:
-    main_finetune.py with FINETUNE.md's ViT-B values (ViT-L's under --data imagenet); its differences are listed there.
+    main_finetune.py with FINETUNE.md's row of the encoder's size (ViT-B, L, H; smaller ViTs take ViT-B's); its
+    differences are listed there.
 
 Expected result (`python mae.py`, built-in shapes, 32 px, ViT-Ti/4, 2-core CPU): see the README table
 (kNN and linear probe of the pretrained vs the randomly initialised encoder): 15.4 / 28.5 vs 11.3 / 14.8, 4.5 minutes.
@@ -36,33 +45,85 @@ from common import Block, VisionTransformer, patchify, unpatchify
 # ---- arguments --------------------------------------------------------------------------------------------------
 DEFAULTS = dict(model='vit_base_patch16', input_size=224, crop_scale=0.2, batch_size=64, epochs=400, blr=1.5e-4,
                 min_lr=0.0, weight_decay=0.05, warmup_epochs=40, mask_ratio=0.75, norm_pix_loss=True,
-                decoder_embed_dim=512, decoder_depth=8, num_workers=8, probe_epochs=90, shapes_size=10000,
-                ft_blr=5e-4, layer_decay=0.65)  # fine-tuning, FINETUNE.md for ViT-B (common.FINETUNE: the rest)
+                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, num_workers=8, probe_epochs=90,
+                shapes_size=10000)
 PRESETS = {  # flags given on the command line win over these
     'shapes': dict(model='vit_tiny_patch4', input_size=32, batch_size=64, epochs=7, warmup_epochs=1, blr=1.5e-3,
-                   decoder_embed_dim=128, decoder_depth=2, num_workers=0, probe_epochs=30, global_pool=True),
+                   decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, num_workers=0, probe_epochs=30,
+                   global_pool=True),
     'cifar10': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800, num_workers=4),
     'cifar100': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800, num_workers=4),
-    'imagenet': dict(model='vit_large_patch16', epochs=800, target_batch=4096,  # PRETRAIN.md; FINETUNE.md for ViT-L
-                     ft_blr=1e-3, layer_decay=0.75, ft_drop_path=0.2, ft_batch=1024),
+    'imagenet': dict(model='vit_large_patch16', epochs=800, target_batch=4096, ft_batch=1024),  # PRETRAIN.md
 }
+FINETUNE_ROWS = {  # FINETUNE.md, per encoder size (common.FINETUNE: the rest, main_finetune.py's defaults)
+    'base': dict(ft_blr=5e-4, layer_decay=0.65, ft_drop_path=0.1), 'large': dict(ft_blr=1e-3, layer_decay=0.75,
+    ft_drop_path=0.2), 'huge': dict(ft_blr=1e-3, layer_decay=0.75, ft_drop_path=0.3)}
+
+
+def recipe(model, data, input_size):  # the fine-tuning row of the encoder's size (a ViT-Ti or ViT-S takes ViT-B's)
+    return FINETUNE_ROWS.get(model.split('_')[1] if model.count('_') == 2 else '', FINETUNE_ROWS['base'])
 
 
 def get_args_parser():
-    parser = common.get_args_parser('MAE pretraining, then kNN / linear-probe evaluation')
-    parser.add_argument('--mask_ratio', type=float, help='fraction of patches removed (0.75)')
+    parser = common.get_args_parser('MAE pretraining, then kNN / linear-probe evaluation',
+                                    'a ViT: vit_<tiny|small|base|large|huge>_patch<p>, e.g. vit_tiny_patch4 at 32 px')
+    parser.add_argument('--mask_ratio', type=float, help='fraction of patches removed')
     parser.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction,
-                        help='per-patch normalised pixel target (on)')
-    parser.add_argument('--decoder_embed_dim', type=int, help='decoder width (512)')
-    parser.add_argument('--decoder_depth', type=int, help='decoder blocks (8)')
+                        help='per-patch normalised pixel target')
+    parser.add_argument('--decoder_embed_dim', type=int, help='decoder width')
+    parser.add_argument('--decoder_depth', type=int, help='decoder blocks')
+    parser.add_argument('--decoder_num_heads', type=int, help='decoder attention heads')
+    parser.add_argument('--mask_type', choices=['random', *COLORS], default='random',
+                        help="random: MAE's uniform noise; red / blue / green / purple: ColorMAE's filtered noise "
+                             "(low-, high-, band-pass, band-stop; difference 6)")
     return parser
+
+
+def parse_args(argv=None):
+    parser = get_args_parser()
+    args = common.parse_args(parser, 'mae', DEFAULTS, PRESETS, argv, recipe)
+    L = (args.input_size // common.vit_config(args.model)['patch_size']) ** 2
+    common.check_mask_count(parser, args.mask_ratio, int(L * (1 - args.mask_ratio)), L)
+    return args
 
 
 
 # ---- masking ----------------------------------------------------------------------------------------------------
-def uniform_noise(num_patches, rng):
-    """Per-sample mask noise, drawn in the data loader (difference 1)."""
+def mask_noise(num_patches, rng):
+    """Per-sample mask noise (L,), drawn in the data loader (difference 1): the argsort of it is the mask."""
     return rng.random(num_patches, dtype=np.float32)
+
+
+COLORS = ('red', 'blue', 'green', 'purple')
+
+
+def noise_bank(color, count=32, size=64, seed=0):
+    """ColorMAE's noise patterns (Sec. 3.2), (count, size, size) in units of patches: white noise W filtered by
+    Gaussians G_s (s in patches), periodic (filtered in the Fourier domain): red G_2 W (low-pass, blobs), blue
+    W - G_1 W (high-pass, scattered), green G_1 W - G_2 W (band-pass), purple W - (G_1 W - G_2 W) (band-stop)."""
+    white = np.random.default_rng(seed).standard_normal((count, size, size))
+    freq = np.fft.fftfreq(size)
+    spectrum, radius2 = np.fft.fft2(white), freq[:, None] ** 2 + freq[None, :] ** 2
+    blur = lambda s: np.fft.ifft2(spectrum * np.exp(-2 * np.pi ** 2 * s ** 2 * radius2)).real  # G_s * W
+    made = {'red': blur(2), 'blue': white - blur(1), 'green': blur(1) - blur(2), 'purple': white - blur(1) + blur(2)}
+    return made[color].astype(np.float32)
+
+
+def color_noise(bank, grid, rng):
+    """A sample's ColorMAE mask noise (L,): a grid x grid window of one of the bank's patterns, flipped left-right
+    and up-down with probability 0.5 each (masking_generator.py: RandomCrop, the two flips), negated, so that
+    random_masking keeps the highest values visible (the official descending sort)."""
+    top, left = rng.integers(0, bank.shape[1] - grid + 1, 2)
+    window = bank[rng.integers(len(bank)), top:top + grid, left:left + grid]
+    window = window[:, ::-1] if rng.random() < 0.5 else window
+    window = window[::-1] if rng.random() < 0.5 else window
+    return -np.ascontiguousarray(window).reshape(-1)
+
+
+def mask_drawer(mask_type, grid):  # the data loader's per-sample draw for --mask_type
+    if mask_type == 'random':
+        return partial(mask_noise, grid ** 2)
+    return partial(color_noise, noise_bank(mask_type), grid)
 
 
 def random_masking(x, mask_ratio, noise=None):
@@ -94,17 +155,17 @@ def pixel_target(imgs, patch_size, norm_pix_loss):
 
 # ---- model ------------------------------------------------------------------------------------------------------
 class MAE(VisionTransformer):
-    """The ViT encoder (inherited, so its keys are the encoder's) plus MAE's decoder, official state-dict names."""
-    def __init__(self, model='vit_large_patch16', img_size=224, decoder_embed_dim=512, decoder_depth=8,
-                 norm_pix_loss=False):
-        config = common.vit_config(model)
-        super().__init__(img_size, **config)
-        p, dim = config['patch_size'], config['embed_dim']
-        self.decoder_embed = nn.Linear(dim, decoder_embed_dim)
+    """The ViT encoder (inherited, so its keys are the encoder's) plus MAE's decoder, official state-dict names and
+    constructor (models_mae.MaskedAutoencoderViT; its defaults are ViT-L/16's)."""
+    def __init__(self, img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512,
+                 decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=False, global_pool=False):
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, global_pool=global_pool)
+        p = patch_size
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(common.sincos_pos_embed(decoder_embed_dim, self.grid_size)[None],
                                               requires_grad=False)  # fixed sin-cos, like the encoder's
-        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_embed_dim // 32)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
                                              for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, p * p * 3)  # decoder to patch pixels
@@ -158,17 +219,21 @@ class MAE(VisionTransformer):
         return self.forward_loss(imgs, pred.float(), mask), pred, mask
 
 
-def build_model(args):
-    return MAE(args.model, args.input_size, args.decoder_embed_dim, args.decoder_depth, args.norm_pix_loss)
+def build_model(args):  # --model vit_base_patch16 -> MAE(patch_size=16, embed_dim=768, depth=12, num_heads=12, ...)
+    return MAE(args.input_size, **common.vit_config(args.model), decoder_embed_dim=args.decoder_embed_dim,
+               decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
+               norm_pix_loss=args.norm_pix_loss, global_pool=args.global_pool)
 
 
 @torch.no_grad()
-def draw_reconstructions(model, images, args, path):
-    """Rows of original | masked | reconstruction | reconstruction with the visible patches pasted back.
-    With norm-pix the prediction is un-normalised with each original patch's own mean and variance."""
+def draw_reconstructions(model, images, args, path, draw_mask):
+    """Rows of original | masked | reconstruction | reconstruction with the visible patches pasted back; masks from
+    draw_mask (the run's --mask_type). With norm-pix the prediction is un-normalised with each original patch's own
+    mean and variance."""
     model.eval()
     images, count = common.normalize(images), len(images)  # (B, 3, H, W) uint8 -> normalised
-    noise = torch.rand(count, model.num_patches, generator=torch.Generator().manual_seed(0)).to(args.device)
+    noise = torch.from_numpy(np.stack([draw_mask(np.random.default_rng([args.seed, i])) for i in range(count)]))
+    noise = noise.to(args.device)
     _, pred, mask = model(images, args.mask_ratio, noise)
     target, p, h = patchify(images, model.patch_size), model.patch_size, model.grid_size
     if model.norm_pix_loss:
@@ -181,33 +246,35 @@ def draw_reconstructions(model, images, args, path):
 
 # ---- main -------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = common.parse_args(get_args_parser(), 'mae', DEFAULTS, PRESETS, argv)
+    args = parse_args(argv)
     common.setup(args)
     model = build_model(args).to(args.device)
     crop = common.TrainTransform(args.input_size, scale=(args.crop_scale, 1.0))
-    train_set, eval_sets = common.build_datasets(args, crop, partial(uniform_noise, model.num_patches))
-    optimizer = common.adamw(model, args, betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
-    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler)
-    ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, train=True)
+    draw_mask = mask_drawer(args.mask_type, model.grid_size)
+    train_set, eval_sets = common.build_datasets(args, crop, draw_mask)
+    optimizer, step = common.adamw(model, args, betas=(0.9, 0.95)), common.step_settings(args)
+    ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, not args.eval_only)
+    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, step['scaler'])
 
-    def loss_fn(model, images, noise):  # one step of the objective, inside autocast
+    def loss_fn(model, images, labels, noise):  # one step of the objective, inside autocast
         loss, _, _ = model(common.normalize(images), args.mask_ratio, noise)
         return loss, {}
 
     for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
-        stats = common.train_one_epoch(ddp_model, loss_fn, loader, optimizer, scaler, epoch, args)
-        common.save_checkpoint(args, epoch, model, optimizer, scaler)
+        stats = common.train_one_epoch(ddp_model, loss_fn, loader, optimizer, epoch,
+                                       schedule=partial(common.adjust_learning_rate, args=args), **step)
         common.log_stats(args, {'epoch': epoch, **stats})
+        common.save_checkpoint(args, epoch, model, optimizer, step['scaler'])
 
     common.evaluate(args, model, partial(build_model, args), eval_sets)
     if common.is_main():
         images = common.picture_images(args, train_set, eval_sets)  # (8, 3, H, W) uint8
-        draw_reconstructions(model, images, args, f'{args.output_dir}/reconstruction.png')
+        draw_reconstructions(model, images, args, f'{args.output_dir}/reconstruction.png', draw_mask)
         print(f'wrote {args.output_dir}/reconstruction.png and log.txt')
     encoder = common.vit_encoder_state(model.state_dict())  # timm names, as the released mae_pretrain_*.pth
     common.export_encoder(args, encoder)
-    classifier = partial(common.ViTClassifier, args.model, args.input_size, drop_path=args.ft_drop_path)
+    classifier = partial(common.ViTClassifier, img_size=args.input_size, **common.vit_config(args.model),
+                         drop_path=args.ft_drop_path)
     common.finetune(args, classifier, encoder, eval_sets)
 
 

@@ -26,9 +26,9 @@ Differences from the official code (each deliberate):
  3. Small images keep the official structure at half scale: `--data shapes` uses 8-px patches with 4-px HOG cells,
     CIFAR 4-px patches with 2-px cells, so a patch always holds 2x2 cells and 108 values. `--hog_cell_size` must be
     half the patch size (checked at start-up).
- 4. Schedule: lr = blr * effective batch / 256 with blr 2e-4 (SOLVER.BASE_LR 2e-4 per 256, scaled by the number of
-    8-GPU shards). The warmup starts from min_lr, as SlowFast's WARMUP_START_LR = COSINE_END_LR = 1e-6; SlowFast also
-    scales those two by the shard count, so the imagenet preset (effective batch 2048 = 8 shards) sets min_lr 8e-6.
+ 4. Schedule: lr = blr * effective batch / 256 with blr 2e-4 (SOLVER.BASE_LR 2e-4 at the config's TRAIN.BATCH_SIZE
+    256, scaled by the number of shards). WARMUP_START_LR = COSINE_END_LR = 1e-6 are scaled alike (defaults.py
+    scales all three by NUM_SHARDS): --min_lr defaults to 1e-6 * effective batch / 256, 8e-6 at the preset's 2048.
  5. bf16 autocast by default where supported (SlowFast pretrains in fp32: TRAIN.MIXED_PRECISION False; --amp none).
     The HOG target and the loss are always computed in fp32.
  6. `--data imagenet` runs 1600 epochs, the length of the released checkpoints behind the README's 84.0; the PT config
@@ -39,10 +39,13 @@ Differences from the official code (each deliberate):
     takes the cls token through the same LayerNorm instead. kNN and probe as in common.py.
  8. Only the image path: one prediction depth (the last block, MASK.PRETRAIN_DEPTH [11] for ViT-B), no MViT pooling,
     no video, no pixel target.
- 9. Fine-tuning is common.finetune with in1k_VIT_B_MaskFeat_FT's values (layer decay 0.65, 20 warmup epochs, lr 1e-3
-    per 256 as mmpretrain's 8e-3 at 2048), mean pooling, `norm`, then `head` (SlowFast's `head.projection`, renamed
-    on load); no colour jitter. mmpretrain files load renamed (official_state); the order of their 108 HOG outputs,
-    which only the pretraining head uses, is not checked against SlowFast's.
+ 9. Fine-tuning is common.finetune with in1k_VIT_B_MaskFeat_FT's values (ViT-L: _L_FT's): BASE_LR 2e-3 at batch 512
+    (1e-3 per 256; ViT-L 1e-3 at 256), layer decay 0.65 (0.75), warmup 20 (5) epochs from WARMUP_START_LR 1e-8 to a
+    half-cosine ending at 1e-6 (both scaled as the lr, and by each layer's decay, as SlowFast's set_lr), weight decay
+    on pos_embed and cls_token too (ZERO_DECAY_POS_CLS False); mean pooling, `norm`, then `head` (SlowFast's
+    `head.projection`, renamed on load), whose init is trunc-normal(2e-5) here, trunc-normal(0.02) x 0.001 there.
+    mmpretrain files load renamed (official_state); the order of their 108 HOG outputs, which only the pretraining
+    head uses, is not checked against SlowFast's.
 
 State-dict keys equal SlowFast's for the ViT-B image model (patch_embed.proj, cls_token, pos_embed (1, 197, D),
 blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, mask_token (1, 1, D), pred_head.transforms.0.0 (the
@@ -83,9 +86,8 @@ HOG_BINS = 9  # masked.py: self.nbins = 9, unsigned orientations of 20 degrees
 
 # ---- arguments --------------------------------------------------------------------------------------------------
 DEFAULTS = dict(model='vit_base_patch16', input_size=224, crop_scale=0.5, batch_size=32, epochs=300, blr=2e-4,
-                min_lr=1e-6, weight_decay=0.05, warmup_epochs=30, clip_grad=0.02, mask_ratio=0.4, hog_cell_size=8,
-                global_pool=True, num_workers=8, probe_epochs=90, shapes_size=10000,
-                ft_blr=1e-3, ft_warmup_epochs=20, layer_decay=0.65)  # in1k_VIT_B_MaskFeat_FT (common.FINETUNE: rest)
+                weight_decay=0.05, warmup_epochs=30, clip_grad=0.02, mask_ratio=0.4, hog_cell_size=8,
+                global_pool=True, num_workers=8, probe_epochs=90, shapes_size=10000)
 PRESETS = {  # flags given on the command line win over these
     'shapes': dict(model='vit_tiny_patch8', input_size=32, hog_cell_size=4, batch_size=32, epochs=10,
                    warmup_epochs=1, blr=1.5e-3, num_workers=0, probe_epochs=30),  # batch 32: see the docstring
@@ -93,25 +95,36 @@ PRESETS = {  # flags given on the command line win over these
                     warmup_epochs=40, blr=1e-3, num_workers=4),
     'cifar100': dict(model='vit_small_patch4', input_size=32, hog_cell_size=2, batch_size=256, epochs=800,
                      warmup_epochs=40, blr=1e-3, num_workers=4),
-    'imagenet': dict(model='vit_base_patch16', epochs=1600, target_batch=2048, min_lr=8e-6,  # in1k_VIT_B_MaskFeat_PT
-                     ft_batch=2048),
+    'imagenet': dict(model='vit_base_patch16', epochs=1600, target_batch=2048),  # in1k_VIT_B_MaskFeat_PT
 }
+FINETUNE_ROWS = {  # in1k_VIT_{B,L}_MaskFeat_FT (common.FINETUNE: the rest); config_batch: the batch its lrs are for
+    'base': dict(ft_blr=1e-3, layer_decay=0.65, ft_warmup_epochs=20, ft_config_batch=512),
+    'large': dict(ft_blr=1e-3, layer_decay=0.75, ft_warmup_epochs=5, ft_config_batch=256)}
+
+
+def recipe(model, data, input_size):  # the fine-tuning row of the encoder's size (other sizes take ViT-B's)
+    row = FINETUNE_ROWS['large' if 'large' in model else 'base']
+    return {**row, 'ft_batch': row['ft_config_batch']} if data == 'imagenet' else row
 
 
 def get_args_parser():
-    parser = common.get_args_parser('MaskFeat pretraining, then kNN / linear-probe evaluation')
-    parser.add_argument('--mask_ratio', type=float, help='fraction of patches to mask in blocks (AUG.MASK_RATIO 0.4)')
-    parser.add_argument('--hog_cell_size', type=int, help='HOG cell side in pixels, half the patch size (8)')
+    parser = common.get_args_parser('MaskFeat pretraining, then kNN / linear-probe evaluation',
+                                    'a ViT: vit_<tiny|small|base|large|huge>_patch<p>, e.g. vit_tiny_patch8 at 32 px')
+    parser.add_argument('--mask_ratio', type=float, help='fraction of patches to mask in blocks (AUG.MASK_RATIO)')
+    parser.add_argument('--hog_cell_size', type=int, help='HOG cell side in pixels, half the patch size')
     return parser
 
 
 def parse_args(argv=None):
     parser = get_args_parser()
-    args = common.parse_args(parser, 'maskfeat', DEFAULTS, PRESETS, argv)
+    args = common.parse_args(parser, 'maskfeat', DEFAULTS, PRESETS, argv, recipe)
     patch = common.vit_config(args.model)['patch_size']
     if patch != 2 * args.hog_cell_size:  # 2x2 cells per patch: the 108-value layout of the official head
         parser.error(f'--hog_cell_size {args.hog_cell_size} must be half the patch size {patch} of {args.model} '
                      f'(use --hog_cell_size {patch // 2})')
+    L = (args.input_size // patch) ** 2
+    common.check_mask_count(parser, args.mask_ratio, L - round(L * args.mask_ratio), L)
+    args.min_lr = 1e-6 * args.eff_batch_size / 256 if args.min_lr is None else args.min_lr  # difference 4
     return args
 
 
@@ -158,7 +171,7 @@ def hog(imgs, cell_size=8, nbins=HOG_BINS):
     with torch.autocast(imgs.device.type, enabled=False):  # the target is fp32 even inside a bf16 step
         x = F.pad(imgs.float(), (1, 1, 1, 1), mode='reflect')  # edge pixels see their mirror: no gradient across
         # Sobel kernel for gx, [[1, 0, -1], [2, 0, -2], [1, 0, -1]] (cross-correlation); gy uses its transpose
-        sobel = torch.outer(x.new_tensor([1.0, 2.0, 1.0]), x.new_tensor([1.0, 0.0, -1.0]))
+        sobel = torch.outer(common.on_device((1.0, 2.0, 1.0), x.device), common.on_device((1.0, 0.0, -1.0), x.device))
         gx = F.conv2d(x, sobel.repeat(3, 1, 1, 1), groups=3)  # (B, 3, H, W), each colour channel alone
         gy = F.conv2d(x, sobel.T.repeat(3, 1, 1, 1), groups=3)
         magnitude = torch.linalg.vector_norm(torch.stack([gx, gy], dim=-1), dim=-1)  # (B, 3, H, W)
@@ -209,11 +222,13 @@ class PredictionHead(nn.Module):
 
 class MaskFeat(VisionTransformer):
     """The ViT encoder (inherited, official keys) with a learned mask token and the HOG prediction head."""
-    def __init__(self, model='vit_base_patch16', img_size=224, hog_cell_size=8):
-        config = common.vit_config(model)
-        super().__init__(img_size, **config, learned_pos=True)
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 hog_cell_size=8, global_pool=True):
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, True, global_pool=global_pool)
+        if patch_size != 2 * hog_cell_size:
+            raise ValueError(f'hog_cell_size {hog_cell_size} must be half the patch size {patch_size}')
         self.norm = nn.Identity()  # masked.py: `del self.norm` at pretraining; the head brings its own LayerNorm
-        dim, self.hog_cell_size = config['embed_dim'], hog_cell_size
+        dim, self.hog_cell_size = embed_dim, hog_cell_size
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pred_head = PredictionHead(dim, 3 * HOG_BINS * (self.patch_size // hog_cell_size) ** 2)
         self.initialize_weights()
@@ -266,21 +281,30 @@ class MaskFeat(VisionTransformer):
         """(B, 3, H, W) -> (B, D): the last block's tokens through the head's LayerNorm, then the mean of the patch
         tokens, or the cls token when global_pool is off (difference 7)."""
         x = self.pred_head.transforms[0](self.forward_tokens(self.patch_embed(imgs) + self.pos_embed[:, 1:]))
-        return x[:, 1:].mean(1) if getattr(self, 'global_pool', True) else x[:, 0]
+        return x[:, 1:].mean(1) if self.global_pool else x[:, 0]
 
 
-def build_model(args):
-    return MaskFeat(args.model, args.input_size, args.hog_cell_size)
+def build_model(args):  # --model vit_base_patch16 -> MaskFeat(patch_size=16, embed_dim=768, depth=12, ...)
+    return MaskFeat(args.input_size, **common.vit_config(args.model), hog_cell_size=args.hog_cell_size,
+                    global_pool=args.global_pool)
 
 
-def warmup_cosine(optimizer, epoch, args):
-    """SlowFast's lr_policy: linear warmup from WARMUP_START_LR (= min_lr) to lr, then half-cosine to min_lr."""
-    if epoch >= args.warmup_epochs:
-        return common.adjust_learning_rate(optimizer, epoch, args)
-    lr = args.min_lr + (args.lr - args.min_lr) * epoch / args.warmup_epochs
+def warmup_cosine(optimizer, epoch, args, start, end):
+    """SlowFast's lr_policy with COSINE_AFTER_WARMUP, per iteration: linear from `start` (WARMUP_START_LR) to lr over
+    the warmup, then a half-cosine to `end` (COSINE_END_LR); set_lr scales the whole value by each layer's decay."""
+    if epoch < args.warmup_epochs:
+        lr = start + (args.lr - start) * epoch / args.warmup_epochs
+    else:
+        progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
+        lr = end + (args.lr - end) * 0.5 * (1 + math.cos(math.pi * progress))
     for group in optimizer.param_groups:
         group['lr'] = lr * group.get('lr_scale', 1.0)
     return lr
+
+
+def finetune_schedule(optimizer, epoch, args):  # the FT config's 1e-8 and 1e-6 at its batch, scaled as its lr
+    shards = args.batch_size * args.accum_iter * args.world_size / args.ft_config_batch
+    return warmup_cosine(optimizer, epoch, args, 1e-8 * shards, 1e-6 * shards)
 
 
 # ---- pictures ---------------------------------------------------------------------------------------------------
@@ -349,19 +373,20 @@ def main(argv=None):
     train_set, eval_sets = common.build_datasets(args, crop, partial(block_masking, model.grid_size, num_mask))
     # SOLVER.BETAS default (0.9, 0.999); no decay on 1-D params and biases, but cls/pos/mask tokens decay
     optimizer = common.adamw(model, args, betas=(0.9, 0.999))  # (ZERO_WD_1D_PARAM True, ZERO_DECAY_POS_CLS False)
-    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
-    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler, official_state)
-    ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, train=True)
+    step = common.step_settings(args)
+    ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, not args.eval_only)
+    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, step['scaler'], official_state)
 
-    def loss_fn(model, images, mask):  # one step of the objective, inside autocast
+    def loss_fn(model, images, labels, mask):  # one step of the objective, inside autocast
         loss, _, _ = model(common.normalize(images), mask.float())
         return loss, {}
 
     for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
-        stats = common.train_one_epoch(ddp_model, loss_fn, loader, optimizer, scaler, epoch, args,
-                                       schedule=warmup_cosine)
-        common.save_checkpoint(args, epoch, model, optimizer, scaler)
+        stats = common.train_one_epoch(ddp_model, loss_fn, loader, optimizer, epoch,
+                                       schedule=partial(warmup_cosine, args=args, start=args.min_lr, end=args.min_lr),
+                                       **step)
         common.log_stats(args, {'epoch': epoch, **stats})
+        common.save_checkpoint(args, epoch, model, optimizer, step['scaler'])
 
     common.evaluate(args, model, partial(build_model, args), eval_sets)
     if common.is_main():
@@ -369,9 +394,9 @@ def main(argv=None):
         print(f'wrote {args.output_dir}/hog.png and log.txt')
     encoder = common.vit_encoder_state(model.state_dict())  # no `norm`: SlowFast deletes it at pretraining
     common.export_encoder(args, encoder)
-    classifier = partial(common.ViTClassifier, args.model, args.input_size, drop_path=args.ft_drop_path,
-                         pool_norm='norm')  # SlowFast: mean of the patch tokens, `norm`, head
-    common.finetune(args, classifier, encoder, eval_sets)
+    classifier = partial(common.ViTClassifier, img_size=args.input_size, **common.vit_config(args.model),
+                         drop_path=args.ft_drop_path, pool_norm='norm')  # SlowFast: mean of the patch tokens, `norm`
+    common.finetune(args, classifier, encoder, eval_sets, schedule=finetune_schedule, no_decay_names=())
 
 
 if __name__ == '__main__':

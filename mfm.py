@@ -21,7 +21,10 @@ Differences from the paper and the official code (each deliberate):
     (output stride 8, not 32; the PixelShuffle factor follows). `--model resnet_tiny` (one Bottleneck per stage, base
     width 16, 0.5M parameters, ~15x faster than ResNet-50 at 32 px) is for CPUs; `--model resnet50` is the official.
  5. --blr is per 256 images as in every file here: 1.5e-4 is the official BASE_LR 3e-4 per 512. The schedule is the
-    official timm cosine: warmup from lr/1200, then a cosine over the whole run (warmup included) to lr/120.
+    official timm cosine: warmup from lr/1200, then a cosine over the whole run (warmup included) to lr/120; the
+    fine-tuning one alike, from and to lr/8000 (WARMUP_LR = MIN_LR = 2.5e-7 at BASE_LR 2e-3), these two shared by
+    every layer (not scaled by the layer decay); as timm steps after each optimizer step, step k takes the lr of
+    iteration k - 1.
  6. bf16 autocast by default where supported (the official code uses apex O1); the FFTs and the loss run in fp32.
  7. Evaluation (kNN, linear probe; see common.py) on the mean of the patch tokens (--global_pool on: MFM fine-tunes
     so, and the cls output gets no gradient in pretraining), or a ResNet's global average pool.
@@ -55,6 +58,7 @@ from common import VisionTransformer
 # ---- arguments --------------------------------------------------------------------------------------------------
 DEFAULTS = dict(model='vit_base_patch16', input_size=224, crop_scale=0.2, batch_size=128, epochs=300, blr=1.5e-4,
                 weight_decay=0.05, warmup_epochs=20, clip_grad=3.0, global_pool=True, sincos_pos_init=False,
+                sample_ratio=0.5,
                 num_workers=8, probe_epochs=90, shapes_size=10000,
                 ft_blr=1e-3, layer_decay=0.8)  # vit_base fine-tuning config: 8e-3 at batch 2048 (common.FINETUNE: rest)
 PRESETS = {  # flags given on the command line win over these
@@ -65,17 +69,21 @@ PRESETS = {  # flags given on the command line win over these
     'cifar100': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=300, sincos_pos_init=True,
                      num_workers=4),
     'imagenet': dict(model='vit_base_patch16', epochs=300, target_batch=2048,  # configs/*/mfm_pretrain__*.yaml
-                     ft_batch=2048),
+                     ft_batch=2048),  # docs/FINETUNE.md: 16 GPUs x 128
 }
 RESNETS = {'resnet50': ((3, 4, 6, 3), 64), 'resnet_tiny': ((1, 1, 1, 1), 16)}  # name: (blocks per stage, width)
 
 
+def recipe(model, data, input_size):  # ResNets: SAMPLE_RATIO 0.3 (mfm_pretrain__resnet50); on shapes 4x the lr
+    return {'sample_ratio': 0.3, **({'blr': 6e-3} if data == 'shapes' else {})} if model in RESNETS else {}
+
+
 def get_args_parser():
-    parser = common.get_args_parser('MFM pretraining, then kNN / linear-probe evaluation')
+    parser = common.get_args_parser('MFM pretraining, then kNN / linear-probe evaluation',
+                                    f'a ViT (vit_<tiny|small|base|large|huge>_patch<p>) or {" / ".join(RESNETS)}')
     parser.add_argument('--mask_radius', type=float,
                         help='radius of the frequency circle (DATA.MASK_RADIUS1; default 16 * input_size / 224)')
-    parser.add_argument('--sample_ratio', type=float,
-                        help='probability of a low-pass mask (DATA.SAMPLE_RATIO; default 0.5 ViT, 0.3 ResNet)')
+    parser.add_argument('--sample_ratio', type=float, help='probability of a low-pass mask (DATA.SAMPLE_RATIO)')
     parser.add_argument('--sincos_pos_init', action=argparse.BooleanOptionalAction,
                         help="start the ViT's learned position embedding from the sin-cos table (difference 9)")
     return parser
@@ -83,14 +91,11 @@ def get_args_parser():
 
 def parse_args(argv=None):
     parser = get_args_parser()
-    model = parser.parse_known_args(argv)[0].model  # on shapes, the small ResNet takes a 4x larger lr (measured)
-    presets = {**PRESETS, 'shapes': {**PRESETS['shapes'], 'blr': 6e-3}} if model in RESNETS else PRESETS
-    args = common.parse_args(parser, 'mfm', DEFAULTS, presets, argv)
+    args = common.parse_args(parser, 'mfm', DEFAULTS, PRESETS, argv, recipe)
     resnet = args.model in RESNETS
     if not resnet and not args.model.startswith('vit'):
         parser.error(f"unknown --model '{args.model}': use a ViT (vit_base_patch16, vit_tiny_patch4...) or one of "
                      f"{sorted(RESNETS)}")
-    args.sample_ratio = args.sample_ratio if args.sample_ratio is not None else 0.3 if resnet else 0.5
     args.mask_radius = 16 * args.input_size / 224 if args.mask_radius is None else args.mask_radius
     stride = (8 if args.input_size <= 64 else 32) if resnet else common.vit_config(args.model)['patch_size']
     for ok, message in [(args.input_size % stride == 0, f'--input_size {args.input_size} is not divisible by the '
@@ -156,12 +161,12 @@ class Attention(common.Attention):
 class ViTEncoder(VisionTransformer):
     """MFM's ViT (VisionTransformerForMFM): learned absolute positions, cls token, final norm, every token of the
     corrupted image; returns the patch tokens as a feature map (B, D, h, w) for the 1x1-conv head."""
-    def __init__(self, model='vit_base_patch16', img_size=224, sincos_pos_init=False):
-        config = common.vit_config(model)
-        super().__init__(img_size, **config, learned_pos=True)
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 sincos_pos_init=False, global_pool=True):
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, True, global_pool=global_pool)
         for block in self.blocks:
-            block.attn = Attention(config['embed_dim'], config['num_heads'])
-        self.num_features, self.stride = config['embed_dim'], config['patch_size']
+            block.attn = Attention(embed_dim, num_heads)
+        self.num_features, self.stride = embed_dim, patch_size
         self.initialize_weights()
         if sincos_pos_init:  # difference 9: still learned, but starting with a positional signal
             self.pos_embed.data.copy_(common.sincos_pos_embed(self.num_features, self.grid_size)[None])
@@ -223,11 +228,11 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """timm's ResNet (ResNetForMFM: forward_features, no classifier). Below 65 px, the small-image stem (difference
-    4): 3x3 stride-1 conv, no max-pool, output stride 8 instead of 32."""
-    def __init__(self, model='resnet50', img_size=224):
+    """timm's ResNet (ResNetForMFM: forward_features, no classifier); blocks per stage and base width as timm's
+    (ResNet-50: (3, 4, 6, 3), 64). Below 65 px, the small-image stem (difference 4): 3x3 stride-1 conv, no max-pool,
+    output stride 8 instead of 32."""
+    def __init__(self, blocks=(3, 4, 6, 3), width=64, img_size=224):
         super().__init__()
-        blocks, width = RESNETS[model]
         small = img_size <= 64
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False) if small else nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1, self.act1 = nn.BatchNorm2d(width), nn.ReLU(inplace=True)
@@ -260,8 +265,8 @@ class ResNet(nn.Module):
 
 class ResNetClassifier(ResNet):
     """timm's ResNet with its classifier `fc` on the pooled last stage, for fine-tuning (difference 10)."""
-    def __init__(self, model, img_size, num_classes):
-        super().__init__(model, img_size)
+    def __init__(self, num_classes, blocks=(3, 4, 6, 3), width=64, img_size=224):
+        super().__init__(blocks, width, img_size)
         self.fc = nn.Linear(self.num_features, num_classes)
 
     def forward(self, imgs):  # (B, 3, H, W) -> logits (B, classes)
@@ -269,12 +274,12 @@ class ResNetClassifier(ResNet):
 
 
 class MFM(nn.Module):
-    """The official MFM module: `encoder` (ViT or ResNet) and `decoder` = 1x1 conv to stride^2 * 3 channels +
-    PixelShuffle(stride), a full-resolution image (the SimMIM-style linear head, DECODER.DEPTH 0)."""
-    def __init__(self, model='vit_base_patch16', img_size=224, sincos_pos_init=False):
+    """The official MFM module: `encoder` (a ViTEncoder or ResNet: anything giving a (B, num_features, H / stride,
+    W / stride) map) and `decoder` = 1x1 conv to stride^2 * 3 channels + PixelShuffle(stride), a full-resolution
+    image (the SimMIM-style linear head, DECODER.DEPTH 0)."""
+    def __init__(self, encoder):
         super().__init__()
-        self.encoder = ResNet(model, img_size) if model in RESNETS else ViTEncoder(model, img_size, sincos_pos_init)
-        stride = self.encoder.stride
+        self.encoder, stride = encoder, encoder.stride
         self.decoder = nn.Sequential(nn.Conv2d(self.encoder.num_features, stride ** 2 * 3, kernel_size=1),
                                      nn.PixelShuffle(stride))  # PyTorch's default init, as the official head
 
@@ -297,22 +302,36 @@ class MFM(nn.Module):
         return self.frequency_loss(pred, common.normalize(imgs.float()), removed), pred, corrupted
 
 
-def build_model(args):
-    return MFM(args.model, args.input_size, args.sincos_pos_init)
+def build_model(args):  # --model vit_base_patch16 -> ViTEncoder(patch_size=16, ...); resnet50 -> ResNet((3, 4, 6, 3))
+    if args.model in RESNETS:
+        return MFM(ResNet(*RESNETS[args.model], args.input_size))
+    return MFM(ViTEncoder(args.input_size, **common.vit_config(args.model), sincos_pos_init=args.sincos_pos_init,
+                          global_pool=args.global_pool))
 
 
-def official_schedule(optimizer, epoch, args):
-    """timm CosineLRScheduler as MFM configures it (lr_scheduler.py, warmup_prefix off): linear warmup from
-    warmup_lr, then a cosine over the WHOLE run (t / T, warmup included) down to min_lr. epoch is fractional."""
-    warmup_lr = args.lr * 2.5e-7 / 3e-4  # WARMUP_LR / BASE_LR, both scaled by batch / 512
-    min_lr = args.lr * 2.5e-6 / 3e-4 if args.min_lr is None else args.min_lr  # MIN_LR / BASE_LR, unless --min_lr
-    if epoch < args.warmup_epochs:
-        lr = warmup_lr + (args.lr - warmup_lr) * epoch / args.warmup_epochs
-    else:
-        lr = min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * epoch / args.epochs))
+def official_schedule(optimizer, epoch, args, warmup_lr, min_lr):
+    """timm's CosineLRScheduler as MFM configures it (lr_scheduler.py, warmup_prefix off), epoch fractional: each
+    layer group warms up linearly from warmup_lr to its peak (lr x its layer-decay scale), then follows a cosine over
+    the WHOLE run (t / T, warmup included) down to min_lr; warmup_lr and min_lr are the same for every group."""
     for group in optimizer.param_groups:
-        group['lr'] = lr * group.get('lr_scale', 1.0)
-    return lr
+        peak = args.lr * group.get('lr_scale', 1.0)
+        if epoch < args.warmup_epochs:
+            group['lr'] = warmup_lr + (peak - warmup_lr) * epoch / args.warmup_epochs
+        else:
+            group['lr'] = min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * epoch / args.epochs))
+    return optimizer.param_groups[-1]['lr']
+
+
+def pretrain_schedule(optimizer, epoch, args, iters_per_epoch):
+    """WARMUP_LR 2.5e-7 and MIN_LR 2.5e-6 at BASE_LR 3e-4 (unless --min_lr). timm's scheduler is stepped after each
+    optimizer step (main_mfm.py), so step k runs at the lr of iteration k - 1 (and step 0 at WARMUP_LR): so here."""
+    min_lr = args.lr * 2.5e-6 / 3e-4 if args.min_lr is None else args.min_lr
+    return official_schedule(optimizer, max(epoch - 1 / iters_per_epoch, 0), args, args.lr * 2.5e-7 / 3e-4, min_lr)
+
+
+def finetune_schedule(optimizer, epoch, args):  # finetune__vit_base: WARMUP_LR = MIN_LR = 2.5e-7 at BASE_LR 2e-3,
+    at = max(epoch - 1 / args.iters_per_epoch, 0)  # one iteration late, as pretrain_schedule
+    return official_schedule(optimizer, at, args, args.lr * 2.5e-7 / 2e-3, args.lr * 2.5e-7 / 2e-3)
 
 
 # ---- pictures ---------------------------------------------------------------------------------------------------
@@ -350,11 +369,12 @@ def main(argv=None):
     train_set, eval_sets = common.build_datasets(args, crop, partial(low_pass_choice, args.sample_ratio))
     optimizer = common.adamw(model, args, betas=(0.9, 0.95),  # the ViT's no_weight_decay(), besides 1-D and biases
                              no_decay_names=('encoder.pos_embed', 'encoder.cls_token'))
-    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
-    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler)
-    ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, train=True)
+    step = common.step_settings(args)
+    ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, not args.eval_only)
+    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, step['scaler'],
+                                encoder=lambda key: key.startswith('encoder.'))
 
-    def loss_fn(model, images, low_pass):  # one step of the objective, inside autocast
+    def loss_fn(model, images, labels, low_pass):  # one step of the objective, inside autocast
         removed = frequency_mask(args.input_size, args.mask_radius, low_pass[:, 0])  # (B, H, W)
         loss, _, _ = model(images.float() / 255, removed)  # corruption on the device, before normalisation
         if args.world_size > 1:  # difference 8: divide by the removed count of the whole batch, all processes
@@ -365,10 +385,11 @@ def main(argv=None):
         return loss, {}
 
     for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
-        stats = common.train_one_epoch(ddp_model, loss_fn, loader, optimizer, scaler, epoch, args,
-                                       schedule=official_schedule)
-        common.save_checkpoint(args, epoch, model, optimizer, scaler)
+        stats = common.train_one_epoch(ddp_model, loss_fn, loader, optimizer, epoch,
+                                       schedule=partial(pretrain_schedule, args=args,
+                                                        iters_per_epoch=len(loader) // args.accum_iter), **step)
         common.log_stats(args, {'epoch': epoch, **stats})
+        common.save_checkpoint(args, epoch, model, optimizer, step['scaler'])
 
     common.evaluate(args, model.encoder, lambda: build_model(args).encoder, eval_sets)
     if common.is_main():
@@ -376,9 +397,11 @@ def main(argv=None):
         print(f'wrote {args.output_dir}/spectra.png and log.txt')
     encoder = timm_layout(model.state_dict())  # as the official fine-tuning loads it: `encoder.` stripped
     common.export_encoder(args, encoder)
-    classifier = partial(ResNetClassifier, args.model, args.input_size) if args.model in RESNETS else \
-        partial(common.ViTClassifier, args.model, args.input_size, drop_path=args.ft_drop_path)
-    common.finetune(args, classifier, encoder, eval_sets)
+    classifier = partial(ResNetClassifier, blocks=RESNETS[args.model][0], width=RESNETS[args.model][1],
+                         img_size=args.input_size) if args.model in RESNETS else \
+        partial(common.ViTClassifier, img_size=args.input_size, **common.vit_config(args.model),
+                drop_path=args.ft_drop_path)
+    common.finetune(args, classifier, encoder, eval_sets, schedule=finetune_schedule)
 
 
 if __name__ == '__main__':

@@ -20,15 +20,25 @@ Differences from the official code (each deliberate):
     max-pool; ConvNeXt: 1x1 patchify) for a downsample ratio of 8, a 4x4 mask grid at 32 px. Their decoder has
     log2(8) = 3 blocks and takes the 3 coarsest maps (the official code would densify the stride-1 map and never use
     it). CPU sizes: `resnet_mini_ds8` (Bottleneck [1,1,1,1], 16-128 planes), `convnext_atto_ds8` (ConvNeXt-V2 atto).
- 4. SyncBatchNorm (official `sbn`) under torchrun on GPUs only: PyTorch has none on CPUs, where each process
-    normalises its own batch, so CPU torchrun runs equal one process only approximately.
+ 4. SyncBatchNorm (official `sbn`: the encoder's sparse BNs, the densify and decoder BNs in pretraining, every BN
+    when fine-tuning) under torchrun on GPUs only: PyTorch has none on CPUs, where each process normalises its own
+    batch, so CPU torchrun runs equal one process only approximately. With --accum_iter, as in any BN network, the
+    statistics are those of one micro-batch (batch_size x processes), not of the effective batch.
  5. bf16 autocast where supported (official: fp32); --amp none gives fp32. Evaluation adds kNN and a linear probe on
     globally average-pooled last-stage features (the official repo only fine-tunes).
- 6. Fine-tuning is common.finetune with downstream_imagenet's resnet50 row: LAMB without bias correction, adapting
-    every tensor; binary cross-entropy; blr 2e-3, layer scale 0.7 over the official layer groups (layer_id), wd 0.02,
-    mixup 0.1, cutmix 1.0, drop path 0.05. ConvNeXts get AdamW and soft-target cross-entropy, with the same numbers
-    unless flags say otherwise; the lr schedule is downstream_imagenet's (finetune_annealing: from 0.005x the peak,
-    down to 0.001x). No EMA; RandAugment instead of TrivialAugmentWide (see common.finetune).
+ 6. Fine-tuning is common.finetune with downstream_imagenet/arg.py's row of the model (FINETUNE_ROWS; the `_ds8`
+    models take resnet50's or convnext_small's): ResNets LAMB without bias correction, adapting every tensor, and
+    binary cross-entropy; ConvNeXts AdamW, soft-target cross-entropy and repeated augmentation (x3, timm's
+    RepeatAugSampler); the row's lr, layer scale over the official layer groups (layer_id), weight decay, mixup
+    (cutmix 1.0, smoothing 0.1 for all), drop path, and an EMA of the network (timm's ModelEmaV2, decay 0.9999; the
+    better of the network and its EMA is reported); downstream_imagenet's lr schedule (from 0.005x the peak to 0.001x
+    at the last iteration). RandAugment instead of TrivialAugmentWide, val crop 0.875, and the EMA starts from the
+    pretrained weights (see common.finetune); the repeated-augmentation epoch is not rounded to 256 images.
+
+Backbone contract (SparK(backbone, ...) checks it): forward(images) returns a list of its 4 stage maps, finest first,
+each a whole number of mask-grid cells wide; attributes `downsample_ratio` (the coarsest map's stride: one mask cell)
+and `feature_channels` (the maps' widths); made of nn.Conv2d / MaxPool2d / BatchNorm2d / LayerNorm / Linear, which
+sparse_twin swaps for their masked twins.
 
 Expected result (`python spark.py`, built-in shapes, 32 px, resnet_mini_ds8, 16 epochs, 2-core CPU, 8.5 minutes):
 kNN / linear-probe top-1 11.6 / 17.9 pretrained vs 11.4 / 12.8 at random init. The probe gains 5 points; the kNN
@@ -49,35 +59,67 @@ from common import (LayerNorm2d, Sparse, SparseBatchNorm2d, SparseSyncBatchNorm2
 # ---- arguments ----------------------------------------------------------------------------------------------------
 DEFAULTS = dict(model='resnet50', input_size=224, crop_scale=0.67, batch_size=64, epochs=1600, blr=2e-4,
                 weight_decay=0.04, weight_decay_end=0.2, warmup_epochs=40, mask_ratio=0.6, decoder_width=768,
-                num_workers=8,
-                probe_epochs=90, shapes_size=10000,  # pretrain/utils/arg_util.py; batch 4096 via the imagenet preset
-                ft_blr=2e-3, layer_decay=0.7, ft_weight_decay=0.02, mixup=0.1, ft_drop_path=0.05)  # resnet50 FT
+                num_workers=8, probe_epochs=90, shapes_size=10000)  # pretrain/utils/arg_util.py
 PRESETS = {  # flags given on the command line win over these
     # LAMB's lr is a relative step (||update|| = lr ||w||): 1250 steps need a far larger one than the official 500k
     'shapes': dict(model='resnet_mini_ds8', input_size=32, batch_size=64, epochs=16, warmup_epochs=1, blr=0.04,
                    decoder_width=64, num_workers=0, probe_epochs=30),
     'cifar10': dict(model='resnet50_ds8', input_size=32, batch_size=512, epochs=800, decoder_width=512, num_workers=4),
     'cifar100': dict(model='resnet50_ds8', input_size=32, batch_size=512, epochs=800, decoder_width=512, num_workers=4),
-    'imagenet': dict(model='resnet50', epochs=1600, target_batch=4096, ft_batch=2048),  # README: 1600 ep, batch 4096
+    'imagenet': dict(model='resnet50', epochs=1600, target_batch=4096),  # README: 1600 ep, batch 4096
 }
+FINETUNE_ROWS = {  # downstream_imagenet/arg.py:13-24: bs, wp_ep, base_lr, lr_scale, wd, mixup, rep_aug, drop_path, ema
+    # (its ep, 400 / 400 / 200 / 200 / 300 x4, is --finetune_epochs); ResNets LAMB + BCE, ConvNeXts AdamW + soft CE
+    'convnext_small': (4096, 20, 2e-4, 0.7, 0.01, 0.8, 3, 0.3, 0.9999),
+    'convnext_base': (4096, 20, 1e-4, 0.7, 0.01, 0.8, 3, 0.4, 0.9999),
+    'convnext_large': (4096, 10, 1e-4, 0.7, 0.02, 0.8, 3, 0.5, 0.9999),
+    'convnext_large_384': (1024, 20, 6e-5, 0.7, 0.01, 0.8, 3, 0.5, 0.99995),  # convnext_large at --input_size 384
+    'resnet50': (2048, 5, 2e-3, 0.7, 0.02, 0.1, 0, 0.05, 0.9999),
+    'resnet101': (2048, 5, 1e-3, 0.8, 0.02, 0.1, 0, 0.2, 0.9999),
+    'resnet152': (2048, 5, 1e-3, 0.8, 0.02, 0.1, 0, 0.2, 0.9999),
+    'resnet200': (2048, 5, 1e-3, 0.8, 0.02, 0.1, 0, 0.2, 0.9999)}
+
+
+def recipe(model, data, input_size):  # the model's row; the small-image models take resnet50's or convnext_small's
+    model = 'convnext_large_384' if model == 'convnext_large' and input_size == 384 else model  # arg.py:121-124
+    row = FINETUNE_ROWS.get(model, FINETUNE_ROWS['convnext_small' if 'convnext' in model else 'resnet50'])
+    keys = 'ft_batch ft_warmup_epochs ft_blr layer_decay ft_weight_decay mixup ft_repeated_aug ft_drop_path ft_ema'
+    values = dict(zip(keys.split(), row))
+    return values if data == 'imagenet' else {k: v for k, v in values.items() if k != 'ft_batch'}
 
 
 def get_args_parser():
-    parser = common.get_args_parser('SparK pretraining of a convnet, then kNN / linear-probe evaluation')
-    parser.add_argument('--mask_ratio', type=float, help='fraction of mask-grid cells removed (0.6, official `mask`)')
-    parser.add_argument('--weight_decay_end', type=float, help='weight decay at the end of the cosine (0.2, `wde`)')
-    parser.add_argument('--decoder_width', type=int, help='width of the first decoder block, halved per block (768)')
+    parser = common.get_args_parser('SparK pretraining of a convnet, then kNN / linear-probe evaluation',
+                                    f'a convnet: {", ".join(MODELS)}', vit=False)
+    parser.add_argument('--mask_ratio', type=float, help='fraction of mask-grid cells removed (official `mask`)')
+    parser.add_argument('--weight_decay_end', type=float, help='weight decay at the end of the cosine (`wde`)')
+    parser.add_argument('--decoder_width', type=int, help='width of the first decoder block, halved per block')
     parser.add_argument('--drop_path', type=float, help="stochastic depth of the backbone (default: the model's, `dp`)")
+    parser.add_argument('--ft_repeated_aug', type=int, help='fine-tuning: draws of each image per epoch (`rep_aug`)')
+    parser.add_argument('--ft_ema', type=float, help='fine-tuning: EMA decay of the network (`ema`; 0: none)')
     return parser
 
 
+def parse_args(argv=None):
+    parser = get_args_parser()
+    args = common.parse_args(parser, 'spark', DEFAULTS, PRESETS, argv, recipe)
+    if args.model not in MODELS:
+        parser.error(f"unknown --model '{args.model}' for SparK: choose from {', '.join(MODELS)}")
+    if args.input_size % MODELS[args.model][3]:
+        parser.error(f'--input_size {args.input_size} is not a multiple of the downsample ratio '
+                     f'{MODELS[args.model][3]} of {args.model} (use a *_ds8 model for 32-64 px images)')
+    L = (args.input_size // MODELS[args.model][3]) ** 2
+    common.check_mask_count(parser, args.mask_ratio, round(L * (1 - args.mask_ratio)), L)
+    return args
+
+
 # ---- masking ------------------------------------------------------------------------------------------------------
-def uniform_noise(num_patches, rng):
-    """Per-sample mask noise, drawn in the data loader (difference 1)."""
+def mask_noise(num_patches, rng):
+    """Per-sample mask noise (L,), drawn in the data loader (difference 1): its `keep` smallest cells stay visible."""
     return rng.random(num_patches, dtype=np.float32)
 
 
-def random_masking(noise, keep):
+def mask_from_noise(noise, keep):
     """(B, L) noise -> mask (B, L), 1 = masked: the `keep` cells of smallest noise stay visible (SparK.mask keeps the
     first len_keep = round(L * (1 - mask_ratio)) of an argsort of uniform noise)."""
     visible_ids = noise.argsort(dim=1)[:, :keep]
@@ -280,6 +322,10 @@ class SparK(nn.Module):
     """Sparse encoder, densify layers and light decoder, with the official state-dict names (spark.py)."""
     def __init__(self, backbone, input_size, mask_ratio=0.6, decoder_width=768):
         super().__init__()
+        missing = [a for a in ('downsample_ratio', 'feature_channels') if not hasattr(backbone, a)]
+        if missing or input_size % backbone.downsample_ratio:
+            raise ValueError(f'SparK needs a backbone with `downsample_ratio` and `feature_channels` (missing: '
+                             f'{missing or "none"}) whose ratio divides input_size {input_size} (see the docstring)')
         self.patch_size = backbone.downsample_ratio  # one mask cell = one loss patch
         self.grid_size = input_size // self.patch_size
         self.num_patches = self.grid_size ** 2
@@ -347,7 +393,7 @@ class LAMB(torch.optim.Optimizer):
         self.max_grad_norm, self.bias_correction, self.always_adapt = max_grad_norm, bias_correction, always_adapt
 
     @torch.no_grad()
-    def step(self):
+    def step(self):  # a loop over tensors: a torch._foreach_* form ran 3.5x slower on a CPU (ResNet-50)
         grads = [p.grad for group in self.param_groups for p in group['params'] if p.grad is not None]
         global_norm = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
         clip = 1 / torch.clamp(global_norm / self.max_grad_norm, min=1.0)
@@ -380,10 +426,10 @@ def annealed_lr(epoch, args, end, low):
     return low + (args.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def lr_wd_annealing(optimizer, epoch, args):
+def lr_wd_annealing(optimizer, epoch, args, iters_per_epoch):
     """Pretraining: the lr curve down to --min_lr (default 0.001x the peak) at the last iteration; the weight decay
     follows a cosine UP, weight_decay to weight_decay_end."""
-    last = args.epochs - 1 / args.iters_per_epoch  # the last iteration, in epochs: its lr is the floor, its wd the end
+    last = args.epochs - 1 / iters_per_epoch  # the last iteration, in epochs: its lr is the floor, its wd the end
     lr = annealed_lr(epoch, args, last, 0.001 * args.lr if args.min_lr is None else args.min_lr)
     wd_start, wd_end = args.weight_decay, args.weight_decay_end
     wd = wd_end + (wd_start - wd_end) * 0.5 * (1 + math.cos(math.pi * epoch / max(last, 1e-8)))
@@ -393,12 +439,32 @@ def lr_wd_annealing(optimizer, epoch, args):
 
 
 def finetune_annealing(optimizer, epoch, args):
-    """Fine-tuning (downstream_imagenet's lr_wd_annealing): the lr curve down to 0.001x the peak at the end, times
-    each group's layer-decay scale; the weight decay stays constant."""
-    lr = annealed_lr(epoch, args, args.epochs, 0.001 * args.lr)
+    """Fine-tuning (downstream_imagenet's lr_wd_annealing): the lr curve down to 0.001x the peak at the last
+    iteration, times each group's layer-decay scale; the weight decay stays constant."""
+    lr = annealed_lr(epoch, args, args.epochs - 1 / args.iters_per_epoch, 0.001 * args.lr)
     for group in optimizer.param_groups:
         group['lr'] = lr * group['lr_scale']
     return lr
+
+
+class RepeatedAugSampler(torch.utils.data.Sampler):
+    """timm's RepeatAugSampler: each image `repeats` times per epoch, its copies dealt to different ranks, then each
+    rank's share cut to n / world_size (timm also rounds n down to a multiple of 256), so an epoch keeps its length
+    and sees about 1 / repeats of the images. Copy k of image i is index i + k * n (other draws of its randomness)."""
+    def __init__(self, n, world_size, rank, repeats, seed=0):
+        self.n, self.world_size, self.rank, self.repeats, self.seed, self.epoch = n, world_size, rank, repeats, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n // self.world_size
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        copies = (order[:, None] + self.n * torch.arange(self.repeats)).flatten()  # i, i + n, i + 2n, then the next
+        copies = torch.cat([copies, copies[:-len(copies) % self.world_size]])  # padded to a multiple of world_size
+        return iter(copies[self.rank::self.world_size][:len(self)].tolist())
 
 
 # ---- pictures -----------------------------------------------------------------------------------------------------
@@ -409,7 +475,7 @@ def draw_reconstructions(model, images, args, path):
     model.eval()
     images, count = common.normalize(images), len(images)  # (B, 3, H, W) uint8 -> normalised
     noise = torch.rand(count, model.num_patches, generator=torch.Generator().manual_seed(0)).to(args.device)
-    mask = random_masking(noise, model.keep)
+    mask = mask_from_noise(noise, model.keep)
     _, rec = model(images, mask)
     p, h = model.patch_size, model.grid_size
     target, pred = patchify(images, p), patchify(rec, p)
@@ -430,37 +496,31 @@ def official_state(checkpoint):
 
 # ---- main ---------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    parser = get_args_parser()
-    args = common.parse_args(parser, 'spark', DEFAULTS, PRESETS, argv)
-    if args.model not in MODELS:
-        parser.error(f"unknown --model '{args.model}' for SparK: choose from {', '.join(MODELS)}")
-    if args.input_size % MODELS[args.model][3]:
-        parser.error(f'--input_size {args.input_size} is not a multiple of the downsample ratio '
-                     f'{MODELS[args.model][3]} of {args.model} (use a *_ds8 model for 32-64 px images)')
+    args = parse_args(argv)
     common.setup(args)
     model = SparK(build_backbone(args.model, args.drop_path), args.input_size, args.mask_ratio, args.decoder_width)
-    if args.world_size > 1 and args.device.type == 'cuda':
-        sync_batchnorm(model)
-    for part in (model.to(args.device).sparse_encoder, model.densify_projs, model.dense_decoder):
+    sync = args.world_size > 1 and args.device.type == 'cuda'
+    for part in (sync_batchnorm(model) if sync else model).to(args.device).sparse_encoder, model.densify_projs, \
+            model.dense_decoder:
         part.to(memory_format=torch.channels_last)  # the sparse norms' layout: faster, grads match DDP's buckets
     crop = common.TrainTransform(args.input_size, scale=(args.crop_scale, 1.0))
-    train_set, eval_sets = common.build_datasets(args, crop, partial(uniform_noise, model.num_patches))
+    train_set, eval_sets = common.build_datasets(args, crop, partial(mask_noise, model.num_patches))
     groups = common.param_groups(model, 0.0, [n for n, _ in model.named_parameters() if 'mask_token' in n])
     beta2 = 0.95 if MODELS[args.model][0] == 'resnet' else 0.999  # official `ada`
-    optimizer = LAMB(groups, args.lr, betas=(0.9, beta2))
-    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')
-    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, scaler, official_state)
-    ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, train=True)
-    args.iters_per_epoch = len(loader) // args.accum_iter  # optimizer steps, for the schedule's end point
+    optimizer, step = LAMB(groups, args.lr, betas=(0.9, beta2)), common.step_settings(args)
+    ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, not args.eval_only)
+    start_epoch = common.resume(args, model, None if args.eval_only else optimizer, step['scaler'], official_state,
+                                encoder=lambda key: key.startswith('sparse_encoder.'))
+    schedule = partial(lr_wd_annealing, args=args, iters_per_epoch=len(loader) // args.accum_iter)
 
-    def loss_fn(net, images, noise):  # one step of the objective, inside autocast
-        loss, _ = net(common.normalize(images), random_masking(noise, model.keep))
+    def loss_fn(net, images, labels, noise):  # one step of the objective, inside autocast
+        loss, _ = net(common.normalize(images), mask_from_noise(noise, model.keep))
         return loss, {}
 
     for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
-        stats = common.train_one_epoch(ddp_model, loss_fn, loader, optimizer, scaler, epoch, args, lr_wd_annealing)
-        common.save_checkpoint(args, epoch, model, optimizer, scaler)
+        stats = common.train_one_epoch(ddp_model, loss_fn, loader, optimizer, epoch, schedule=schedule, **step)
         common.log_stats(args, {'epoch': epoch, **stats, 'weight_decay': optimizer.param_groups[1]['weight_decay']})
+        common.save_checkpoint(args, epoch, model, optimizer, step['scaler'])
 
     encoder = build_backbone(args.model).to(args.device)  # the dense convnet, loaded strictly from the sparse twin
     encoder.load_state_dict(model.sparse_encoder.sp_cnn.state_dict())
@@ -472,10 +532,14 @@ def main(argv=None):
         draw_reconstructions(model, images, args, f'{args.output_dir}/reconstruction.png')
         print(f'wrote {args.output_dir}/reconstruction.png, the encoder weights and log.txt')
     resnet = MODELS[args.model][0] == 'resnet'  # ResNets: LAMB and binary cross-entropy; ConvNeXts: AdamW, soft CE
-    common.finetune(args, partial(build_backbone, args.model, args.ft_drop_path), encoder.state_dict(), eval_sets,
-                    lambda name: layer_id(name, encoder),
+    def classifier(num_classes):  # timm's network with its head, SyncBatchNorm under torchrun on GPUs (util.py)
+        network = build_backbone(args.model, args.ft_drop_path, num_classes)
+        return sync_batchnorm(network) if sync else network
+    repeated = lambda n, ft: RepeatedAugSampler(n, ft.world_size, ft.rank, args.ft_repeated_aug, ft.seed)
+    common.finetune(args, classifier, encoder.state_dict(), eval_sets, lambda name: layer_id(name, encoder),
                     partial(LAMB, betas=(0.9, 0.999), max_grad_norm=1e7, bias_correction=False, always_adapt=True)
-                    if resnet else None, bce=resnet, schedule=finetune_annealing)
+                    if resnet else None, bce=resnet, schedule=finetune_annealing, ema_decay=args.ft_ema,
+                    sampler=repeated if args.ft_repeated_aug else None)
 
 
 if __name__ == '__main__':
