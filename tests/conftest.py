@@ -9,6 +9,9 @@ sys.path.insert(0, ROOT)
 # The smallest settings that still exercise every stage of a method file: 16 px shapes, 4x4 patches.
 TINY = ['--data', 'shapes', '--input_size', '16', '--model', 'vit_tiny_patch4', '--batch_size', '8',
         '--shapes_size', '64', '--epochs', '1', '--warmup_epochs', '0', '--probe_epochs', '2', '--knn_k', '5']
+# MAE's and HPM's smallest decoder, its heads given with its width rather than left to a preset (32 / 2 = 16-wide)
+TINY_DECODER = ['--decoder_embed_dim', '32', '--decoder_depth', '1', '--decoder_num_heads', '2']
+TIMING_FIELDS = ('images_per_s', 'epoch_time_s', 'peak_mem_mb')  # log.txt fields that differ between equal runs
 
 
 def run_script(script, args, timeout=300, env=None, check=True):
@@ -23,6 +26,12 @@ def run_script(script, args, timeout=300, env=None, check=True):
 def read_log(output_dir):
     with open(os.path.join(output_dir, 'log.txt')) as f:
         return [json.loads(line) for line in f]
+
+
+def without_timing(lines):
+    """Log lines (dicts, or JSON strings as a checkpoint's 'log' keeps them) without the wall-clock fields."""
+    lines = [json.loads(line) if isinstance(line, str) else line for line in lines]
+    return [{k: v for k, v in line.items() if k not in TIMING_FIELDS} for line in lines]
 
 
 def load_weights(path):

@@ -1,5 +1,5 @@
 """Invariants of the shared pieces: patchify, position table, transforms, datasets, optimisation, checkpoints."""
-import hashlib, io, math, os, pickle, tarfile, urllib.error, urllib.request, warnings
+import copy, hashlib, io, math, os, pickle, tarfile, urllib.error, urllib.request, warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -41,6 +41,26 @@ def test_vit_config_and_attention_shapes():
     vit = common.VisionTransformer(32, 4, 64, 2, 4)
     assert vit.features(torch.randn(3, 3, 32, 32)).shape == (3, 64)
     assert not vit.pos_embed.requires_grad
+
+
+def test_vit_at_a_size_no_preset_uses():
+    torch.manual_seed(0)
+    vit = common.VisionTransformer(img_size=24, patch_size=6, embed_dim=40, depth=2, num_heads=5, mlp_ratio=2)
+    assert vit.num_patches == 16 and vit.pos_embed.shape == (1, 17, 40) and len(vit.blocks) == 2
+    assert vit.blocks[0].attn.num_heads == 5 and vit.blocks[0].mlp.fc1.out_features == 80
+    imgs = torch.randn(2, 3, 24, 24)
+    features = vit.features(imgs)
+    assert features.shape == (2, 40) and torch.isfinite(features).all()
+    (features @ torch.randn(40)).sum().backward()  # (a plain sum of LayerNorm outputs has no gradient)
+    assert vit.patch_embed.proj.weight.grad.abs().sum() > 0
+    pooled = common.VisionTransformer(24, 6, 40, 2, 5, 2, global_pool=True)
+    assert pooled.features(imgs).shape == (2, 40)
+    classifier = common.ViTClassifier(7, img_size=24, patch_size=6, embed_dim=40, depth=2, num_heads=5, mlp_ratio=2)
+    assert classifier(imgs).shape == (2, 7)
+    with pytest.raises(ValueError, match='not divisible by its 6 heads'):
+        common.VisionTransformer(img_size=24, patch_size=6, embed_dim=40, depth=2, num_heads=6)
+    with pytest.raises(ValueError, match='image side 24 is not divisible by the patch size 7'):
+        common.VisionTransformer(img_size=24, patch_size=7, embed_dim=40, depth=2, num_heads=5)
 
 
 def test_train_transform_is_a_function_of_the_generator():
@@ -86,19 +106,21 @@ def test_cifar_archive_read_md5_and_offline(tmp_path, monkeypatch):
     # the real md5 rejects the fabricated archive, with a message saying what to do
     with pytest.raises(SystemExit, match='md5.*Delete it'):
         common.read_cifar('cifar10', str(tmp_path / 'ok'))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('no network')
+    with monkeypatch.context() as patch:
+        patch.setattr(urllib.request, 'urlopen', offline)
+        with pytest.raises(SystemExit, match=r'put it at .*cifar-10-python.tar.gz'):
+            common.read_cifar('cifar10', str(tmp_path / 'empty'))
     monkeypatch.setitem(common.CIFAR, 'cifar10', (common.CIFAR['cifar10'][0], digest) + common.CIFAR['cifar10'][2:])
     splits, classes = common.read_cifar('cifar10', str(tmp_path / 'ok'))
     assert splits['train'][0].shape == (10, 32, 32, 3) and splits['val'][0].shape == (5, 32, 32, 3)
+    assert list(splits['train'][1]) == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
     assert list(splits['val'][1]) == [0, 1, 2, 3, 4] and classes[3] == 'class3'
     # pixels are channel-major rows in the archive: check one value went to the right place
     raw = pickle.load(open(tmp_path / 'ok' / 'cifar-10-batches-py' / 'test_batch', 'rb'))
     assert splits['val'][0][2, 4, 5, 1] == raw[b'data'][2, 1024 + 4 * 32 + 5]
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError('no network')
-    monkeypatch.setattr(urllib.request, 'urlopen', offline)
-    with pytest.raises(SystemExit, match=r'put it at .*cifar-10-python.tar.gz'):
-        common.read_cifar('cifar10', str(tmp_path / 'empty'))
 
 
 def folder_args(path, **overrides):
@@ -131,7 +153,8 @@ def test_image_folder_modes_corrupt_and_empty_class(tmp_path):
     assert len(train_set) == 7
     with pytest.warns(UserWarning, match='broken.jpg'):
         samples = [train_eval[i] for i in range(len(train_eval))]
-    assert all(image.shape == (3, 16, 16) and image.dtype == torch.uint8 for image, _, _ in samples)
+    assert all(len(sample) == 2 for sample in samples)  # (image, label): no mask input without draw_mask
+    assert all(image.shape == (3, 16, 16) and image.dtype == torch.uint8 for image, _ in samples)
     assert train_eval.num_skipped.value == 1
     deep = Image.open(tmp_path / 'train' / 'dog' / 'deep.png')
     assert 20 < np.asarray(common.to_rgb(deep)).mean() < 200  # 16-bit scaled to 8 bits, not clipped to white
@@ -141,7 +164,7 @@ def test_unlabeled_folder_skips_evaluation(tmp_path, capsys):
     write_images(tmp_path / 'a' / 'b', [(f'{i}.png', Image.new('RGB', (20, 20), (i, 0, 0))) for i in range(3)])
     train_set, eval_sets = common.build_datasets(folder_args(tmp_path), common.TrainTransform(16))
     assert len(train_set) == 3 and eval_sets is None and set(train_set.labels) == {-1}
-    assert 'evaluation will be skipped' in capsys.readouterr().out
+    assert 'evaluation skipped' in capsys.readouterr().out
 
 
 def test_cache_equals_decoding(tmp_path):
@@ -175,6 +198,90 @@ def test_learning_rate_schedule():
     assert common.adjust_learning_rate(optimizer, 10, args) == pytest.approx(0.1)
 
 
+def own_dataset(n=32, extra=False):
+    """A user's own data: uint8 images whose class is the brighter half (top or bottom), no project dataset."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 2
+    images = torch.randint(0, 100, (n, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    images[labels == 0, :, :4] += 150
+    images[labels == 1, :, 4:] += 150
+    tensors = (images, labels) + ((torch.randn(n, 5, generator=generator),) if extra else ())
+    return torch.utils.data.TensorDataset(*tensors)
+
+
+@pytest.mark.parametrize('extra', [False, True], ids=['pairs', 'triples'])
+def test_train_one_epoch_with_a_plain_dataloader(extra):
+    torch.manual_seed(0)
+    dataset = own_dataset(extra=extra)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    optimizer = common.adamw(model, SimpleNamespace(weight_decay=0.0, lr=3e-2), betas=(0.9, 0.999))
+    seen, fractions = [], []
+
+    def loss_fn(model, images, labels, mask_input):
+        seen.append(mask_input)
+        logits = model(common.normalize(images))
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        return loss, {'acc': (logits.argmax(1) == labels).float().mean()}
+
+    def schedule(optimizer, epoch):
+        fractions.append(epoch)
+        for group in optimizer.param_groups:
+            group['lr'] = 3e-2
+    losses = []
+    for epoch in range(4):
+        stats = common.train_one_epoch(model, loss_fn, loader, optimizer, epoch, torch.device('cpu'),
+                                       schedule=schedule)
+        assert {'train_loss', 'train_acc', 'lr', 'images_per_s', 'epoch_time_s', 'peak_mem_mb'} <= stats.keys()
+        assert 'skipped_images' not in stats  # a TensorDataset counts no skipped files
+        assert all(math.isfinite(v) for v in stats.values())
+        losses.append(stats['train_loss'])
+    assert losses[-1] < 0.5 * losses[0] and stats['train_acc'] == 1.0
+    assert fractions[:4] == [0, 0.25, 0.5, 0.75] and len(fractions) == 16  # lr set before each step, per iteration
+    assert len(seen) == 16
+    if extra:  # the third item reaches loss_fn as the mask input, batched
+        assert all(m.shape == (8, 5) and m.dtype == torch.float32 for m in seen)
+        assert torch.equal(torch.sort(torch.cat(seen[:4]).sum(1)).values, torch.sort(dataset.tensors[2].sum(1)).values)
+    else:
+        assert all(m is None for m in seen)
+
+
+def test_fused_adamw_equals_the_for_loop_one():
+    torch.manual_seed(0)
+    model = common.VisionTransformer(16, 4, 32, 1, 2)
+    twin, start = copy.deepcopy(model), [p.detach().clone() for p in model.parameters()]
+    args = SimpleNamespace(weight_decay=0.05, lr=1e-3)
+    fused = common.adamw(model, args, betas=(0.9, 0.95))
+    assert all(group['fused'] for group in fused.param_groups)
+    loop = torch.optim.AdamW(common.param_groups(twin, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
+                             foreach=False, fused=False)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for a, b in zip(model.parameters(), twin.parameters()):
+            if a.requires_grad:
+                a.grad = torch.randn(a.shape, generator=generator)
+                b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=0, atol=1e-6), name
+    # the steps were taken (5 x lr 1e-3 moves each weight ~5e-3), so 1e-6 is a real bound, not a no-op
+    assert min((a - s).abs().max().item() for a, s, in zip(model.parameters(), start) if a.requires_grad) > 1e-3
+
+
+def test_help_shows_the_default_and_each_preset_value(capsys, monkeypatch):
+    import mae
+    monkeypatch.setenv('COLUMNS', '60')  # a narrow terminal: argparse wraps the values over lines
+    with pytest.raises(SystemExit) as exit:
+        mae.parse_args(['--help'])
+    assert exit.value.code == 0
+    text = ' '.join(capsys.readouterr().out.split())  # argparse wraps the help to the terminal width
+    entry = lambda flag: text.split(f'{flag} {flag[2:].upper()} ')[1].split(' --')[0]
+    assert 'default 512' in entry('--decoder_embed_dim') and 'shapes: 128' in entry('--decoder_embed_dim')
+    assert 'default 16' in entry('--decoder_num_heads') and 'shapes: 4' in entry('--decoder_num_heads')
+    assert 'cifar10:' not in entry('--decoder_embed_dim')  # presets that keep the default are not listed
+
+
 def test_knn_and_probe_on_separable_features():
     generator = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 8, generator=generator) * 5
@@ -195,9 +302,34 @@ class Payload:
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     marker = tmp_path / 'executed'
     torch.save({'model': {}, 'evil': Payload(str(marker))}, tmp_path / 'bad.pth')
-    with pytest.raises(SystemExit, match='refusing to load'):
+    with pytest.raises(SystemExit, match='cannot load'):
         common.load_checkpoint(str(tmp_path / 'bad.pth'))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize('payload', [
+    pytest.param(lambda path: Payload(path), id='os.system'),
+    pytest.param(lambda path: SimpleNamespace(path=path), id='SimpleNamespace')])
+def test_checkpoint_with_pickled_objects_says_so(tmp_path, payload):
+    marker = tmp_path / 'executed'
+    torch.save({'model': {}, 'extra': payload(str(marker))}, tmp_path / 'pickled.pth')
+    with pytest.raises(SystemExit) as exit:
+        common.load_checkpoint(str(tmp_path / 'pickled.pth'))
+    assert not marker.exists()
+    message = str(exit.value)
+    assert len(message.splitlines()) == 1 and 'pickled Python objects' in message, message
+
+
+def test_load_checkpoint_tells_truncated_from_foreign_files(tmp_path):
+    torch.save({'model': {'w': torch.zeros(1000)}, 'epoch': 3}, tmp_path / 'good.pth')
+    data = (tmp_path / 'good.pth').read_bytes()
+    (tmp_path / 'cut.pth').write_bytes(data[:len(data) // 2])
+    (tmp_path / 'text.pth').write_bytes(b'not a checkpoint at all')
+    assert common.load_checkpoint(str(tmp_path / 'good.pth'))['epoch'] == 3
+    with pytest.raises(SystemExit, match='truncated or damaged'):
+        common.load_checkpoint(str(tmp_path / 'cut.pth'))
+    with pytest.raises(SystemExit, match='not a PyTorch checkpoint'):
+        common.load_checkpoint(str(tmp_path / 'text.pth'))
 
 
 def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
@@ -225,6 +357,7 @@ def test_clean_state_dict_strips_wrappers():
     (['--resume', '/nonexistent.pth'], 'no such file'),
     (['--batch_size', '0'], 'must be at least 1'),
     (['--blr', 'fast'], 'invalid float value'),
+    (['--epoch', '1'], 'unrecognized arguments: --epoch 1'),  # no abbreviations: never taken for --epochs
 ])
 def test_bad_flags_exit_with_one_line(flags, message):
     result = run_script('mae.py', flags, timeout=60, check=False)

@@ -16,7 +16,7 @@ import mae
 import maskfeat
 import mfm
 import spark
-from conftest import ROOT, TINY, load_weights, read_log, run_script
+from conftest import ROOT, TINY, load_weights, read_log, run_script, without_timing
 
 LOAD_PRETRAINED = common.load_pretrained  # the original, whatever a test patches
 BLOCK = ['norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.qkv.bias', 'attn.proj.weight', 'attn.proj.bias',
@@ -35,16 +35,27 @@ def seeded(seed, build, *args, **kwargs):
     return build(*args, **kwargs)
 
 
-def resume_eval_only(model, checkpoint, tmp_path, monkeypatch, convert=None, args=None):
-    """Write `checkpoint`, load it as --eval_only --resume does (common.resume without an optimizer) -> the (missing,
-    unused) lists of that load."""
+TINY_VIT = common.vit_config('vit_tiny_patch4')  # embed_dim 192, depth 12, 3 heads, 4-px patches
+
+
+def tiny_mae(cls=mae.MAE, img_size=16):  # MAE / HPM with a 32-wide, 1-block decoder
+    return cls(img_size, **TINY_VIT, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=1)
+
+
+def vit_classifier(num_classes, model='vit_tiny_patch4', img_size=16, **kwargs):  # as the method files build it
+    return common.ViTClassifier(num_classes, img_size=img_size, **common.vit_config(model), **kwargs)
+
+
+def resume_eval_only(model, checkpoint, tmp_path, monkeypatch, convert=None, args=None, encoder=common.ENCODER_KEYS):
+    """Write `checkpoint`, load it as --eval_only --resume does (common.resume without an optimizer; `encoder`: the
+    keys that must load, as the method's main passes them) -> the (missing, unused) lists of that load."""
     path = str(tmp_path / 'official.pth')
     torch.save(checkpoint, path)
     reports = []
     monkeypatch.setattr(common, 'load_pretrained', lambda *a: reports.append(LOAD_PRETRAINED(*a)) or reports[-1])
     args = args(path) if args else SimpleNamespace(resume=path, output_dir=str(tmp_path), world_size=1, rank=0,
                                                    device=torch.device('cpu'))
-    assert common.resume(args, model, None, None, convert) == 0
+    assert common.resume(args, model, None, None, convert, encoder) == 0
     (missing, unused), = reports
     return missing, unused
 
@@ -58,37 +69,52 @@ def assert_loaded(model, expected):
 # ---- official layouts ------------------------------------------------------------------------------------------------
 def test_mae_encoder_only_and_full_checkpoints_load(tmp_path, monkeypatch):
     """MAE's encoder-only file misses only the decoder and mask token in MAE, only head/fc_norm in the classifier."""
-    source = seeded(1, mae.MAE, 'vit_tiny_patch4', 16, 32, 1).state_dict()
+    source = seeded(1, tiny_mae).state_dict()
     encoder = {k: v for k, v in source.items() if not k.startswith(('decoder_', 'mask_token'))}
     assert set(encoder) == timm_encoder_keys(12)  # the released mae_pretrain_vit_*.pth layout
-    parse = lambda path: common.parse_args(mae.get_args_parser(), 'mae', mae.DEFAULTS, mae.PRESETS,
-                                           ['--eval_only', '--resume', path, '--output_dir', str(tmp_path)])
-    model = seeded(2, mae.MAE, 'vit_tiny_patch4', 16, 32, 1)
+    parse = lambda path: mae.parse_args(['--eval_only', '--resume', path, '--output_dir', str(tmp_path)])
+    model = seeded(2, tiny_mae)
     missing, unused = resume_eval_only(model, {'model': encoder}, tmp_path, monkeypatch, args=parse)
     assert unused == [] and 'mask_token' in missing and 'decoder_pos_embed' in missing
     assert set(missing) == {k for k in model.state_dict() if k.startswith('decoder_') or k == 'mask_token'}
     assert_loaded(model, encoder)
 
-    classifier = seeded(2, common.ViTClassifier, 'vit_tiny_patch4', 16, 10)
+    classifier = seeded(2, vit_classifier, 10)
     missing, unused = common.load_pretrained(classifier, encoder, 'encoder')
     assert missing == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
     assert unused == ['norm.bias', 'norm.weight']
     assert_loaded(classifier, {k: v for k, v in encoder.items() if not k.startswith('norm.')})
 
-    model = seeded(3, mae.MAE, 'vit_tiny_patch4', 16, 32, 1)  # the full model (mae_visualize_*.pth): nothing left out
+    model = seeded(3, tiny_mae)  # the full model (mae_visualize_*.pth): nothing left out
     assert resume_eval_only(model, {'model': source}, tmp_path, monkeypatch, args=parse) == ([], [])
     assert_loaded(model, source)
+
+
+def test_eval_only_load_stops_when_encoder_tensors_do_not_load(tmp_path, monkeypatch):
+    """--eval_only --resume of a file made for another network: one line naming the first tensor that does not fit,
+    not a run on a half-random encoder; only the encoder's keys count (a missing decoder was fine above)."""
+    small = {k: v for k, v in mae.MAE(16, **common.vit_config('vit_small_patch4'), decoder_embed_dim=32,
+                                      decoder_depth=1).state_dict().items() if common.ENCODER_KEYS(k)}
+    lacking = {k: v for k, v in seeded(1, tiny_mae).state_dict().items() if not k.startswith('blocks.11.')}
+    for state, expected in ((small, r'150 of its 150 encoder tensors .*cls_token: \(1, 1, 384\) in the file, '
+                                    r'\(1, 1, 192\) here'),
+                            (lacking, r'12 of its 150 encoder tensors .*blocks\.11\.\S+: none in the file')):
+        with pytest.raises(SystemExit) as stop:
+            resume_eval_only(seeded(2, tiny_mae), {'model': state}, tmp_path, monkeypatch)
+        message = str(stop.value.code)
+        assert message.startswith('error: ') and 'does not fit this network' in message and '\n' not in message
+        assert re.search(expected, message), message
 
 
 @pytest.mark.parametrize('teacher', [False, True])
 def test_hpm_official_checkpoint_gives_the_student_or_the_teacher(tmp_path, monkeypatch, teacher):
     """HPM's {'state_dict' (module.), 'ema_state_dict', 'model': arch name} loads whole, the chosen network's."""
-    student = seeded(1, hpm.HPM, 'vit_tiny_patch4', 16, 32, 1).state_dict()
-    ema = seeded(3, hpm.HPM, 'vit_tiny_patch4', 16, 32, 1).state_dict()
+    student = seeded(1, tiny_mae, hpm.HPM).state_dict()
+    ema = seeded(3, tiny_mae, hpm.HPM).state_dict()
     assert not torch.equal(student['blocks.0.attn.qkv.weight'], ema['blocks.0.attn.qkv.weight'])
     checkpoint = {'state_dict': {f'module.{k}': v for k, v in student.items()}, 'ema_state_dict': ema,
                   'model': 'mae_vit_base_patch16', 'epoch': 199}
-    model = seeded(2, hpm.HPM, 'vit_tiny_patch4', 16, 32, 1)
+    model = seeded(2, tiny_mae, hpm.HPM)
     convert = partial(hpm.official_state, teacher=teacher)
     assert resume_eval_only(model, checkpoint, tmp_path, monkeypatch, convert) == ([], [])
     assert_loaded(model, ema if teacher else student)
@@ -109,19 +135,19 @@ def mmpretrain_name(key):
 def test_maskfeat_slowfast_and_mmpretrain_checkpoints_load(tmp_path, monkeypatch):
     """SlowFast's {'model_state'} (HOG buffers dropped, head.projection) and mmpretrain's renamed {'state_dict'}
     load into MaskFeat / the classifier with nothing missing."""
-    source = seeded(1, maskfeat.MaskFeat, 'vit_tiny_patch4', 16, 2).state_dict()
+    source = seeded(1, maskfeat.MaskFeat, 16, **TINY_VIT, hog_cell_size=2).state_dict()
     sobel = torch.tensor([[1., 0, -1], [2, 0, -2], [1, 0, -1]]).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
     hog = {'weight_x': sobel, 'weight_y': sobel.transpose(2, 3), 'gkern': torch.rand(16, 16)}
     slowfast = {'model_state': {**source, **{f'hogs.0.{k}': v for k, v in hog.items()}}, 'epoch': 300}
-    model = seeded(2, maskfeat.MaskFeat, 'vit_tiny_patch4', 16, 2)
+    model = seeded(2, maskfeat.MaskFeat, 16, **TINY_VIT, hog_cell_size=2)
     assert resume_eval_only(model, slowfast, tmp_path, monkeypatch, maskfeat.official_state) == ([], [])
     assert_loaded(model, source)
 
     # a SlowFast fine-tuned model: the pooled norm is `norm`, the classifier `head.projection`
-    tuned = seeded(1, common.ViTClassifier, 'vit_tiny_patch4', 16, 10, pool_norm='norm').state_dict()
+    tuned = seeded(1, vit_classifier, 10, pool_norm='norm').state_dict()
     assert {'norm.weight', 'head.weight'} <= set(tuned) and not any(k.startswith('fc_norm') for k in tuned)
     checkpoint = {'model_state': {k.replace('head.', 'head.projection.'): v for k, v in tuned.items()}}
-    classifier = seeded(2, common.ViTClassifier, 'vit_tiny_patch4', 16, 10, pool_norm='norm')
+    classifier = seeded(2, vit_classifier, 10, pool_norm='norm')
     assert common.load_pretrained(classifier, maskfeat.official_state(checkpoint), 'slowfast') == ([], [])
     assert_loaded(classifier, tuned)
 
@@ -133,18 +159,22 @@ def test_maskfeat_slowfast_and_mmpretrain_checkpoints_load(tmp_path, monkeypatch
     # mmpretrain's HOGGenerator keeps its kernels as buffers: they may be reported unused, nothing else
     mm.update({f'target_generator.{k}': v for k, v in
                (('weight_x', hog['weight_x']), ('weight_y', hog['weight_y']), ('gaussian_kernel', hog['gkern']))})
-    model = seeded(3, maskfeat.MaskFeat, 'vit_tiny_patch4', 16, 2)
+    model = seeded(3, maskfeat.MaskFeat, 16, **TINY_VIT, hog_cell_size=2)
     missing, unused = resume_eval_only(model, {'state_dict': mm, 'meta': {'epoch': 300}}, tmp_path, monkeypatch,
                                        maskfeat.official_state)
     assert missing == [] and all(k.startswith('target_generator.') for k in unused)
     assert_loaded(model, source)
 
 
+SPARK_ENCODER = lambda key: key.startswith('sparse_encoder.')  # the keys spark.main requires to load
+
+
 def test_spark_timm_style_and_spark_style_checkpoints_load(tmp_path, monkeypatch):
     """SparK's bare timm-style encoder fills the sparse encoder only; the spark-style file loads whole."""
     encoder = seeded(1, spark.build_backbone, 'resnet_mini_ds8').state_dict()
     model = spark.SparK(seeded(2, spark.build_backbone, 'resnet_mini_ds8'), 32, 0.6, 16)
-    missing, unused = resume_eval_only(model, encoder, tmp_path, monkeypatch, spark.official_state)
+    missing, unused = resume_eval_only(model, encoder, tmp_path, monkeypatch, spark.official_state,
+                                       encoder=SPARK_ENCODER)
     assert unused == []
     assert set(missing) == {k for k in model.state_dict() if not k.startswith('sparse_encoder.sp_cnn.')
                             and not k.endswith('num_batches_tracked')}  # PyTorch's BatchNorm fills those in itself
@@ -155,8 +185,8 @@ def test_spark_timm_style_and_spark_style_checkpoints_load(tmp_path, monkeypatch
                   'norm_black': torch.zeros(1, 3, 32, 32)}
     checkpoint = {'module': {**whole, **deprecated}, 'epoch': 1599, 'arg': {'model': 'resnet_mini_ds8'}}
     model = spark.SparK(seeded(4, spark.build_backbone, 'resnet_mini_ds8'), 32, 0.6, 16)
-    assert resume_eval_only(model, checkpoint, tmp_path, monkeypatch, spark.official_state) == (
-        [], ['imn_m', 'imn_s', 'norm_black'])
+    assert resume_eval_only(model, checkpoint, tmp_path, monkeypatch, spark.official_state,
+                            encoder=SPARK_ENCODER) == ([], ['imn_m', 'imn_s', 'norm_black'])
     assert_loaded(model, whole)
 
     classifier = seeded(5, spark.build_backbone, 'resnet_mini_ds8', num_classes=10)  # fine-tuning: only `fc` new
@@ -165,15 +195,16 @@ def test_spark_timm_style_and_spark_style_checkpoints_load(tmp_path, monkeypatch
 
 def test_mfm_official_checkpoint_and_its_timm_layout_load(tmp_path, monkeypatch):
     """MFM's {'model': encoder.*, decoder.*} (BEiT q/v biases) loads whole; its timm layout fills the classifier."""
-    official = seeded(1, mfm.MFM, 'vit_tiny_patch4', 16).state_dict()
+    official = seeded(1, lambda: mfm.MFM(mfm.ViTEncoder(16, **TINY_VIT))).state_dict()
     with torch.no_grad():
         for key in [k for k in official if k.endswith(('q_bias', 'v_bias'))]:
             official[key] = torch.randn_like(official[key])
-    model = seeded(2, mfm.MFM, 'vit_tiny_patch4', 16)
-    assert resume_eval_only(model, {'model': official, 'epoch': 299}, tmp_path, monkeypatch) == ([], [])
+    model = seeded(2, lambda: mfm.MFM(mfm.ViTEncoder(16, **TINY_VIT)))
+    assert resume_eval_only(model, {'model': official, 'epoch': 299}, tmp_path, monkeypatch,
+                            encoder=lambda key: key.startswith('encoder.')) == ([], [])  # as mfm.main
     assert_loaded(model, official)
 
-    classifier = seeded(2, common.ViTClassifier, 'vit_tiny_patch4', 16, 10)
+    classifier = seeded(2, vit_classifier, 10)
     missing, unused = common.load_pretrained(classifier, mfm.timm_layout(official), 'timm layout')
     assert missing == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
     assert unused == ['norm.bias', 'norm.weight']
@@ -185,12 +216,12 @@ def test_mfm_official_checkpoint_and_its_timm_layout_load(tmp_path, monkeypatch)
 # ---- position tables -------------------------------------------------------------------------------------------------
 def test_pos_embed_of_a_smaller_grid_is_resized():
     """A 4x4-grid table loaded at 8x8: resized, cls slot kept, constants constant, rows and columns not swapped."""
-    state = seeded(1, common.ViTClassifier, 'vit_tiny_patch4', 16, 10).state_dict()
+    state = seeded(1, vit_classifier, 10).state_dict()
     table = torch.full((1, 17, 192), 0.5)
     table[0, 0] = torch.randn(192)  # the cls slot
     cols, rows = torch.arange(16) % 4, torch.arange(16) // 4
     table[0, 1:, 0], table[0, 1:, 1] = cols.float(), rows.float()  # dim 0 encodes the column, dim 1 the row
-    model = seeded(2, common.ViTClassifier, 'vit_tiny_patch4', 32, 10)
+    model = seeded(2, vit_classifier, 10, img_size=32)
     missing, unused = common.load_pretrained(model, {**state, 'pos_embed': table}, '16 px')
     assert 'pos_embed' not in missing + unused and model.pos_embed.shape == (1, 65, 192)
     assert torch.equal(model.pos_embed[0, 0], table[0, 0])
@@ -204,17 +235,18 @@ def test_pos_embed_of_a_smaller_grid_is_resized():
 # ---- export ----------------------------------------------------------------------------------------------------------
 def test_exported_encoder_round_trips_into_the_classifier_with_timm_keys():
     """vit_encoder_state of a (DDP-named) MAE fills the classifier's encoder exactly; its keys are timm's minus head."""
-    model = seeded(1, mae.MAE, 'vit_tiny_patch4', 16, 32, 1)
+    model = seeded(1, tiny_mae)
     encoder = common.vit_encoder_state({f'module._orig_mod.{k}': v for k, v in model.state_dict().items()})
     assert set(encoder) == timm_encoder_keys(12)
-    classifier = seeded(2, common.ViTClassifier, 'vit_tiny_patch4', 16, 10)
+    classifier = seeded(2, vit_classifier, 10)
     common.load_pretrained(classifier, encoder, 'export')
     own, original = classifier.state_dict(), model.state_dict()
     tested = [k for k in own if not k.startswith(('head.', 'fc_norm.'))]
     assert len(tested) == len(timm_encoder_keys(12)) - 2  # all but `norm`, which fine-tuning drops
     assert all(torch.equal(own[k], original[k]) for k in tested)
 
-    base = common.vit_encoder_state(mae.MAE('vit_base_patch16', 224, 32, 1).state_dict())
+    base = common.vit_encoder_state(mae.MAE(224, **common.vit_config('vit_base_patch16'), decoder_embed_dim=32,
+                                            decoder_depth=1).state_dict())
     assert set(base) == timm_encoder_keys(12)
     shapes = {'pos_embed': (1, 197, 768), 'patch_embed.proj.weight': (768, 3, 16, 16), 'blocks.11.mlp.fc1.weight':
               (3072, 768), 'norm.weight': (768,)}
@@ -232,7 +264,7 @@ def lr_scales(model, groups):
 
 def test_vit_base_layer_decay_follows_mae():
     """ViT-B/16 at 0.65: embeddings 0.65^13, blocks.i 0.65^(12-i), head and fc_norm 1; no decay on pos/cls/1-D."""
-    model = common.ViTClassifier('vit_base_patch16', 224, 1000)
+    model = vit_classifier(1000, 'vit_base_patch16', 224)
     groups = common.param_groups(model, 0.05, ('pos_embed', 'cls_token'), partial(common.vit_layer_id, depth=12),
                                  0.65)
     scales = lr_scales(model, groups)
@@ -366,8 +398,9 @@ def colour_folder(root, seed=0):
 
 
 def test_tiny_finetune_learns(tmp_path):
-    """Four epochs from a random encoder: the training loss falls and val top-1 ends far above chance (1/3);
-    finetuned.pth loads weights-only as the classifier."""
+    """Four epochs from a random encoder: the training loss falls and val top-1 ends far above chance (1/3). The
+    epochs are logged in <output_dir>/finetune/log.txt (not in the pretraining log.txt), and finetune/finetuned.pth
+    loads weights-only as the classifier, with the last epoch's top-1."""
     colour_folder(tmp_path / 'data')
     out = str(tmp_path / 'run')
     run_script('mae.py', ['--data', 'folder', '--data_path', str(tmp_path / 'data'), '--input_size', '16', '--model',
@@ -375,20 +408,44 @@ def test_tiny_finetune_learns(tmp_path):
                           '--decoder_depth', '1', '--probe_epochs', '0', '--knn_k', '0', '--eval_only',
                           '--finetune_epochs', '4', '--ft_warmup_epochs', '0', '--ft_blr', '5e-3', '--mixup', '0',
                           '--cutmix', '0', '--reprob', '0', '--output_dir', out])
-    log = [line for line in read_log(out) if 'finetune_epoch' in line]
+    log = read_log(f'{out}/finetune')
     assert [line['finetune_epoch'] for line in log] == [0, 1, 2, 3]
+    assert not any('finetune_epoch' in line or 'finetune_top1' in line for line in read_log(out))
     first, last = log[0], log[-1]
     assert last['train_loss'] < first['train_loss'] - 0.02  # seen: falls 0.05-0.09 over seeds 0-9
     assert last['finetune_top1'] >= 80.0  # seen: 96.7-100 (epoch 0: 66.7-100)
-    state = torch.load(f'{out}/finetuned.pth', map_location='cpu', weights_only=True)['model']
-    assert set(state) == set(common.ViTClassifier('vit_tiny_patch4', 16, 3).state_dict())
+    assert not os.path.exists(f'{out}/finetuned.pth') and not os.path.exists(f'{out}/finetune/checkpoint-last.pth')
+    saved = torch.load(f'{out}/finetune/finetuned.pth', map_location='cpu', weights_only=True)
+    assert saved['top1'] == last['finetune_top1'] and 'ema' not in saved
+    state = saved['model']
+    assert set(state) == set(vit_classifier(3).state_dict())
     assert state['head.weight'].shape == (3, 192)
+
+
+def test_eval_only_has_its_own_output_dir_and_refuses_a_training_run(tmp_path):
+    """--eval_only writes to output/<method>_<data>_eval by default, never into the training run's folder; given a
+    folder holding checkpoint-last.pth it stops before any work, and --resume auto is refused."""
+    assert mae.parse_args(['--eval_only']).output_dir == os.path.join('output', 'mae_shapes_eval')
+    assert mae.parse_args([]).output_dir == os.path.join('output', 'mae_shapes')
+    assert hpm.parse_args(['--eval_only', '--data', 'cifar10']).output_dir == os.path.join('output', 'hpm_cifar10_eval')
+    run = tmp_path / 'run'
+    run.mkdir()
+    torch.save({'epoch': 3}, run / 'checkpoint-last.pth')
+    with pytest.raises(SystemExit) as stop:
+        common.setup(mae.parse_args(['--eval_only', '--output_dir', str(run)]))
+    message = str(stop.value.code)
+    assert message.startswith('error: ') and 'checkpoint-last.pth' in message and '--output_dir' in message
+    assert sorted(os.listdir(run)) == ['checkpoint-last.pth']  # nothing written there (no args.json, no log)
+    with pytest.raises(SystemExit) as stop:
+        mae.parse_args(['--eval_only', '--resume', 'auto', '--output_dir', str(run)])
+    message = str(stop.value.code)
+    assert 'error' in message and '--eval_only' in message and '--resume FILE' in message and '\n' not in message
 
 
 def test_eval_only_finetune_and_export_end_to_end(tmp_path):
     """mae.py --eval_only --resume <encoder-only file> reports the missing decoder, fine-tunes, and exports the
     encoder as loaded, in timm names."""
-    encoder = {k: v for k, v in seeded(1, mae.MAE, 'vit_tiny_patch4', 16, 32, 1).state_dict().items()
+    encoder = {k: v for k, v in seeded(1, tiny_mae).state_dict().items()
                if not k.startswith(('decoder_', 'mask_token'))}
     torch.save({'model': encoder}, tmp_path / 'mae_pretrain_vit_tiny.pth')
     out = str(tmp_path / 'run')
@@ -398,7 +455,9 @@ def test_eval_only_finetune_and_export_end_to_end(tmp_path):
     report = re.search(r'loaded \S*mae_pretrain_vit_tiny\.pth: missing (.*); unused (.*)', result.stdout)
     assert report and 'decoder_blocks' in report[1] and 'mask_token' in report[1] and report[2] == 'none'
     assert re.search(r'fine-tuning epoch 0: loss [\d.]+, val top-1 [\d.]+%', result.stdout)
-    assert 'finetune_top1' in read_log(out)[-1]
+    assert [line['finetune_epoch'] for line in read_log(f'{out}/finetune')] == [0]
+    assert 'finetune_top1' in read_log(f'{out}/finetune')[-1]
+    assert not any('finetune_top1' in line for line in read_log(out))  # the pretraining log: evaluation only
     exported = torch.load(f'{out}/encoder_timm.pth', map_location='cpu', weights_only=True)
     assert set(exported) == timm_encoder_keys(12)
     assert all(torch.equal(exported[k], v) for k, v in encoder.items())
@@ -407,13 +466,15 @@ def test_eval_only_finetune_and_export_end_to_end(tmp_path):
 def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
     """SIGKILL after the first fine-tuning epoch's checkpoint, then the same command again: it continues from that
     epoch and ends with the uninterrupted run's weights (mixup, cutmix, erasing and drop path on: every random stream
-    is restored), and removes its checkpoint folder. The same start with another setting starts afresh."""
+    is restored) and log, and removes finetune/checkpoint-last.pth. The same start with another setting starts
+    afresh; a finished fine-tune run again with the same start and settings is reported, not redone."""
     colour_folder(tmp_path / 'data')
     flags = ['--data', 'folder', '--data_path', str(tmp_path / 'data'), '--input_size', '16', '--model',
              'vit_tiny_patch4', '--batch_size', '8', '--num_workers', '0', '--decoder_embed_dim', '32',
              '--decoder_depth', '1', '--probe_epochs', '0', '--knn_k', '0', '--eval_only', '--finetune_epochs', '2']
     straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
     run_script('mae.py', flags + ['--output_dir', straight])
+    assert [line['finetune_epoch'] for line in read_log(f'{straight}/finetune')] == [0, 1]
     process = subprocess.Popen([sys.executable, 'mae.py', *flags, '--output_dir', killed], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, 'OMP_NUM_THREADS': '1'})
@@ -423,13 +484,25 @@ def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not os.path.exists(f'{killed}/finetuned.pth')  # killed during the second epoch
-    assert torch.load(f'{killed}/finetune/checkpoint-last.pth', weights_only=True)['epoch'] == 0
+    last = f'{killed}/finetune/checkpoint-last.pth'
+    assert not os.path.exists(f'{killed}/finetune/finetuned.pth')  # killed during the second epoch
+    assert torch.load(last, weights_only=True)['epoch'] == 0
     shutil.copytree(f'{killed}/finetune', f'{tmp_path}/kept')
     other = run_script('mae.py', flags + ['--ft_blr', '2e-3', '--output_dir', killed])  # another setting: afresh
-    assert 'resumed from' not in other.stdout and not os.path.exists(f'{killed}/finetune')
-    shutil.copytree(f'{tmp_path}/kept', f'{killed}/finetune')
+    assert 'resumed from' not in other.stdout and not os.path.exists(last)
+    assert [line['finetune_epoch'] for line in read_log(f'{killed}/finetune')] == [0, 1]
+    # the interrupted fine-tune back, beside the other setting's finished finetuned.pth: it is continued
+    shutil.copytree(f'{tmp_path}/kept', f'{killed}/finetune', dirs_exist_ok=True)
     result = run_script('mae.py', flags + ['--output_dir', killed])
-    assert 'resumed from' in result.stdout and not os.path.exists(f'{killed}/finetune')
-    a, b = load_weights(f'{straight}/finetuned.pth'), load_weights(f'{killed}/finetuned.pth')
+    assert 'resumed from' in result.stdout and 'fine-tuned already' not in result.stdout and not os.path.exists(last)
+    assert without_timing(read_log(f'{killed}/finetune')) == without_timing(read_log(f'{straight}/finetune'))
+    a, b = load_weights(f'{straight}/finetune/finetuned.pth'), load_weights(f'{killed}/finetune/finetuned.pth')
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # finished with the same start and settings: reported again, not redone
+    written = os.stat(f'{killed}/finetune/finetuned.pth').st_mtime_ns
+    again = run_script('mae.py', flags + ['--output_dir', killed])
+    top1 = torch.load(f'{straight}/finetune/finetuned.pth', weights_only=True)['top1']
+    assert 'fine-tuned already' in again.stdout and f'{top1:.2f}%' in again.stdout
+    assert 'fine-tuning epoch' not in again.stdout and 'resumed from' not in again.stdout
+    assert os.stat(f'{killed}/finetune/finetuned.pth').st_mtime_ns == written
+    assert [line['finetune_epoch'] for line in read_log(f'{killed}/finetune')] == [0, 1]

@@ -1,10 +1,20 @@
-"""HPM: the relative loss, the hard-patches mask, the teacher; a run of hpm.py, and resume restoring the teacher."""
-import math, os
+"""HPM: the relative loss, the hard-patches mask, the teacher, sizes no preset uses, start-up checks; a run of hpm.py,
+the teacher's update per optimizer step, and resume restoring the teacher."""
+import json, math, os
 
+import numpy as np
+import pytest
 import torch
 
+import common
 import hpm, mae
 from conftest import TINY, kill_then_resume, read_log, run_script
+
+TINY_VIT = common.vit_config('vit_tiny_patch4')  # patch_size 4, embed_dim 192, depth 12, num_heads 3
+
+
+def tiny_hpm():
+    return hpm.HPM(16, **TINY_VIT, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 
 
 def test_relative_loss_on_a_hand_made_example():
@@ -31,7 +41,7 @@ def test_relative_loss_on_a_hand_made_example():
 
 def test_relative_loss_does_not_reach_the_reconstruction_path():
     torch.manual_seed(0)
-    model = hpm.HPM('vit_tiny_patch4', 16, 32, 1)
+    model = tiny_hpm()
     (_, rank_loss), _, _ = model(torch.randn(2, 3, 16, 16), 0.75, torch.rand(2, 16))
     rank_loss.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if n.startswith(('decoder_blocks.', 'decoder_pred.',
@@ -52,33 +62,89 @@ def test_hard_patches_mask():
         assert torch.all(mask.gather(1, predicted.topk(k, dim=1).indices) == 1)  # the k hardest are masked
     fixed = (torch.rand(4, 16).argsort(1) < 12).float()  # a 0/1 mask passed as the score is reproduced
     assert torch.equal(mae.random_masking(x, 0.75, fixed)[1], fixed)
+    # the random part is MAE's per-sample noise, drawn from the sample's generator in the data loader
+    assert np.array_equal(hpm.mask_noise(16, np.random.default_rng([0, 2, 5])),
+                          mae.mask_noise(16, np.random.default_rng([0, 2, 5])))
 
 
 def test_teacher_update_and_no_gradient():
     torch.manual_seed(0)
-    student = hpm.HPM('vit_tiny_patch4', 16, 32, 1)
+    student = tiny_hpm()
     teacher = hpm.copy.deepcopy(student).requires_grad_(False)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(torch.randn_like(p))
-    before = {n: p.clone() for n, p in teacher.named_parameters()}
-    hpm.update_teacher(teacher, student, 0.9)
-    for name, param in student.named_parameters():
-        assert torch.allclose(dict(teacher.named_parameters())[name], 0.9 * before[name] + 0.1 * param, atol=1e-6)
+    before = {n: p.clone() for n, p in teacher.state_dict().items()}
+    common.update_ema(teacher, student, 0.9)  # the teacher's update in hpm.main
+    moved = student.state_dict()
+    for name, value in teacher.state_dict().items():  # every float entry, the frozen sin-cos tables included
+        assert torch.allclose(value, 0.9 * before[name] + 0.1 * moved[name], atol=1e-6), name
+    assert not torch.equal(teacher.blocks[0].attn.qkv.weight, before['blocks.0.attn.qkv.weight'])
     losses = teacher.teacher_losses(torch.randn(2, 3, 16, 16))
     assert losses.shape == (2, 16) and not losses.requires_grad
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
+def official_decay(epoch):  # engine_pretrain.py, per epoch, whatever the run length
+    return 0.999 + epoch / 100 * 0.0009 if epoch < 100 else 0.9999
+
+
 def test_teacher_decay_matches_the_official_recipe():
-    official = type('Args', (), {'epochs': 200})()  # 200 epochs of 625 steps (ImageNet at batch 2048)
-    assert abs(hpm.teacher_decay(0, official, 625) - 0.999) < 1e-9
-    assert abs(hpm.teacher_decay(50, official, 625) - 0.99945) < 1e-9
-    assert abs(hpm.teacher_decay(100, official, 625) - 0.9999) < 1e-9
-    assert abs(hpm.teacher_decay(150, official, 625) - 0.9999) < 1e-9
+    assert abs(hpm.teacher_decay(0) - 0.999) < 1e-9
+    assert abs(hpm.teacher_decay(50) - 0.99945) < 1e-9
+    assert abs(hpm.teacher_decay(100) - 0.9999) < 1e-9
+    assert abs(hpm.teacher_decay(150) - 0.9999) < 1e-9
+    for epochs in (200, 800, 50):  # the official values, at 200 epochs (the recipe) as at any other length
+        args = hpm.parse_args(['--data', 'imagenet', '--data_path', '.', '--epochs', str(epochs)])
+        assert tuple(args.ema_decay) == (0.999, 0.9999) and args.ema_ramp_epochs == 100
+        for epoch in range(epochs):
+            assert hpm.teacher_decay(epoch, *args.ema_decay, args.ema_ramp_epochs) == \
+                pytest.approx(official_decay(epoch), abs=1e-12), (epochs, epoch)
+    shapes = hpm.parse_args([])  # the shapes preset's faster teacher (difference 4)
+    assert tuple(shapes.ema_decay) == (0.84, 0.984) and shapes.ema_ramp_epochs == 2.5
+    assert [hpm.teacher_decay(e, *shapes.ema_decay, shapes.ema_ramp_epochs) for e in range(4)] == \
+        pytest.approx([0.84, 0.84 + 0.144 / 2.5, 0.84 + 0.288 / 2.5, 0.984])
+    with pytest.raises(SystemExit, match='--ema_decay must be two values in'):
+        hpm.parse_args(['--ema_decay', '0.9', '1.0'])
 
 
-FLAGS = TINY + ['--decoder_embed_dim', '32', '--decoder_depth', '1']
+def test_a_size_no_preset_uses_trains_and_impossible_sizes_are_refused():
+    torch.manual_seed(0)
+    sizes = dict(img_size=24, patch_size=6, embed_dim=40, depth=2, num_heads=5, decoder_embed_dim=24,
+                 decoder_depth=1, decoder_num_heads=3, mlp_ratio=2.0)
+    model = hpm.HPM(**sizes, norm_pix_loss=True)
+    state = model.state_dict()
+    shapes = {'pos_embed': (1, 17, 40), 'decoder_pos_embed': (1, 17, 24), 'patch_embed.proj.weight': (40, 3, 6, 6),
+              'blocks.1.mlp.fc1.weight': (80, 40), 'decoder_blocks.0.mlp.fc1.weight': (48, 24),
+              'decoder_blocks_losspred.0.attn.qkv.weight': (72, 24), 'decoder_pred.weight': (108, 24),
+              'decoder_pred_losspred.weight': (108, 24)}
+    assert {k: tuple(state[k].shape) for k in shapes} == shapes
+    assert 'blocks.2.norm1.weight' not in state and 'decoder_blocks_losspred.1.norm1.weight' not in state
+    imgs = torch.randn(3, 3, 24, 24)
+    (loss, rank_loss), pred, mask = model(imgs, 0.75, torch.rand(3, 16))
+    assert pred.shape == (3, 16, 108) and mask.shape == (3, 16) and torch.equal(mask.sum(1), torch.full((3,), 12.0))
+    assert torch.isfinite(loss) and torch.isfinite(rank_loss)
+    (loss + rank_loss).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert model.teacher_losses(imgs).shape == (3, 16) and model.features(imgs).shape == (3, 40)
+    for kwargs, message in [(dict(num_heads=6), 'width 40 is not divisible by its 6 heads'),
+                            (dict(decoder_num_heads=5), 'width 24 is not divisible by its 5 heads'),
+                            (dict(img_size=26), 'image side 26 is not divisible by the patch size 6')]:
+        with pytest.raises(ValueError, match=message):
+            hpm.HPM(**{**sizes, **kwargs})
+
+
+@pytest.mark.parametrize('ratio, kept', [('0.99', 0), ('1e-17', 16)])  # int(16 * 0.01) = 0; 1 - 1e-17 == 1.0
+def test_a_mask_ratio_that_masks_everything_or_nothing_is_refused_at_start_up(tmp_path, ratio, kept):
+    out = tmp_path / 'run'  # --input_size 16 --model vit_tiny_patch4: a 4 x 4 grid of 16 patches
+    result = run_script('hpm.py', TINY + ['--output_dir', str(out), '--mask_ratio', ratio], check=False)
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f'--mask_ratio {ratio} keeps {kept} of the 16 cells' in lines[0], result.stderr
+    assert not out.exists()  # refused before any work: no output folder
+
+
+FLAGS = TINY + ['--decoder_embed_dim', '32', '--decoder_depth', '1', '--decoder_num_heads', '2']
 
 
 def test_end_to_end_run(tmp_path):
@@ -86,10 +152,28 @@ def test_end_to_end_run(tmp_path):
     run_script('hpm.py', FLAGS + ['--output_dir', out, '--finetune_epochs', '1'])
     log = read_log(out)
     assert math.isfinite(log[0]['train_reconstruction']) and math.isfinite(log[0]['train_relative'])
-    evaluation, finetuned = next(line for line in log if line.get('evaluation')), log[-1]  # fine-tuning logs last
+    assert log[0]['teacher_decay'] == pytest.approx(0.84)  # the shapes preset's decay at epoch 0
+    evaluation = log[-1]  # fine-tuning logs in finetune/log.txt, not here
+    assert evaluation.get('evaluation') and not any('finetune_epoch' in line for line in log)
+    finetuned = read_log(f'{out}/finetune')[-1]
     assert finetuned['finetune_epoch'] == 0 and 0 <= finetuned['finetune_top1'] <= 100
-    assert os.path.exists(f'{out}/finetuned.pth')
+    assert os.path.exists(f'{out}/finetune/finetuned.pth') and not os.path.exists(f'{out}/finetuned.pth')
+    assert not os.path.exists(f'{out}/finetune/checkpoint-last.pth')  # removed once the fine-tune is done
     assert 'trained_probe_top1' in evaluation and os.path.getsize(f'{out}/reconstruction.png') > 1000
+
+
+def test_teacher_is_updated_once_per_optimizer_step(tmp_path, monkeypatch):
+    """--accum_iter 2 over 4 micro-batches: 2 optimizer steps, so 2 teacher updates, each with the epoch's decay."""
+    calls = []
+    update = common.update_ema
+    monkeypatch.setattr(common, 'update_ema', lambda ema, model, decay: calls.append(decay) or update(ema, model,
+                                                                                                     decay))
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    hpm.main(FLAGS + ['--shapes_size', '32', '--accum_iter', '2', '--probe_epochs', '0', '--knn_k', '0',
+                      '--output_dir', str(tmp_path / 'run')])
+    assert calls == pytest.approx([0.84, 0.84])
+    with open(tmp_path / 'run' / 'args.json') as f:
+        assert json.load(f)['accum_iter'] == 2
 
 
 def test_resume_restores_the_teacher(tmp_path):

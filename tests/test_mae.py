@@ -1,10 +1,16 @@
-"""MAE: masking, target, loss and key names; one run of mae.py as a user would start it."""
-import math, os
+"""MAE: masking, target, loss and key names, sizes no preset uses, start-up checks, compiled vs eager steps; one run
+of mae.py as a user would start it."""
+import math, os, shutil
 
+import numpy as np
+import pytest
 import torch
 
+import common
 import mae
 from conftest import TINY, read_log, run_script
+
+TINY_VIT = common.vit_config('vit_tiny_patch4')  # patch_size 4, embed_dim 192, depth 12, num_heads 3
 
 
 def test_random_masking_counts_restore_and_noise():
@@ -24,6 +30,13 @@ def test_random_masking_counts_restore_and_noise():
     assert not torch.equal(mae.random_masking(x, 0.75, torch.rand(4, 10))[1], mask)
 
 
+def test_mask_noise_is_drawn_from_the_sample_generator():
+    noise = mae.mask_noise(16, np.random.default_rng([0, 1, 2]))
+    assert noise.shape == (16,) and noise.dtype == np.float32 and 0 <= noise.min() and noise.max() < 1
+    assert np.array_equal(noise, mae.mask_noise(16, np.random.default_rng([0, 1, 2])))  # same sample, same mask
+    assert not np.array_equal(noise, mae.mask_noise(16, np.random.default_rng([0, 1, 3])))
+
+
 def test_norm_pix_target_statistics():
     target = mae.pixel_target(torch.randn(2, 3, 16, 16) * 3 + 1, 8, norm_pix_loss=True)
     assert torch.allclose(target.mean(-1), torch.zeros(2, 4), atol=1e-5)
@@ -32,7 +45,7 @@ def test_norm_pix_target_statistics():
 
 def test_loss_ignores_visible_patches():
     torch.manual_seed(0)
-    model = mae.MAE('vit_tiny_patch4', 16, 32, 1, norm_pix_loss=True)
+    model = mae.MAE(16, **TINY_VIT, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True)
     imgs = torch.randn(2, 3, 16, 16)
     _, pred, mask = model(imgs, 0.75, torch.rand(2, 16))
     loss = model.forward_loss(imgs, pred, mask)
@@ -52,7 +65,7 @@ def official_keys(depth, decoder_depth):
 
 
 def test_state_dict_keys_equal_official_vit_base():
-    state = mae.MAE('vit_base_patch16', 224, 512, 8).state_dict()
+    state = mae.MAE(224, 16, 768, 12, 12, 512, 8, 16).state_dict()  # ViT-B/16, the official decoder
     assert set(state) == official_keys(12, 8)
     shapes = {'pos_embed': (1, 197, 768), 'decoder_pos_embed': (1, 197, 512), 'mask_token': (1, 1, 512),
               'decoder_pred.weight': (768, 512), 'blocks.0.attn.qkv.weight': (2304, 768),
@@ -60,9 +73,82 @@ def test_state_dict_keys_equal_official_vit_base():
     assert all(tuple(state[k].shape) == v for k, v in shapes.items())
 
 
+def test_a_size_no_preset_uses_trains_and_impossible_sizes_are_refused():
+    torch.manual_seed(0)
+    model = mae.MAE(img_size=24, patch_size=6, embed_dim=40, depth=2, num_heads=5, decoder_embed_dim=24,
+                    decoder_depth=1, decoder_num_heads=3, mlp_ratio=2.0, norm_pix_loss=True)
+    assert (model.grid_size, model.num_patches, len(model.blocks), len(model.decoder_blocks)) == (4, 16, 2, 1)
+    state = model.state_dict()
+    shapes = {'pos_embed': (1, 17, 40), 'decoder_pos_embed': (1, 17, 24), 'patch_embed.proj.weight': (40, 3, 6, 6),
+              'blocks.1.attn.qkv.weight': (120, 40), 'blocks.1.mlp.fc1.weight': (80, 40),
+              'decoder_blocks.0.mlp.fc1.weight': (48, 24), 'decoder_pred.weight': (108, 24)}
+    assert {k: tuple(state[k].shape) for k in shapes} == shapes
+    assert model.blocks[0].attn.num_heads == 5 and model.decoder_blocks[0].attn.num_heads == 3
+    imgs = torch.randn(3, 3, 24, 24)
+    loss, pred, mask = model(imgs, 0.75, torch.rand(3, 16))
+    assert pred.shape == (3, 16, 108) and mask.shape == (3, 16) and torch.equal(mask.sum(1), torch.full((3,), 12.0))
+    assert loss.shape == () and torch.isfinite(loss)
+    loss.backward()
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trained)
+    assert model.features(imgs).shape == (3, 40)
+    for kwargs, message in [(dict(num_heads=6), 'width 40 is not divisible by its 6 heads'),
+                            (dict(decoder_num_heads=5), 'width 24 is not divisible by its 5 heads'),
+                            (dict(img_size=26), 'image side 26 is not divisible by the patch size 6')]:
+        with pytest.raises(ValueError, match=message):
+            mae.MAE(**{**dict(img_size=24, patch_size=6, embed_dim=40, depth=2, num_heads=5, decoder_embed_dim=24,
+                              decoder_depth=1, decoder_num_heads=3, mlp_ratio=2.0), **kwargs})
+
+
+@pytest.mark.parametrize('ratio, kept', [('0.99', 0), ('1e-17', 16)])  # int(16 * 0.01) = 0; 1 - 1e-17 == 1.0
+def test_a_mask_ratio_that_masks_everything_or_nothing_is_refused_at_start_up(tmp_path, ratio, kept):
+    out = tmp_path / 'run'  # --input_size 16 --model vit_tiny_patch4: a 4 x 4 grid of 16 patches
+    result = run_script('mae.py', TINY + ['--output_dir', str(out), '--mask_ratio', ratio], check=False)
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f'--mask_ratio {ratio} keeps {kept} of the 16 cells' in lines[0], result.stderr
+    assert not out.exists()  # refused before any work: no output folder
+
+
+def compiled_and_eager_steps(compile):
+    """One bf16 training step of a 1-block MAE on fixed data and weights -> (loss, the step's change of every weight:
+    SGD with lr 1 and no decay, so minus the gradient)."""
+    torch.manual_seed(0)
+    model = mae.MAE(16, 4, 32, 1, 2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    noise = torch.rand(8, 16, generator=generator)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(8), noise), batch_size=8)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+
+    def loss_fn(model, images, labels, noise):
+        loss, _, _ = model(common.normalize(images), 0.75, noise)
+        return loss, {}
+    stats = common.train_one_epoch(model, loss_fn, loader, optimizer, 0, torch.device('cpu'), amp=torch.bfloat16,
+                                   compile=compile)
+    return stats['train_loss'], {k: v - before[k] for k, v in model.state_dict().items()}
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported() or not (shutil.which('g++') or shutil.which('c++')),
+                    reason='torch.compile is unavailable here (no dynamo support or no C++ compiler for inductor)')
+def test_compiled_training_step_agrees_with_eager():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager_loss, eager_step = compiled_and_eager_steps(compile=False)
+    assert not torch._dynamo.utils.counters['stats']['unique_graphs']
+    compiled_loss, compiled_step = compiled_and_eager_steps(compile=True)
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] >= 1  # the step did run compiled
+    assert math.isfinite(eager_loss) and compiled_loss == pytest.approx(eager_loss, rel=1e-2)  # bf16: 8-bit mantissa
+    assert {k for k, step in eager_step.items() if not step.abs().sum()} == {'pos_embed', 'decoder_pos_embed'}
+    for key, step in eager_step.items():  # every trained tensor moved, and by the same step (measured: 5e-4 apart)
+        assert (compiled_step[key] - step).abs().max().item() <= 2e-2 * step.abs().max().item() + 1e-7, key
+
+
 def test_end_to_end_run(tmp_path):
     out = str(tmp_path / 'run')
-    result = run_script('mae.py', TINY + ['--output_dir', out, '--decoder_embed_dim', '32', '--decoder_depth', '1'])
+    result = run_script('mae.py', TINY + ['--output_dir', out, '--decoder_embed_dim', '32', '--decoder_depth', '1',
+                                          '--decoder_num_heads', '2'])
     log = read_log(out)
     assert math.isfinite(log[0]['train_loss']) and log[0]['images_per_s'] > 0
     assert 'trained_knn_top1' in log[-1] and 'random_init_probe_top1' in log[-1]

@@ -1,11 +1,12 @@
-"""MaskFeat: HOG target (orientation bins, cells, normalisation, per-patch layout), block masking, loss, key names;
-one run of maskfeat.py as a user would start it."""
+"""MaskFeat: HOG target (orientation bins, cells, normalisation, per-patch layout), block masking, loss, key names,
+sizes no preset uses, start-up checks; one run of maskfeat.py as a user would start it."""
 import math, os
 
 import numpy as np
 import pytest
 import torch
 
+import common
 import maskfeat
 from conftest import TINY, read_log, run_script
 
@@ -83,7 +84,7 @@ def test_block_masking_count_and_rectangles():
 
 def tiny_model():
     torch.manual_seed(0)
-    return maskfeat.MaskFeat('vit_tiny_patch4', 16, hog_cell_size=2)
+    return maskfeat.MaskFeat(16, **common.vit_config('vit_tiny_patch4'), hog_cell_size=2)
 
 
 def test_loss_ignores_visible_tokens_and_encoder_never_sees_masked_pixels():
@@ -104,7 +105,7 @@ def test_loss_ignores_visible_tokens_and_encoder_never_sees_masked_pixels():
 
 
 def test_state_dict_keys_equal_official_slowfast_vit_base():
-    state = maskfeat.MaskFeat('vit_base_patch16', 224, 8).state_dict()
+    state = maskfeat.MaskFeat(224, 16, 768, 12, 12, hog_cell_size=8).state_dict()  # ViT-B/16
     block = ['norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.qkv.bias', 'attn.proj.weight', 'attn.proj.bias',
              'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight', 'mlp.fc2.bias']
     official = ({'patch_embed.proj.weight', 'patch_embed.proj.bias', 'cls_token', 'pos_embed', 'mask_token',
@@ -114,7 +115,7 @@ def test_state_dict_keys_equal_official_slowfast_vit_base():
     shapes = {'pos_embed': (1, 197, 768), 'mask_token': (1, 1, 768), 'pred_head.projections.0.weight': (108, 768),
               'pred_head.transforms.0.0.weight': (768,), 'patch_embed.proj.weight': (768, 3, 16, 16)}
     assert all(tuple(state[k].shape) == v for k, v in shapes.items())
-    model = maskfeat.MaskFeat('vit_base_patch16', 224, 8)
+    model = maskfeat.MaskFeat(224, **common.vit_config('vit_base_patch16'), hog_cell_size=8)
     assert model.pos_embed.requires_grad and model.blocks[0].attn.qkv.bias.detach().eq(0.02).all()  # SlowFast init
 
 
@@ -125,14 +126,52 @@ def test_hog_cell_must_be_half_the_patch():
                                                                                 '.']).hog_cell_size == 8
 
 
+def test_a_size_no_preset_uses_trains_and_impossible_sizes_are_refused():
+    torch.manual_seed(0)
+    sizes = dict(img_size=24, patch_size=6, embed_dim=40, depth=2, num_heads=5, mlp_ratio=2.0, hog_cell_size=3)
+    model = maskfeat.MaskFeat(**sizes)
+    state = model.state_dict()
+    shapes = {'pos_embed': (1, 17, 40), 'mask_token': (1, 1, 40), 'patch_embed.proj.weight': (40, 3, 6, 6),
+              'blocks.1.attn.qkv.weight': (120, 40), 'blocks.1.mlp.fc1.weight': (80, 40),
+              'pred_head.projections.0.weight': (108, 40)}  # 3 channels x 9 bins x 2 x 2 cells of 3 px
+    assert {k: tuple(state[k].shape) for k in shapes} == shapes and 'blocks.2.norm1.weight' not in state
+    imgs, mask = torch.randn(3, 3, 24, 24), torch.zeros(3, 16)
+    mask[:, [0, 1, 4, 5, 9, 14]] = 1
+    loss, pred, target = model(imgs, mask)
+    assert pred.shape == target.shape == (3, 16, 108) and loss.shape == () and torch.isfinite(loss)
+    assert torch.equal(target, maskfeat.hog_target(imgs, 6, 3))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert model.features(imgs).shape == (3, 40)
+    for kwargs, message in [(dict(num_heads=6), 'width 40 is not divisible by its 6 heads'),
+                            (dict(hog_cell_size=2), 'hog_cell_size 2 must be half the patch size 6'),
+                            (dict(img_size=26), 'image side 26 is not divisible by the patch size 6')]:
+        with pytest.raises(ValueError, match=message):
+            maskfeat.MaskFeat(**{**sizes, **kwargs})
+
+
+# a 4 x 4 grid: round(16 * 0.97) = 16 masked, round(16 * 0.03) = 0 (a floor, as MAE's count, would accept both)
+@pytest.mark.parametrize('ratio, kept', [('0.97', 0), ('0.03', 16)])
+def test_a_mask_ratio_that_masks_everything_or_nothing_is_refused_at_start_up(tmp_path, ratio, kept):
+    out = tmp_path / 'run'
+    result = run_script('maskfeat.py', TINY + ['--output_dir', str(out), '--hog_cell_size', '2', '--mask_ratio', ratio],
+                        check=False)
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f'--mask_ratio {ratio} keeps {kept} of the 16 cells' in lines[0], result.stderr
+    assert not out.exists()  # refused before any work: no output folder
+
+
 def test_end_to_end_run(tmp_path):
     out = str(tmp_path / 'run')
     result = run_script('maskfeat.py', TINY + ['--output_dir', out, '--hog_cell_size', '2', '--finetune_epochs', '1'])
     log = read_log(out)
     assert math.isfinite(log[0]['train_loss']) and log[0]['images_per_s'] > 0
-    evaluation, finetuned = next(line for line in log if line.get('evaluation')), log[-1]  # fine-tuning logs last
+    evaluation = log[-1]  # fine-tuning logs in finetune/log.txt, not here
+    assert evaluation.get('evaluation') and not any('finetune_epoch' in line for line in log)
+    finetuned = read_log(f'{out}/finetune')[-1]
     assert finetuned['finetune_epoch'] == 0 and 0 <= finetuned['finetune_top1'] <= 100
-    assert os.path.exists(f'{out}/finetuned.pth')
+    assert os.path.exists(f'{out}/finetune/finetuned.pth') and not os.path.exists(f'{out}/finetuned.pth')
     assert 'trained_knn_top1' in evaluation and 'random_init_probe_top1' in evaluation
     assert os.path.exists(f'{out}/checkpoint-last.pth') and os.path.exists(f'{out}/checkpoint-0.pth')
     assert os.path.getsize(f'{out}/hog.png') > 1000

@@ -1,4 +1,5 @@
-"""MFM: frequency masks, corruption, frequency loss, key names, schedule; runs of mfm.py as a user would start them."""
+"""MFM: frequency masks, corruption, frequency loss, key names, sizes no preset uses, schedules, start-up checks; runs
+of mfm.py as a user would start them."""
 import math, os, pickle, subprocess, sys
 from functools import partial
 
@@ -9,6 +10,12 @@ import torch
 import common
 import mfm
 from conftest import ROOT, TINY, load_weights, read_log, run_script
+
+
+def build_encoder(model, size):  # an --model name -> the encoder mfm.build_model makes of it (official init)
+    if model in mfm.RESNETS:
+        return mfm.ResNet(*mfm.RESNETS[model], img_size=size)
+    return mfm.ViTEncoder(size, **common.vit_config(model))
 
 
 def spectrum_filter(x, keep):
@@ -99,7 +106,7 @@ def test_defaults_follow_the_official_recipe():
 
 
 def test_state_dict_keys_equal_official_vit_small():  # configs/vit_small (ViT-B has the same keys)
-    state = mfm.MFM('vit_small_patch16', 224).state_dict()
+    state = mfm.MFM(mfm.ViTEncoder(224, 16, 384, 12, 6)).state_dict()  # ViT-S/16
     block = ['norm1.weight', 'norm1.bias', 'attn.q_bias', 'attn.v_bias', 'attn.qkv.weight', 'attn.proj.weight',
              'attn.proj.bias', 'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight',
              'mlp.fc2.bias']
@@ -111,7 +118,7 @@ def test_state_dict_keys_equal_official_vit_small():  # configs/vit_small (ViT-B
 
 
 def test_state_dict_of_resnet50_equals_timm():
-    model = mfm.MFM('resnet50', 224)
+    model = mfm.MFM(mfm.ResNet((3, 4, 6, 3), 64, 224))  # ResNet-50
     state = model.state_dict()
     assert len(state) == 320 and sum(p.numel() for p in model.encoder.parameters()) == 23508032  # timm, minus fc
     assert state['encoder.conv1.weight'].shape == (64, 3, 7, 7)
@@ -124,7 +131,7 @@ def test_state_dict_of_resnet50_equals_timm():
                                                ('resnet_tiny', 128, 32)])
 def test_forward_shapes_and_features(model, size, stride):
     torch.manual_seed(0)
-    net = mfm.MFM(model, size).eval()
+    net = mfm.MFM(build_encoder(model, size)).eval()
     imgs = torch.rand(2, 3, size, size)
     with torch.no_grad():
         loss, pred, corrupted = net(imgs, mfm.frequency_mask(size, 16 * size / 224, torch.tensor([1.0, 0.0])))
@@ -135,7 +142,7 @@ def test_forward_shapes_and_features(model, size, stride):
 
 def test_beit_attention_init_and_timm_layout():
     torch.manual_seed(0)
-    model = mfm.MFM('vit_tiny_patch4', 32).eval()
+    model = mfm.MFM(build_encoder('vit_tiny_patch4', 32)).eval()
     encoder = model.encoder
     assert encoder.blocks[0].attn.qkv.bias is None and encoder.pos_embed.requires_grad
     for i, block in enumerate(encoder.blocks, start=1):  # trunc-normal cut at +-0.02, then fix_init_weight
@@ -147,20 +154,92 @@ def test_beit_attention_init_and_timm_layout():
     plain = common.VisionTransformer(32, **common.vit_config('vit_tiny_patch4'), learned_pos=True).eval()
     plain.load_state_dict(mfm.timm_layout(model.state_dict()), strict=True)
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(plain.features(x), encoder.features(x), atol=1e-5)
+    assert encoder.global_pool  # MFM's features: the mean patch token (difference 7)
+    for pool in (True, False):  # the mean patch token, and the cls token
+        plain.global_pool = encoder.global_pool = pool
+        with torch.no_grad():
+            assert torch.allclose(plain.features(x), encoder.features(x), atol=1e-5), pool
+
+
+def test_a_size_no_preset_uses_trains_and_impossible_sizes_are_refused():
+    torch.manual_seed(0)
+    imgs = torch.rand(2, 3, 24, 24)
+    vit = mfm.MFM(mfm.ViTEncoder(img_size=24, patch_size=6, embed_dim=40, depth=2, num_heads=5, mlp_ratio=2.0))
+    state = vit.state_dict()
+    shapes = {'encoder.pos_embed': (1, 17, 40), 'encoder.patch_embed.proj.weight': (40, 3, 6, 6),
+              'encoder.blocks.1.attn.qkv.weight': (120, 40), 'encoder.blocks.1.attn.q_bias': (40,),
+              'encoder.blocks.1.mlp.fc1.weight': (80, 40), 'decoder.0.weight': (108, 40, 1, 1)}  # 6 x 6 x 3 per patch
+    assert {k: tuple(state[k].shape) for k in shapes} == shapes and 'encoder.blocks.2.norm1.weight' not in state
+    assert vit.encoder.blocks[0].attn.num_heads == 5 and vit.encoder(imgs).shape == (2, 40, 4, 4)
+    resnet = mfm.MFM(mfm.ResNet((1, 2, 1, 1), 8, 32))  # small stem below 65 px: output stride 8
+    state = resnet.state_dict()
+    assert 'encoder.layer2.1.conv1.weight' in state and 'encoder.layer2.2.conv1.weight' not in state
+    assert 'encoder.layer3.1.conv1.weight' not in state and tuple(state['encoder.conv1.weight'].shape) == (8, 3, 3, 3)
+    assert resnet.encoder.num_features == 8 * 8 * 4 and resnet.encoder.stride == 8
+    assert tuple(state['decoder.0.weight'].shape) == (8 * 8 * 3, 256, 1, 1)
+    for net, size, features in [(vit, 24, 40), (resnet, 32, 256)]:
+        x = torch.rand(2, 3, size, size)
+        loss, pred, corrupted = net(x, mfm.frequency_mask(size, 16 * size / 224, torch.tensor([1.0, 0.0])))
+        assert pred.shape == corrupted.shape == x.shape and loss.shape == () and torch.isfinite(loss)
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+        assert net.encoder.features(x).shape == (2, features)
+    assert mfm.ResNetClassifier(5, (1, 2, 1, 1), 8, 32)(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+    with pytest.raises(ValueError, match='width 40 is not divisible by its 6 heads'):
+        mfm.ViTEncoder(24, 6, 40, 2, 6)
+    with pytest.raises(ValueError, match='image side 26 is not divisible by the patch size 6'):
+        mfm.ViTEncoder(26, 6, 40, 2, 5)
 
 
 def test_schedule_warms_up_then_follows_the_whole_run_cosine():
-    args = type('Args', (), dict(lr=1.2e-3, min_lr=1e-5, warmup_epochs=20, epochs=300))()
+    args = type('Args', (), dict(lr=1.2e-3, min_lr=1e-5, warmup_epochs=20, epochs=300, iters_per_epoch=10))()
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0)
-    assert mfm.official_schedule(optimizer, 0, args) == pytest.approx(1.2e-3 / 1200)
-    assert mfm.official_schedule(optimizer, 10, args) == pytest.approx((1.2e-3 + 1e-6) / 2)
+    late = lambda epoch: epoch + 1 / 10  # timm steps after the optimizer: step k runs at iteration k - 1's lr
+    assert mfm.pretrain_schedule(optimizer, 0, args, 10) == pytest.approx(1.2e-3 / 1200)
+    assert mfm.pretrain_schedule(optimizer, late(0), args, 10) == pytest.approx(1.2e-3 / 1200)
+    assert mfm.pretrain_schedule(optimizer, late(10), args, 10) == pytest.approx((1.2e-3 + 1e-6) / 2)
     after_warmup = 1e-5 + (1.2e-3 - 1e-5) * (1 + math.cos(math.pi * 20 / 300)) / 2  # the cosine counts from step 0
-    assert mfm.official_schedule(optimizer, 20, args) == pytest.approx(after_warmup)
-    assert mfm.official_schedule(optimizer, 300, args) == pytest.approx(1e-5)
+    assert mfm.pretrain_schedule(optimizer, late(20), args, 10) == pytest.approx(after_warmup)
+    assert mfm.pretrain_schedule(optimizer, late(300), args, 10) == pytest.approx(1e-5)
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(1e-5)
     args.min_lr = None  # default: the official MIN_LR / BASE_LR = 2.5e-6 / 3e-4
-    assert mfm.official_schedule(optimizer, 300, args) == pytest.approx(1.2e-3 / 120)
+    assert mfm.pretrain_schedule(optimizer, late(300), args, 10) == pytest.approx(1.2e-3 / 120)
+    # fine-tuning: WARMUP_LR = MIN_LR = 2.5e-7 at BASE_LR 2e-3, i.e. lr / 8000 at both ends
+    assert mfm.finetune_schedule(optimizer, 0, args) == pytest.approx(1.2e-3 / 8000)
+    assert mfm.finetune_schedule(optimizer, late(300), args) == pytest.approx(1.2e-3 / 8000)
+
+
+def test_official_schedule_scales_each_group_peak_but_shares_warmup_and_min():
+    args = type('Args', (), dict(lr=1e-3, warmup_epochs=10, epochs=100))()
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimizer = torch.optim.SGD([{'params': params[:1], 'lr_scale': 0.25}, {'params': params[1:]}], lr=0)
+    lrs = lambda: [group['lr'] for group in optimizer.param_groups]
+    assert mfm.official_schedule(optimizer, 0, args, 1e-6, 1e-5) == pytest.approx(1e-6)
+    assert lrs() == pytest.approx([1e-6, 1e-6])  # the warmup starts from the same value in every group
+    mfm.official_schedule(optimizer, 5, args, 1e-6, 1e-5)
+    assert lrs() == pytest.approx([1e-6 + (0.25e-3 - 1e-6) / 2, 1e-6 + (1e-3 - 1e-6) / 2])
+    mfm.official_schedule(optimizer, 50, args, 1e-6, 1e-5)  # cos(pi / 2) = 0: halfway between min and each peak
+    assert lrs() == pytest.approx([(1e-5 + 0.25e-3) / 2, (1e-5 + 1e-3) / 2])
+    assert mfm.official_schedule(optimizer, 100, args, 1e-6, 1e-5) == pytest.approx(1e-5)
+    assert lrs() == pytest.approx([1e-5, 1e-5])  # and ends at the same minimum
+
+
+@pytest.mark.parametrize('flags, message', [(['--mask_radius', '0'], '--mask_radius must be in (0, input_size / 2)'),
+                                            (['--mask_radius', '8'], '--mask_radius must be in (0, input_size / 2)'),
+                                            (['--sample_ratio', '1.5'], '--sample_ratio must be in [0, 1]')])
+def test_a_mask_that_removes_nothing_or_everything_is_refused_at_start_up(tmp_path, flags, message):
+    """MFM has no --mask_ratio: its mask is a circle on the spectrum, which holds at least the centre frequency and
+    never the corners for 0 < radius < input_size / 2; outside that range the run is refused in one line."""
+    out = tmp_path / 'run'
+    result = run_script('mfm.py', TINY + ['--output_dir', str(out), *flags], check=False)
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists()
+    for radius in (0.01, 7.99):  # the extremes allowed at 16 px still remove some and keep some frequencies
+        for low_pass in (0.0, 1.0):
+            removed = mfm.frequency_mask(16, radius, torch.tensor([low_pass]))
+            assert 0 < removed.sum() < 16 * 16
 
 
 @pytest.mark.parametrize('model', ['vit_tiny_patch4', 'resnet_tiny'])
@@ -169,9 +248,11 @@ def test_end_to_end_run(tmp_path, model):
     result = run_script('mfm.py', TINY + ['--model', model, '--output_dir', out, '--finetune_epochs', '1'])
     log = read_log(out)
     assert math.isfinite(log[0]['train_loss']) and log[0]['images_per_s'] > 0
-    evaluation, finetuned = next(line for line in log if line.get('evaluation')), log[-1]  # fine-tuning logs last
+    evaluation = log[-1]  # fine-tuning logs in finetune/log.txt, not here
+    assert evaluation.get('evaluation') and not any('finetune_epoch' in line for line in log)
+    finetuned = read_log(f'{out}/finetune')[-1]
     assert finetuned['finetune_epoch'] == 0 and 0 <= finetuned['finetune_top1'] <= 100
-    assert os.path.exists(f'{out}/finetuned.pth')
+    assert os.path.exists(f'{out}/finetune/finetuned.pth') and not os.path.exists(f'{out}/finetuned.pth')
     assert 'trained_knn_top1' in evaluation and 'random_init_probe_top1' in evaluation
     assert os.path.exists(f'{out}/checkpoint-last.pth') and os.path.exists(f'{out}/checkpoint-0.pth')
     assert os.path.getsize(f'{out}/spectra.png') > 1000

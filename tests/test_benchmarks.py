@@ -1,0 +1,87 @@
+"""The benchmarks run: throughput.py at a tiny CPU size, and gpu_check.py --smoke (every row, the JSON lines)."""
+import json, os, re, sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import ROOT, run_script
+
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+import common, gpu_check  # noqa: E402
+
+THROUGHPUT = ['--device', 'cpu', '--input_size', '32', '--batch_size', '8', '--steps', '2', '--warmup', '1']
+METHODS = ['mae', 'hpm', 'maskfeat', 'mfm', 'spark']
+FIELDS = {'method', 'model', 'mode', 'images_per_s', 'mfu', 'peak_mem_mb', 'sync_free', 'status', 'notes', 'device',
+          'gpus', 'torch', 'date', 'run'}
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """Both scripts at once (each single-threaded): -> (throughput's stdout, gpu_check's stdout, its JSON rows)."""
+    path = tmp_path_factory.mktemp('gpu_check') / 'rows.jsonl'
+    with ThreadPoolExecutor(2) as pool:
+        tp = pool.submit(run_script, 'benchmarks/throughput.py', THROUGHPUT)
+        gc = pool.submit(run_script, 'benchmarks/gpu_check.py', ['--smoke', '--json', str(path)], 300)
+        tp, gc = tp.result(), gc.result()  # run_script raises on a non-zero exit, with the output
+    with open(path) as f:
+        return tp.stdout, gc.stdout, [json.loads(line) for line in f]
+
+
+def table(stdout, splits=0):
+    """The rows of the last table printed, split into cells at 2+ spaces (splits > 0: at most that many)."""
+    lines = stdout[stdout.rindex('\nmethod ') + 1:].splitlines()
+    return [re.split(r'\s{2,}', line.strip(), maxsplit=splits) for line in lines[1:] if line.split()[0] in METHODS]
+
+
+def test_throughput_times_every_method(runs):
+    rows = table(runs[0])
+    assert [r[0] for r in rows] == METHODS
+    for method, model, size, batch, amp, images_per_s, step_ms, peak, gflop, mfu in rows:
+        assert size == '32' and batch == '8' and float(images_per_s) > 0 and float(gflop) > 0 and mfu == '-'
+
+
+def test_gpu_check_smoke_says_so_and_lists_every_row(runs):
+    _, stdout, rows = runs
+    assert stdout.startswith('gpu_check: SMOKE mode on a CPU') and 'no row failed' in stdout
+    printed = {(r[0], r[2]): r for r in table(stdout, splits=8)}  # the notes, last, hold single spaces
+    expected = {(m, mode) for m in METHODS for mode in ('eager', 'compile')}
+    expected |= {('mae', 'pretrain'), ('mae', 'torchrun')}
+    assert set(printed) == expected == {(r['method'], r['mode']) for r in rows} and len(rows) == len(expected)
+    for row in rows:
+        assert FIELDS <= row.keys() and row['run'] == 'smoke' and row['gpus'] == 0, row
+        assert row['status'] == ('skipped' if row['mode'] == 'compile' else 'ok'), row  # compile: --compile_smoke
+        assert row['sync_free'] is None and row['mfu'] is None  # neither is measured on a CPU
+    for row in (r for r in rows if r['mode'] == 'eager'):
+        assert row['images_per_s'] > 0 and row['gflop_per_image'] > 0 and row['batch'] == 4 and row['input_size'] == 32
+        assert isinstance(row['would_sync_on_gpu'], list) and row['notes'].startswith('cpu')
+        assert printed[row['method'], 'eager'][1] == row['model'] == (
+            'resnet_mini_ds8' if row['method'] == 'spark' else 'vit_tiny_patch4')
+
+
+def test_gpu_check_smoke_pretraining_loss_falls_and_torchrun_equals_one_process(runs):
+    rows = {r['mode']: r for r in runs[2] if r['mode'] in ('pretrain', 'torchrun')}
+    pretrain, torchrun = rows['pretrain'], rows['torchrun']
+    assert pretrain['loss_fell'] and pretrain['first_loss'] > pretrain['last_loss'] > 0
+    assert pretrain['images_per_s'] > 0 and 'over 2 epochs' in pretrain['notes']
+    assert torchrun['equal'] and torchrun['max_abs_diff'] <= 1e-5 and 'gloo' in torchrun['notes']
+
+
+class FakeSyncError(TorchDispatchMode):
+    """What set_sync_debug_mode('error') does on a GPU, for a CPU: a tensor made from host data raises."""
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == 'lift_fresh' and args[0].dim() > 0:
+            raise RuntimeError('called a synchronizing CUDA operation')
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_that_syncs_fails_its_row_naming_the_line_and_is_timed_without_the_guard(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, 'sync_errors', lambda device: FakeSyncError())
+    fresh = lambda values, device: torch.tensor(values, device=device)  # what common.on_device caches away
+    monkeypatch.setattr(common, 'on_device', fresh)
+    opts = gpu_check.parse_options(['--smoke', '--methods', 'mae'])
+    opts.peak = None
+    row = gpu_check.step_row('mae', False, opts, str(tmp_path), {})
+    assert row['status'] == 'fail' and row['sync_free'] is False and row['images_per_s'] > 0
+    assert row['notes'].startswith('syncs at ') and 'called a synchronizing' in row['notes'], row['notes']
