@@ -24,8 +24,10 @@ import argparse, datetime, json, os, platform, subprocess, sys, time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIT = ['--model', 'vit_tiny_patch4', '--blr', '1.5e-3', '--ft_blr', '1e-3', '--layer_decay', '0.75']
 METHODS = {  # what differs: encoder, pretraining lr (the shapes presets), decoder size; ViTs share one fine-tuning lr
-    'mae': VIT + ['--decoder_embed_dim', '128', '--decoder_depth', '2'],
-    'hpm': VIT + ['--decoder_embed_dim', '128', '--decoder_depth', '2'],
+    'mae': VIT + ['--decoder_embed_dim', '128', '--decoder_depth', '2', '--decoder_num_heads', '4'],
+    'mae_green': VIT + ['--decoder_embed_dim', '128', '--decoder_depth', '2', '--decoder_num_heads', '4',
+                        '--mask_type', 'green'],  # ColorMAE's band-pass masks, MAE otherwise the same run
+    'hpm': VIT + ['--decoder_embed_dim', '128', '--decoder_depth', '2', '--decoder_num_heads', '4'],
     'maskfeat': VIT + ['--hog_cell_size', '2'],
     'mfm': VIT + ['--sincos_pos_init'],
     'spark': ['--model', 'resnet_mini_ds8', '--blr', '0.04', '--decoder_width', '64', '--ft_blr', '0.04'],
@@ -42,7 +44,8 @@ def parse_options(argv=None):
     parser.add_argument('--finetune_epochs', type=int, default=3, help='fine-tuning epochs, every method')
     parser.add_argument('--batch_size', type=int, default=64)
     parser.add_argument('--num_workers', type=int, default=2)
-    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
+    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS),
+                        help='runs; mae_green is mae.py with --mask_type green')
     parser.add_argument('--output_dir', default=os.path.join(ROOT, 'output', 'compare'))
     return parser.parse_args(argv)
 
@@ -57,24 +60,29 @@ def link_subset(source, target, per_class):
                 os.symlink(os.path.abspath(os.path.join(source, name, file)), link)
 
 
-def run(method, flags, output_dir):
+def run(method, flags, output_dir):  # method: a row of METHODS, run by its file (mae_green: mae.py)
     """Run `python <method>.py flags`, its output to output_dir/stdout.txt -> (the log.txt lines, seconds). A run that
     finished before (output_dir/done.json) is read back, not repeated: delete its folder to run it again."""
     done = os.path.join(output_dir, 'done.json')
     if os.path.exists(done):
-        with open(os.path.join(output_dir, 'log.txt')) as f, open(done) as g:
-            return [json.loads(line) for line in f], json.load(g)['seconds']
+        with open(done) as g:
+            return read_logs(output_dir), json.load(g)['seconds']
     os.makedirs(output_dir, exist_ok=True)
     start = time.time()
     with open(os.path.join(output_dir, 'stdout.txt'), 'w') as out:
-        code = subprocess.call([sys.executable, os.path.join(ROOT, f'{method}.py'), *flags, '--output_dir', output_dir],
+        script = os.path.join(ROOT, f"{method.split('_')[0]}.py")
+        code = subprocess.call([sys.executable, script, *flags, '--output_dir', output_dir],
                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     if code != 0:
         sys.exit(f'{method}.py exited {code}: see {output_dir}/stdout.txt')
     with open(done, 'w') as f:
         json.dump({'seconds': time.time() - start, 'flags': flags}, f)
-    with open(os.path.join(output_dir, 'log.txt')) as f:
-        return [json.loads(line) for line in f], time.time() - start
+    return read_logs(output_dir), time.time() - start
+
+
+def read_logs(output_dir):  # log.txt, then the fine-tuning's finetune/log.txt
+    paths = [os.path.join(output_dir, 'log.txt'), os.path.join(output_dir, 'finetune', 'log.txt')]
+    return [json.loads(line) for path in paths if os.path.exists(path) for line in open(path)]
 
 
 def summary(log):
@@ -97,15 +105,17 @@ def main(argv=None):
               '--finetune_epochs', str(opts.finetune_epochs), '--ft_warmup_epochs', '0.5', '--mixup', '0',
               '--cutmix', '0']
     rows, seconds = {}, {}
-    for method in opts.methods:
+    for method in opts.methods:  # mae_green needs no random-init rows of its own: mae's network and init
         log, seconds[method] = run(method, shared + METHODS[method], os.path.join(opts.output_dir, method))
         rows[method] = summary(log)
         print(f'{method}: {rows[method]}, {seconds[method]:.0f} s', flush=True)
-    for method in opts.methods:  # fine-tuning from random weights: --eval_only without --resume, nothing else
-        name = f'{method}_random'
+    for method in [m for m in opts.methods if m != 'mae_green']:  # fine-tuning from random weights: --eval_only
+        name = f'{method}_random'  # without --resume, nothing else
         log, seconds[name] = run(method, shared + METHODS[method] + ['--eval_only', '--knn_k', '0', '--probe_epochs',
                                                                      '0'], os.path.join(opts.output_dir, name))
         rows[method]['random_init_finetune'] = summary(log)['finetune']
+    if 'mae_green' in rows:  # the same network and initialisation as mae's
+        rows['mae_green']['random_init_finetune'] = rows.get('mae', {}).get('random_init_finetune')
     write_results(opts, rows, seconds, argv)
 
 

@@ -1,15 +1,18 @@
 """Training throughput of every method file, and of its data pipeline alone.
 
-Step mode (default): each method is built as its main() builds it (its parser, presets and checks, common.setup,
-build_model, its optimizer and the body of its loss_fn closure; for HPM the EMA teacher scoring inside the step and
-update_teacher after it) and fed synthetic input already on the device: random uint8 images and the per-sample extra
-its loader would give (MAE, HPM, SparK: uniform noise (B, L); MaskFeat: maskfeat.block_masking; MFM: the low-pass
-choice (B, 1)), so data loading is excluded. A step is common.train_one_epoch's with accum_iter 1: forward under the
-training autocast (--amp), backward through the GradScaler (on with fp16), the method's gradient clipping, optimizer
-step, zero_grad. After --warmup steps, --steps steps are timed one by one, the GPU synchronised before and after each
-(never inside the method code): step ms is their median, images/s = batch / median. Peak memory is
-torch.cuda.max_memory_allocated, reset per method; on a CPU the peak RSS of the whole process (resource.getrusage),
-which never decreases: a row shows the largest of itself and the rows above it.
+Step mode (default): each method is built as its main() builds it (its parse_args(argv), presets and checks,
+common.setup, build_model or its own construction, its optimizer, schedule and the body of its loss_fn closure,
+loss_fn(model, images, labels, mask_input) -> (loss, logs); for HPM the EMA teacher scoring inside the step and
+common.update_ema after it) and fed synthetic input already on the device: random uint8 images, labels, and the mask
+input its loader would give (MAE, HPM, SparK: the noise (B, L); MaskFeat: maskfeat.block_masking; MFM: the low-pass
+choice (B, 1)), so data loading is excluded. A step is common.train_one_epoch's with accum_iter 1: the schedule sets
+the lr (at the end of warmup), forward under the training autocast (--amp), backward through the GradScaler (on with
+fp16), common.optimizer_step (the method's gradient clipping, the step, zero_grad, the EMA); the loop's bookkeeping
+(loss sums, the finiteness flag it reads every 20 steps) is left out. --compile compiles the loss_fn, as
+train_one_epoch(compile=True) does. After --warmup steps, --steps steps are timed one by one, the GPU synchronised
+before and after each (never inside the method code): step ms is their median, images/s = batch / median. Peak memory
+is torch.cuda.max_memory_allocated, reset per method; on a CPU the peak RSS of the whole process
+(resource.getrusage), which never decreases: a row shows the largest of itself and the rows above it.
 
 FLOPs are measured with torch.utils.flop_counter.FlopCounterMode over one forward + backward of the method's loss (2
 images, halved), attention on the math kernel so that every backend counts alike: matrix products, convolutions and
@@ -20,7 +23,7 @@ teacher forward too. MFU (GPU only) = GFLOP per image * images/s / --peak_tflops
 tokens 8.59, decoder on 1 + 196 tokens 10.55, its embed and prediction 0.19); FlopCounterMode gives 58.46, 0.23
 less, as the patch embedding computes no gradient for its input.
 
---data_pipeline times the data path alone: the method's training transform and per-sample extra (what its main()
+--data_pipeline times the data path alone: the method's training transform and mask input (the draw_mask its main()
 passes to common.build_datasets) over --data / --data_path through common.make_loader with --num_workers workers;
 images/s over --steps batches after --warmup, and per worker: compare with the step mode to see which one bounds a run.
 
@@ -32,8 +35,9 @@ Examples, from the repository root:
     python benchmarks/throughput.py --data_pipeline --data folder --data_path /data/imagenet --input_size 224 \\
         --batch_size 64 --num_workers 8 --methods mae
 """
-import contextlib, copy, gc, io, json, os, platform, re, resource, statistics, sys, tempfile, time
+import contextlib, copy, gc, inspect, io, json, os, platform, re, resource, statistics, sys, tempfile, time
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -45,8 +49,6 @@ sys.path.insert(0, ROOT)  # the method files and common.py live in the repositor
 import common, hpm, mae, maskfeat, mfm, spark  # noqa: E402
 
 METHODS = {'mae': mae, 'hpm': hpm, 'maskfeat': maskfeat, 'mfm': mfm, 'spark': spark}
-SCHEDULES = {'mae': common.adjust_learning_rate, 'hpm': common.adjust_learning_rate,
-             'maskfeat': maskfeat.warmup_cosine, 'mfm': mfm.official_schedule, 'spark': spark.lr_wd_annealing}
 
 
 def parse_options(argv=None):
@@ -62,7 +64,8 @@ def parse_options(argv=None):
     add('--warmup', type=int, default=5, help='untimed steps (or batches) first (5)')
     add('--steps', type=int, default=20, help='timed steps (or batches); 0: count FLOPs only (20)')
     add('--flops_only', action='store_true', help='count the FLOPs per image, run no timing loop')
-    add('--compile', action='store_true', help='torch.compile the model before timing')
+    add('--compile', action='store_true', help="torch.compile the method's loss_fn (forward and backward), as "
+                                               "training's --compile does, before timing")
     add('--peak_tflops', type=float, default=989.0, help='peak FLOP/s for MFU: 989 is the H100 SXM dense bf16 spec; '
         'a large bf16 matmul reaches about 798 on an H100 (pass that for an attainable-peak MFU)')
     add('--data_pipeline', action='store_true', help='time the data pipeline alone instead of the training step')
@@ -101,7 +104,8 @@ def fits(method, model):  # can this method's --model take this encoder?
 
 
 def method_args(method, opts, output_dir):
-    """The method's args from its own parser (presets, checks), then common.setup with its printing silenced."""
+    """The method's args from its own parse_args(argv) (presets, checks), then common.setup with its printing
+    silenced."""
     module, small = METHODS[method], opts.input_size <= 64
     # no --model fits: the --data recipe's model if that recipe is for this scale, else the shapes or default one
     recipes = [{**module.DEFAULTS, **module.PRESETS.get(key, {})} for key in (opts.data, 'shapes' if small else '')]
@@ -116,38 +120,50 @@ def method_args(method, opts, output_dir):
             '--shapes_size', str(max(10, (opts.warmup + opts.steps) * (opts.batch_size or recipes[0]['batch_size'])))]
     argv += ['--batch_size', str(opts.batch_size)] if opts.batch_size else []
     argv += ['--num_workers', str(opts.num_workers)] if opts.num_workers is not None else []
+    if method == 'maskfeat' and model.startswith('vit_'):  # its check wants HOG cells of half the patch (2x2 cells)
+        argv += ['--hog_cell_size', str(common.vit_config(model)['patch_size'] // 2)]
     try:
-        if method == 'maskfeat':  # its check wants HOG cells of half the patch (2x2 cells, 108 values per patch)
-            argv += ['--hog_cell_size', str(common.vit_config(model)['patch_size'] // 2)]
-        parser = module.get_args_parser()
-        args = module.parse_args(argv) if hasattr(module, 'parse_args') else \
-            common.parse_args(parser, method, module.DEFAULTS, module.PRESETS, argv)
-        if method == 'spark' and args.input_size % spark.MODELS[args.model][3]:  # spark.main()'s own check
-            parser.error(f'--input_size {args.input_size} is not a multiple of the downsample ratio '
-                         f'{spark.MODELS[args.model][3]} of {args.model} (use a *_ds8 model for 32-64 px images)')
+        args = module.parse_args(argv)
     except (SystemExit, ValueError) as e:
         sys.exit(f'{method}: {e}')
     with contextlib.redirect_stdout(io.StringIO()):  # it prints every flag (and writes args.json to a temp folder)
         common.setup(args)
-    args.accum_iter, args.iters_per_epoch = 1, 1  # one optimizer step per batch; SparK's schedule reads the count
+    args.accum_iter = 1  # one optimizer step per batch
     return args
 
 
+def grid_size(method, args):  # the side of the method's mask grid
+    return args.input_size // (spark.MODELS[args.model][3] if method == 'spark' else
+                               common.vit_config(args.model)['patch_size'] if args.model.startswith('vit_') else 1)
+
+
 def recipe(method, args):
-    """The training transform and per-sample extra that the method's main() hands to common.build_datasets."""
+    """The training transform and the draw_mask that the method's main() hands to common.build_datasets."""
     ratio = (0.75, 1.3333) if method == 'maskfeat' else (3 / 4, 4 / 3)  # as each main() builds it
-    transform = common.TrainTransform(args.input_size, scale=(args.crop_scale, 1.0), ratio=ratio)
-    if method == 'mfm':
-        return transform, partial(mfm.low_pass_choice, args.sample_ratio)
-    grid = args.input_size // (spark.MODELS[args.model][3] if method == 'spark' else
-                               common.vit_config(args.model)['patch_size'])
-    if method == 'maskfeat':
-        return transform, partial(maskfeat.block_masking, grid, round(grid * grid * args.mask_ratio))
-    return transform, partial(METHODS[method].uniform_noise, grid * grid)
+    transform, grid = common.TrainTransform(args.input_size, scale=(args.crop_scale, 1.0), ratio=ratio), \
+        grid_size(method, args)
+    draw_mask = {'mae': lambda: mae.mask_drawer(args.mask_type, grid),
+                 'hpm': lambda: partial(hpm.mask_noise, grid * grid),
+                 'maskfeat': lambda: partial(maskfeat.block_masking, grid, round(grid * grid * args.mask_ratio)),
+                 'mfm': lambda: partial(mfm.low_pass_choice, args.sample_ratio),
+                 'spark': lambda: partial(spark.mask_noise, grid * grid)}[method]()
+    return transform, draw_mask
+
+
+def schedule(method, args, iters_per_epoch=1):
+    """The schedule(optimizer, epoch) that the method's main() passes to common.train_one_epoch (those that take
+    iters_per_epoch get it: the loop's optimizer steps per epoch)."""
+    function, fixed = {'mae': (common.adjust_learning_rate, {}), 'hpm': (common.adjust_learning_rate, {}),
+                       'maskfeat': (maskfeat.warmup_cosine, dict(start=args.min_lr, end=args.min_lr)),
+                       'mfm': (mfm.pretrain_schedule, {}), 'spark': (spark.lr_wd_annealing, {})}[method]
+    if 'iters_per_epoch' in inspect.signature(function).parameters:
+        fixed['iters_per_epoch'] = iters_per_epoch
+    return partial(function, args=args, **fixed)
 
 
 def build(method, args):
-    """-> model, optimizer, loss_fn(net, images, extra), on_step: as the method's main() builds them."""
+    """-> SimpleNamespace(model, optimizer, loss_fn, on_step, schedule, step): as the method's main() builds them,
+    for one process; step is common.step_settings(args) (amp dtype, clip_grad, scaler)."""
     if method == 'spark':
         model = spark.SparK(spark.build_backbone(args.model, args.drop_path), args.input_size, args.mask_ratio,
                             args.decoder_width)
@@ -159,52 +175,69 @@ def build(method, args):
         model = METHODS[method].build_model(args).to(args.device)
         no_decay = ('encoder.pos_embed', 'encoder.cls_token') if method == 'mfm' else ()
         optimizer = common.adamw(model, args, (0.9, 0.999) if method == 'maskfeat' else (0.9, 0.95), no_decay)
-    SCHEDULES[method](optimizer, args.warmup_epochs, args)  # peak lr; SparK's LAMB gets its weight decay only here
     on_step = teacher = None
-    if method == 'hpm':  # the teacher stays eager under --compile: only the student is compiled
+    if method == 'hpm':  # the teacher is called inside loss_fn, compiled with it under --compile
         teacher = copy.deepcopy(model).requires_grad_(False).eval()
-        on_step = partial(hpm.update_teacher, teacher, model, 0.999)
+        decay = hpm.teacher_decay(0, *args.ema_decay, args.ema_ramp_epochs)  # epoch 0's, as main() sets it per epoch
+        on_step = partial(common.update_ema, teacher, model, decay)
+    alpha = args.alpha_final if method == 'hpm' else None  # alpha at its final value: the cost does not depend on it
 
-    def loss_fn(net, images, extra):  # the body of each main()'s loss_fn closure, for one process
+    def loss_fn(net, images, labels, mask_input):  # the body of each main()'s loss_fn closure, for one process
         if method == 'mae':
-            return net(common.normalize(images), args.mask_ratio, extra)[0]
-        if method == 'hpm':  # alpha at its final value: the cost does not depend on it
+            loss, _, _ = net(common.normalize(images), args.mask_ratio, mask_input)
+            return loss, {}
+        if method == 'hpm':
             imgs = common.normalize(images)
-            order = hpm.hard_patches_order(teacher.teacher_losses(imgs), extra, args.mask_ratio, args.alpha_final)
+            order = hpm.hard_patches_order(teacher.teacher_losses(imgs), mask_input, args.mask_ratio, alpha)
             (loss, rank_loss), _, _ = net(imgs, args.mask_ratio, order)
-            return loss + rank_loss
+            return loss + rank_loss, {'reconstruction': loss, 'relative': rank_loss}
         if method == 'maskfeat':
-            return net(common.normalize(images), extra.float())[0]
+            loss, _, _ = net(common.normalize(images), mask_input.float())
+            return loss, {}
         if method == 'mfm':
-            return net(images.float() / 255, mfm.frequency_mask(args.input_size, args.mask_radius, extra[:, 0]))[0]
-        return net(common.normalize(images), spark.random_masking(extra, model.keep))[0]
-    return model, optimizer, loss_fn, on_step
+            removed = mfm.frequency_mask(args.input_size, args.mask_radius, mask_input[:, 0])
+            loss, _, _ = net(images.float() / 255, removed)
+            return loss, {}
+        loss, _ = net(common.normalize(images), spark.mask_from_noise(mask_input, model.keep))
+        return loss, {}
+    return SimpleNamespace(model=model, optimizer=optimizer, loss_fn=loss_fn, on_step=on_step,
+                           schedule=schedule(method, args), epoch=args.warmup_epochs, step=common.step_settings(args))
 
 
 def synthetic_batch(method, args):
-    """Random uint8 images and the per-sample extra drawn as the method's data loader draws it, on the device."""
-    B, S, sample_extra = args.batch_size, args.input_size, recipe(method, args)[1]
-    images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, generator=torch.Generator().manual_seed(args.seed))
-    extra = np.stack([sample_extra(np.random.default_rng([args.seed, i])) for i in range(B)])
-    return images.to(args.device), torch.from_numpy(extra).to(args.device)
+    """(images, labels, mask_input) on the device: random uint8 images and labels, the mask input drawn as the
+    method's data loader draws it (sample i from the generator of (seed, i))."""
+    B, S, draw_mask = args.batch_size, args.input_size, recipe(method, args)[1]
+    generator = torch.Generator().manual_seed(args.seed)
+    images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (B,), generator=generator)
+    mask_input = torch.from_numpy(np.stack([draw_mask(np.random.default_rng([args.seed, i])) for i in range(B)]))
+    return tuple(t.to(args.device) for t in (images, labels, mask_input))
 
 
-def flops_per_image(model, loss_fn, images, extra, args):
+def autocast(run, device):  # the training autocast: step_settings' amp dtype, or off
+    return torch.autocast(device.type, dtype=run.step['amp'], enabled=run.step['amp'] is not None)
+
+
+def flops_per_image(run, batch, device):
     """FlopCounterMode over one forward + backward of 2 images (the convention is in the module docstring)."""
     with FlopCounterMode(display=False) as counter:
-        with sdpa_kernel(SDPBackend.MATH), common.autocast(args):  # attention as plain matmuls on every backend
-            loss = loss_fn(model, images[:2], extra[:2])
+        with sdpa_kernel(SDPBackend.MATH), autocast(run, device):  # attention as plain matmuls on every backend
+            loss, _ = run.loss_fn(run.model, *[t[:2] for t in batch])
         loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / len(images[:2])
+    run.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(batch[0][:2])
 
 
-def train_step(net, model, loss_fn, images, extra, optimizer, scaler, on_step, args):
-    """common.train_one_epoch's step with accum_iter 1."""
-    with common.autocast(args):
-        loss = loss_fn(net, images, extra)
-    scaler.scale(loss).backward()
-    common.optimizer_step(model, optimizer, scaler, args, on_step)
+def train_step(run, batch, device, loss_fn=None):
+    """common.train_one_epoch's step with accum_iter 1 (loss_fn: the compiled one, else run.loss_fn) -> the loss."""
+    scaler = run.step['scaler']
+    run.schedule(run.optimizer, run.epoch)
+    with autocast(run, device):
+        loss, _ = (loss_fn or run.loss_fn)(run.model, *batch)
+    (scaler.scale(loss) if scaler else loss).backward()
+    common.optimizer_step(run.model, run.optimizer, scaler, run.step['clip_grad'], run.on_step)
+    return loss
 
 
 def time_steps(method, opts, output_dir):
@@ -212,17 +245,15 @@ def time_steps(method, opts, output_dir):
     cuda, timed = args.device.type == 'cuda', opts.warmup + opts.steps if opts.steps else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
-    model, optimizer, loss_fn, on_step = build(method, args)
-    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == 'fp16')  # as each main() builds it
-    images, extra = synthetic_batch(method, args)
-    model.train()
-    gflop = flops_per_image(model, loss_fn, images, extra, args) / 1e9
-    net, times = torch.compile(model) if opts.compile else model, []
+    run, batch = build(method, args), synthetic_batch(method, args)
+    run.model.train()
+    gflop = flops_per_image(run, batch, args.device) / 1e9
+    loss_fn, times = torch.compile(run.loss_fn) if opts.compile else run.loss_fn, []
     sync = partial(torch.cuda.synchronize, args.device) if cuda else lambda: None  # around the step, never inside
     for _ in range(timed):
         sync()
         start = time.perf_counter()
-        train_step(net, model, loss_fn, images, extra, optimizer, scaler, on_step, args)
+        train_step(run, batch, args.device, loss_fn)
         sync()
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times[opts.warmup:]) if timed else None
@@ -243,7 +274,7 @@ def time_pipeline(method, opts, output_dir):
     def batches():  # epoch after epoch, as in training (each epoch starts fresh workers)
         for epoch in range(10 ** 9):
             loader.sampler.set_epoch(epoch)
-            train_set.epoch = epoch
+            train_set.set_epoch(epoch)
             yield from loader
     stream = batches()
     for _ in range(opts.warmup):
