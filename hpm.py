@@ -30,8 +30,10 @@ Differences from the official code (each deliberate):
     preset sets a faster teacher, 0.84 -> 0.984 over 2.5 epochs (its whole run is 780 steps, where the official
     constants would leave the teacher near its random initialisation); it prints the values in its settings line.
  5. bf16 autocast by default where supported (official: fp16); kNN and linear probe as in mae.py.
- 6. Fine-tuning is common.finetune with scripts/finetune_base.sh's values (layer decay 0.8, blr 5e-4, batch 384);
-    --teacher evaluates, fine-tunes and exports the EMA teacher instead of the student (finetune --teacher).
+ 6. Fine-tuning is common.finetune with scripts/finetune_base.sh's values (layer decay 0.8, blr 5e-4, batch 384;
+    finetune_large.sh's batch 512 for ViT-L); --teacher evaluates, fine-tunes and exports the EMA teacher instead of
+    the student (finetune --teacher). The teacher's EMA covers every float tensor of the state dict, as timm's
+    ModelEma, updated after each optimizer step (not on accumulation-only iterations), as engine_pretrain.py.
 
 Expected result (`python hpm.py`, built-in shapes, 32 px, ViT-Ti/4, 5 epochs, 2-core CPU; kNN / linear-probe top-1):
 17.2 / 28.2 pretrained vs 10.7 / 15.7 at random init, 6.5 minutes (README table).

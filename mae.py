@@ -17,6 +17,9 @@ Differences from the official code (each deliberate):
  3. bf16 autocast by default where supported (the official code uses fp16 + GradScaler); --amp fp16 or none.
  4. The linear probe trains SGD on features extracted once without augmentation (common.linear_probe_accuracy)
     rather than LARS at batch 16384 on augmented images, and a kNN evaluation (DINO protocol) is added.
+ 5. Fine-tuning (--finetune_epochs N; with --eval_only --resume FILE for a released encoder) is common.finetune:
+    main_finetune.py with FINETUNE.md's row of the encoder's size (ViT-B, L, H; smaller ViTs take ViT-B's); its
+    differences are listed there.
  6. --mask_type red|blue|green|purple: ColorMAE's data-independent masks (Hinojosa, Liu, Ghanem, ECCV 2024,
     arXiv:2407.13036; official code carlosh93/ColorMAE, models/utils/masking_generator.py), MAE otherwise unchanged.
     The mask keeps visible the patches where a window of filtered noise is highest (as the official descending sort).
@@ -25,9 +28,6 @@ Differences from the official code (each deliberate):
     filter widths it does not state; (b) each sample draws its own pattern, window and flips from its generator in
     the data loader (difference 1), where the official code draws one window and one pair of flips per batch and
     gives sample i pattern i; (c) its per-window division by the maximum is left out: it does not change the order.
- 5. Fine-tuning (--finetune_epochs N; with --eval_only --resume FILE for a released encoder) is common.finetune:
-    main_finetune.py with FINETUNE.md's row of the encoder's size (ViT-B, L, H; smaller ViTs take ViT-B's); its
-    differences are listed there.
 
 Expected result (`python mae.py`, built-in shapes, 32 px, ViT-Ti/4, 2-core CPU): see the README table
 (kNN and linear probe of the pretrained vs the randomly initialised encoder): 15.4 / 28.5 vs 11.3 / 14.8, 4.5 minutes.

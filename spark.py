@@ -32,8 +32,10 @@ Differences from the official code (each deliberate):
     RepeatAugSampler); the row's lr, layer scale over the official layer groups (layer_id), weight decay, mixup
     (cutmix 1.0, smoothing 0.1 for all), drop path, and an EMA of the network (timm's ModelEmaV2, decay 0.9999; the
     better of the network and its EMA is reported); downstream_imagenet's lr schedule (from 0.005x the peak to 0.001x
-    at the last iteration). RandAugment instead of TrivialAugmentWide, val crop 0.875, and the EMA starts from the
-    pretrained weights (see common.finetune); the repeated-augmentation epoch is not rounded to 256 images.
+    at the last iteration); convnext_large at --input_size 384 takes the convnext_large_384 row. Left: RandAugment
+    instead of TrivialAugmentWide (AutoAugment v0 at 384 px), val crop 0.875 (official 0.95; at 384 a plain resize),
+    the best epoch not selected, and the EMA starts from the pretrained weights (see common.finetune); the
+    repeated-augmentation epoch is not rounded down to a multiple of 256 images; the last batch is dropped.
 
 Backbone contract (SparK(backbone, ...) checks it): forward(images) returns a list of its 4 stage maps, finest first,
 each a whole number of mask-grid cells wide; attributes `downsample_ratio` (the coarsest map's stride: one mask cell)
