@@ -9,7 +9,7 @@ Randomness: every per-sample random choice (crop, flip, and what a method's mask
 `numpy.random.default_rng([seed, epoch, index])`: the same samples, crops and masks whatever the number of processes,
 workers or restarts. That makes `--resume` exact and N processes equal one.
 """
-import argparse, copy, functools, glob, hashlib, json, math, os, pickle, re, resource, shutil, sys, tarfile, time
+import argparse, copy, glob, hashlib, json, math, os, pickle, re, resource, shutil, sys, tarfile, time
 import warnings
 import urllib.request
 from collections import Counter
@@ -406,9 +406,10 @@ class EvalTransform:
         return to_uint8_tensor(img.resize((w, h), Image.BICUBIC).crop((left, top, left + self.size, top + self.size)))
 
 
-@functools.cache
-def on_device(values, device):  # a constant tensor made once per device: a copy from the host would wait for the GPU
-    return torch.tensor(values, device=device)
+def on_device(values, device, made={}):  # a constant tensor made once per device: a host copy would wait for the GPU
+    if (values, device) not in made:  # (a dict, not functools.cache, which torch.compile warns about)
+        made[values, device] = torch.tensor(values, device=device)
+    return made[values, device]
 
 
 def normalize(images):
@@ -1215,29 +1216,65 @@ class Remasked(Sparse):  # the dense op, then zero the masked sites of its outpu
 
 
 class VisibleStatistics(Sparse):
-    """BatchNorm over the visible sites only (the official BN on the (N, C) vectors of active sites): batch mean
-    and variance, and the running statistics' update, from masked sums (over all processes for SyncBatchNorm)."""
+    """BatchNorm over the visible sites only (the official BN on the (N, C) vectors of active sites): batch mean and
+    variance, and the running statistics' update, from masked sums (over all processes for SyncBatchNorm), with no
+    host sync. The sums run in x's dtype (bf16 under autocast: on a CPU an fp32 copy of each map cost more than the
+    convolutions), centred on a rough mean first, and in fp32 across the batch (channel_sum): within bf16's rounding of
+    BN's fp32 statistics."""
     def forward(self, x):  # (B, C, H, W)
         if x.ndim != 4:
             return super().forward(x)
-        m = self.sites(x).float()  # (B, 1, H, W)
-        if self.training:
-            total = differentiable_sum if isinstance(self, nn.SyncBatchNorm) and dist.is_initialized() else lambda t: t
-            n = total(m.sum().reshape(1))
-            mean = total((x.float() * m).sum((0, 2, 3))) / n
-            var = total((((x.float() - mean[:, None, None]) * m) ** 2).sum((0, 2, 3))) / n  # biased, as BN's
-            with torch.no_grad():  # the running variance is the unbiased one, as BN's
-                self.running_mean.lerp_(mean, self.momentum)
+        m = self.sites(x)  # (B, 1, H, W) bool
+        total = sum_over_processes if isinstance(self, nn.SyncBatchNorm) and dist.is_initialized() else lambda t: t
+        with torch.no_grad():
+            n = total(m.sum(dtype=torch.float32).reshape(1)) if self.training else None
+            rough = (total(channel_sum(x * m)) / n if self.training else self.running_mean).to(x.dtype)
+            centred = x - rough[:, None, None]  # (B, C, H, W)
+            if self.training:
+                visible_centred = centred * m
+                shift = total(channel_sum(visible_centred)) / n  # the mean of centred
+                mean, var = rough.float() + shift, total(channel_sum(visible_centred * centred)) / n - shift ** 2
+                self.running_mean.lerp_(mean, self.momentum)  # the running variance is the unbiased one, as BN's
                 self.running_var.lerp_(var * n / (n - 1).clamp(min=1), self.momentum)
                 self.num_batches_tracked += 1
-        else:
-            mean, var = self.running_mean, self.running_var
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        return (((x.float() - mean[:, None, None]) * scale[:, None, None] + self.bias[:, None, None]) * m).to(x.dtype)
+            else:
+                mean, var = self.running_mean, self.running_var
+                shift = mean - rough.float()
+        return VisibleNorm.apply(x, m, centred, shift, mean, var, self.weight, self.bias, self.eps, n, total)
 
 
-def differentiable_sum(t):  # the sum over all processes, with the backward a SyncBatchNorm's input gradient needs
-    return torch.distributed._functional_collectives.all_reduce(t, 'sum', dist.group.WORLD)
+class VisibleNorm(torch.autograd.Function):
+    """((x - mean) / sqrt(var + eps) * weight + bias) at visible sites, 0 at masked ones; the backward is BN's
+    restricted to the visible sites (n of them; in eval mode, n=None, the statistics are constants)."""
+    @staticmethod
+    def forward(ctx, x, m, centred, shift, mean, var, weight, bias, eps, n, total):
+        ctx.save_for_backward(m, centred, shift, torch.rsqrt(var + eps), weight)
+        ctx.n, ctx.total = n, total
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps).mul_(m)
+
+    @staticmethod
+    def backward(ctx, grad):  # x_hat = (centred - shift) * rstd
+        m, centred, shift, rstd, weight = ctx.saved_tensors
+        g, scale = grad * m, weight * rstd
+        dbias = channel_sum(g)
+        dweight = (channel_sum(g * centred) - shift * dbias) * rstd  # sum of g * x_hat
+        if ctx.n is None:
+            dx = g * scale.to(g.dtype)[:, None, None]
+        else:  # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat)) at visible sites, the means over all processes
+            mean_g, mean_gx = (ctx.total(torch.stack([dbias, dweight])) / ctx.n).unbind()
+            c1, c0 = -scale * rstd * mean_gx, scale * (rstd * mean_gx * shift - mean_g)
+            dx = torch.addcmul(c0.to(g.dtype)[:, None, None], centred, c1.to(g.dtype)[:, None, None]).mul_(m)
+            dx = torch.addcmul(dx, g, scale.to(g.dtype)[:, None, None])
+        return dx, None, None, None, None, None, dweight, dbias, None, None, None
+
+
+def channel_sum(t):  # (B, C, H, W) -> (C,) in fp32: a sum per image in t's dtype (fp32 accumulation inside), then fp32
+    return t.sum((2, 3)).float().sum(0)
+
+
+def sum_over_processes(t):  # in place (t is a fresh sum), over all processes: SyncBatchNorm's statistics, gradients
+    dist.all_reduce(t)
+    return t
 
 
 class LayerNorm2d(nn.LayerNorm):  # ConvNeXt's LayerNorm(data_format='channels_first'), over C of (B, C, H, W)
