@@ -1218,18 +1218,19 @@ class Remasked(Sparse):  # the dense op, then zero the masked sites of its outpu
 class VisibleStatistics(Sparse):
     """BatchNorm over the visible sites only (the official BN on the (N, C) vectors of active sites): batch mean and
     variance, and the running statistics' update, from masked sums (over all processes for SyncBatchNorm), with no
-    host sync. The sums run in x's dtype (bf16 under autocast: on a CPU an fp32 copy of each map cost more than the
-    convolutions), centred on a rough mean first, and in fp32 across the batch (channel_sum): within bf16's rounding of
-    BN's fp32 statistics."""
+    host sync. Under bf16 autocast the products and sums run in bf16 (on a CPU an fp32 copy of each map cost more than
+    the convolutions), centred on a rough mean first, summed in fp32 across the batch (channel_sum): within bf16's
+    rounding of BN's fp32 statistics. fp16 inputs are taken in fp32 (their squares and sums would overflow)."""
     def forward(self, x):  # (B, C, H, W)
         if x.ndim != 4:
             return super().forward(x)
         m = self.sites(x)  # (B, 1, H, W) bool
         total = sum_over_processes if isinstance(self, nn.SyncBatchNorm) and dist.is_initialized() else lambda t: t
         with torch.no_grad():
+            xs = x if x.dtype == torch.bfloat16 else x.float()
             n = total(m.sum(dtype=torch.float32).reshape(1)) if self.training else None
-            rough = (total(channel_sum(x * m)) / n if self.training else self.running_mean).to(x.dtype)
-            centred = x - rough[:, None, None]  # (B, C, H, W)
+            rough = (total(channel_sum(xs * m)) / n if self.training else self.running_mean).to(xs.dtype)
+            centred = xs - rough[:, None, None]  # (B, C, H, W)
             if self.training:
                 visible_centred = centred * m
                 shift = total(channel_sum(visible_centred)) / n  # the mean of centred
@@ -1255,7 +1256,7 @@ class VisibleNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # x_hat = (centred - shift) * rstd
         m, centred, shift, rstd, weight = ctx.saved_tensors
-        g, scale = grad * m, weight * rstd
+        g, scale = (grad * m).to(centred.dtype), weight * rstd
         dbias = channel_sum(g)
         dweight = (channel_sum(g * centred) - shift * dbias) * rstd  # sum of g * x_hat
         if ctx.n is None:
@@ -1265,10 +1266,10 @@ class VisibleNorm(torch.autograd.Function):
             c1, c0 = -scale * rstd * mean_gx, scale * (rstd * mean_gx * shift - mean_g)
             dx = torch.addcmul(c0.to(g.dtype)[:, None, None], centred, c1.to(g.dtype)[:, None, None]).mul_(m)
             dx = torch.addcmul(dx, g, scale.to(g.dtype)[:, None, None])
-        return dx, None, None, None, None, None, dweight, dbias, None, None, None
+        return dx.to(grad.dtype), None, None, None, None, None, dweight, dbias, None, None, None
 
 
-def channel_sum(t):  # (B, C, H, W) -> (C,) in fp32: a sum per image in t's dtype (fp32 accumulation inside), then fp32
+def channel_sum(t):  # (B, C, H, W) -> (C,) in fp32: per image in t's dtype (fp32 accumulation inside), then in fp32
     return t.sum((2, 3)).float().sum(0)
 
 

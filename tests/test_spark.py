@@ -161,6 +161,26 @@ def test_sparse_batchnorm_under_bf16_autocast():
         assert torch.allclose(bn.running_var.double(), reference.running_var, rtol=4e-3)  # 2 bf16 roundings
 
 
+
+def test_sparse_batchnorm_in_fp16_does_not_overflow():
+    """fp16 inputs (--amp fp16) near 50 on 64 x 64 maps: their per-image sums (about 10^5) and squares would pass
+    fp16's 65504; the statistics are taken in fp32, so output and gradients are those of the fp32 computation within
+    fp16's rounding."""
+    torch.manual_seed(0)
+    ours, reference = sparse_twin(nn.BatchNorm2d(6)), sparse_twin(nn.BatchNorm2d(6))
+    visible = torch.rand(4, 1, 8, 8) > 0.4
+    x16 = (torch.randn(4, 6, 64, 64) * 3 + 50).half().requires_grad_()
+    x32 = x16.detach().float().requires_grad_()
+    out16, out32 = run(ours, x16, visible), run(reference, x32, visible)
+    upstream = torch.randn(4, 6, 64, 64)
+    (out16.float() * upstream).sum().backward()
+    (out32 * upstream).sum().backward()
+    assert out16.dtype == x16.grad.dtype == torch.float16
+    torch.testing.assert_close(out16.float(), out32, atol=4e-3, rtol=2e-3)  # fp16: 2^-11 relative, values up to ~4
+    torch.testing.assert_close(x16.grad.float(), x32.grad, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(ours.running_var, reference.running_var)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-3, atol=0.1)  # sums of ~4e4 terms
+
 class CountHostSyncs(TorchDispatchMode):
     """Counts the aten ops that make the host wait for the device: boolean-mask indexing (x[mask], x[mask] = y),
     nonzero, masked_select, and reading a value (.item(), bool(tensor))."""
