@@ -20,7 +20,6 @@ from multiprocessing import Value
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
@@ -457,14 +456,12 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--warmup_epochs', dict(type=float), 'epochs of linear warmup from 0'),
     ('--clip_grad', dict(type=float), 'clip the global gradient norm to this (default: no clipping)'),
     ('--data', dict(default='shapes', choices=['shapes', 'cifar10', 'cifar100', 'imagenet', 'folder']),
-     'shapes: built in; cifar10/100: the python archive in --data_path, downloaded if absent; imagenet/folder: '
-     '<data_path>/train/<class>/*, val/ or test/; or a folder of unlabeled images'),
+     'shapes: built in; cifar: its archive (downloaded); imagenet/folder: <data_path>/train/<class>/*, val/ or test/'),
     ('--data_path', dict(default='./data'), 'dataset root'),
     ('--shapes_size', dict(type=int), 'training images generated for --data shapes'),
     ('--cache', dict(action='store_true'), 'decode images once into memory (resized, centre-cropped): small datasets'),
     ('--num_workers', dict(type=int), 'data loader processes per training process'),
-    ('--output_dir', dict(), 'checkpoints, log.txt and pictures (default: output/<method>_<data>, with --eval_only '
-                             'output/<method>_<data>_eval); one run per folder'),
+    ('--output_dir', dict(), 'one run per folder (default: output/<method>_<data>, or <...>_eval with --eval_only)'),
     ('--resume', dict(default=''), "a checkpoint to continue from, or 'auto' for output_dir/checkpoint-last.pth"),
     ('--save_freq', dict(type=int, default=20), 'keep a numbered checkpoint every this many epochs'),
     ('--eval_only', dict(action='store_true'), 'evaluate the --resume checkpoint, no training'),
@@ -482,12 +479,10 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--smoothing', dict(type=float), 'fine-tuning label smoothing'),
     ('--reprob', dict(type=float), 'fine-tuning random-erasing probability'),
     ('--export_encoder', dict(action='store_true'), 'write the encoder in timm names to output_dir/encoder_timm.pth'),
-    ('--compile', dict(action='store_true'), 'run the training step (the method\'s loss, forward and backward) under '
-                                             'torch.compile: minutes of compilation first'),
+    ('--compile', dict(action='store_true'), 'the training step under torch.compile (minutes of compilation first)'),
     ('--seed', dict(type=int, default=0), 'seeds the model init and every per-sample random choice'),
     ('--device', dict(default='cuda' if torch.cuda.is_available() else 'cpu'), 'cuda or cpu'),
-    ('--amp', dict(default='auto', choices=['auto', 'bf16', 'fp16', 'none']), 'autocast; auto: bf16 where supported, '
-                                                                              'else fp16 on GPUs, else none')]
+    ('--amp', dict(default='auto', choices=['auto', 'bf16', 'fp16', 'none']), 'bf16, else fp16 on GPUs, else none')]
 
 
 FINETUNE = dict(ft_blr=1e-3, ft_warmup_epochs=5, ft_weight_decay=0.05, ft_drop_path=0.1, layer_decay=0.75, mixup=0.8,
@@ -1218,35 +1213,32 @@ class Remasked(Sparse):  # the dense op, then zero the masked sites of its outpu
 class VisibleStatistics(Sparse):
     """BatchNorm over the visible sites only (the official BN on the (N, C) vectors of active sites): batch mean and
     variance, and the running statistics' update, from masked sums (over all processes for SyncBatchNorm), with no
-    host sync. Under bf16 autocast the products and sums run in bf16 (on a CPU an fp32 copy of each map cost more than
-    the convolutions), centred on a rough mean first, summed in fp32 across the batch (channel_sum): within bf16's
+    host sync. Under bf16 autocast products and sums run in bf16 (on a CPU an fp32 copy of each map cost more than the
+    convolutions), centred on a rough mean first, summed in fp32 across the batch (channel_sum): within bf16's
     rounding of BN's fp32 statistics. fp16 inputs are taken in fp32 (their squares and sums would overflow)."""
     def forward(self, x):  # (B, C, H, W)
-        if x.ndim != 4:
-            return super().forward(x)
-        m = self.sites(x)  # (B, 1, H, W) bool
+        m = self.sites(x) if x.ndim == 4 else None  # (B, 1, H, W) bool
+        if m is None or not self.training:  # evaluation: the running statistics, constants for autograd
+            return super().forward(x) if m is None else F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps) * m
         total = sum_over_processes if isinstance(self, nn.SyncBatchNorm) and dist.is_initialized() else lambda t: t
         with torch.no_grad():
             xs = x if x.dtype == torch.bfloat16 else x.float()
-            n = total(m.sum(dtype=torch.float32).reshape(1)) if self.training else None
-            rough = (total(channel_sum(xs * m)) / n if self.training else self.running_mean).to(xs.dtype)
+            n = total(m.sum(dtype=torch.float32).reshape(1))
+            rough = (total(channel_sum(xs * m)) / n).to(xs.dtype)
             centred = xs - rough[:, None, None]  # (B, C, H, W)
-            if self.training:
-                visible_centred = centred * m
-                shift = total(channel_sum(visible_centred)) / n  # the mean of centred
-                mean, var = rough.float() + shift, total(channel_sum(visible_centred * centred)) / n - shift ** 2
-                self.running_mean.lerp_(mean, self.momentum)  # the running variance is the unbiased one, as BN's
-                self.running_var.lerp_(var * n / (n - 1).clamp(min=1), self.momentum)
-                self.num_batches_tracked += 1
-            else:
-                mean, var = self.running_mean, self.running_var
-                shift = mean - rough.float()
+            visible_centred = centred * m
+            shift = total(channel_sum(visible_centred)) / n  # the mean of centred
+            mean, var = rough.float() + shift, total(channel_sum(visible_centred * centred)) / n - shift ** 2
+            self.running_mean.lerp_(mean, self.momentum)  # the running variance is the unbiased one, as BN's
+            self.running_var.lerp_(var * n / (n - 1).clamp(min=1), self.momentum)
+            self.num_batches_tracked += 1
         return VisibleNorm.apply(x, m, centred, shift, mean, var, self.weight, self.bias, self.eps, n, total)
 
 
 class VisibleNorm(torch.autograd.Function):
-    """((x - mean) / sqrt(var + eps) * weight + bias) at visible sites, 0 at masked ones; the backward is BN's
-    restricted to the visible sites (n of them; in eval mode, n=None, the statistics are constants)."""
+    """((x - mean) / sqrt(var + eps) * weight + bias) at visible sites, 0 at masked ones, the statistics those of the
+    n visible sites; the backward is BN's restricted to them."""
     @staticmethod
     def forward(ctx, x, m, centred, shift, mean, var, weight, bias, eps, n, total):
         ctx.save_for_backward(m, centred, shift, torch.rsqrt(var + eps), weight)
@@ -1254,18 +1246,15 @@ class VisibleNorm(torch.autograd.Function):
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps).mul_(m)
 
     @staticmethod
-    def backward(ctx, grad):  # x_hat = (centred - shift) * rstd
-        m, centred, shift, rstd, weight = ctx.saved_tensors
+    def backward(ctx, grad):  # x_hat = (centred - shift) * rstd; dx = scale * (g - mean(g) - x_hat * mean(g * x_hat))
+        m, centred, shift, rstd, weight = ctx.saved_tensors  # at visible sites, the means over all processes
         g, scale = (grad * m).to(centred.dtype), weight * rstd
         dbias = channel_sum(g)
         dweight = (channel_sum(g * centred) - shift * dbias) * rstd  # sum of g * x_hat
-        if ctx.n is None:
-            dx = g * scale.to(g.dtype)[:, None, None]
-        else:  # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat)) at visible sites, the means over all processes
-            mean_g, mean_gx = (ctx.total(torch.stack([dbias, dweight])) / ctx.n).unbind()
-            c1, c0 = -scale * rstd * mean_gx, scale * (rstd * mean_gx * shift - mean_g)
-            dx = torch.addcmul(c0.to(g.dtype)[:, None, None], centred, c1.to(g.dtype)[:, None, None]).mul_(m)
-            dx = torch.addcmul(dx, g, scale.to(g.dtype)[:, None, None])
+        mean_g, mean_gx = (ctx.total(torch.stack([dbias, dweight])) / ctx.n).unbind()
+        c1, c0 = -scale * rstd * mean_gx, scale * (rstd * mean_gx * shift - mean_g)
+        dx = torch.addcmul(c0.to(g.dtype)[:, None, None], centred, c1.to(g.dtype)[:, None, None]).mul_(m)
+        dx = torch.addcmul(dx, g, scale.to(g.dtype)[:, None, None])
         return dx.to(grad.dtype), None, None, None, None, None, dweight, dbias, None, None, None
 
 

@@ -44,14 +44,17 @@ def _single_thread():
 
 
 def kill_then_resume(script, flags, out, delay):
-    """Start a run, SIGKILL it `delay` seconds after its first checkpoint appears, then resume it with --resume auto.
-    Returns the final checkpoint."""
+    """Start a run, SIGKILL it `delay` seconds after its first checkpoint appears (a callable: delay(seconds the first
+    epoch took), so that the kill lands inside the second epoch on a fast or slow machine alike), then resume it with
+    --resume auto. Returns the final checkpoint."""
     process = subprocess.Popen([sys.executable, script, *flags, '--output_dir', out], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, 'OMP_NUM_THREADS': '1'})
     deadline = time.time() + 240
     while not os.path.exists(f'{out}/checkpoint-last.pth') and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
+    if callable(delay):
+        delay = delay(json.loads(open(f'{out}/log.txt').readline())['epoch_time_s'])
     time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     process.wait()
