@@ -9,10 +9,9 @@ Randomness: every per-sample random choice (crop, flip, and what a method's mask
 `numpy.random.default_rng([seed, epoch, index])`: the same samples, crops and masks whatever the number of processes,
 workers or restarts. That makes `--resume` exact and N processes equal one.
 """
-import argparse, copy, glob, hashlib, json, math, os, pickle, re, resource, shutil, sys, tarfile, time
-import warnings
+import argparse, copy, glob, hashlib, json, math, os, pickle, re, resource, shutil, sys, tarfile, time, warnings
 import urllib.request
-from collections import Counter
+from collections import Counter, OrderedDict
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from multiprocessing import Value
@@ -101,15 +100,6 @@ class Attention(nn.Module):
         return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 def drop_path(x, prob, training):
     """Stochastic depth (timm's DropPath): drop a residual branch per sample, scale the kept ones by 1 / (1 - prob)."""
     keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - prob) if prob and training else None
@@ -117,11 +107,12 @@ def drop_path(x, prob, training):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block, as timm's (LayerNorm eps 1e-6; drop path only when fine-tuning)."""
+    """Pre-norm transformer block, as timm's (LayerNorm eps 1e-6, its Mlp's fc1 / fc2 keys; drop path to fine-tune)."""
     def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
+        self.norm2, hidden = nn.LayerNorm(dim, eps=1e-6), int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
         self.drop_path = drop_path
 
     def forward(self, x):  # (B, N, D)
@@ -138,8 +129,7 @@ class VisionTransformer(nn.Module):
         if img_size % patch_size:
             raise ValueError(f'image side {img_size} is not divisible by the patch size {patch_size}')
         self.patch_size, self.grid_size, self.global_pool = patch_size, img_size // patch_size, global_pool
-        self.num_patches = self.grid_size ** 2
-        self.patch_embed = PatchEmbed(embed_dim, patch_size)
+        self.num_patches, self.patch_embed = self.grid_size ** 2, PatchEmbed(embed_dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         table = torch.zeros(1, 1 + self.num_patches, embed_dim) if learned_pos else \
             sincos_pos_embed(embed_dim, self.grid_size)[None]
@@ -188,8 +178,7 @@ def vit_layer_id(name, depth):
 ENCODER_KEYS = lambda key: key.startswith(('cls_token', 'pos_embed', 'patch_embed.', 'blocks.', 'norm.'))  # timm's
 
 
-def vit_encoder_state(state):
-    """Any state dict of a ViT method (ours or the official one) -> its encoder, timm names: export and fine-tuning."""
+def vit_encoder_state(state):  # any ViT method's state dict (ours or the official one) -> its encoder, timm names
     return {k: v for k, v in clean_state_dict(state).items() if ENCODER_KEYS(k)}
 
 
@@ -493,11 +482,10 @@ def get_args_parser(description, models, vit=True):
     """The flags every method shares; `models` says which --model values the method builds; vit adds --global_pool."""
     parser = ArgumentParser(description=description)
     parser.add_argument('--model', help=models)
-    for flag, options, help in FLAGS:
+    pool = ('--global_pool', dict(action=argparse.BooleanOptionalAction), 'ViT features for kNN / probe: the mean '
+            'patch token, not the cls token')
+    for flag, options, help in FLAGS + [pool] * vit:
         parser.add_argument(flag, **options, help=help)
-    if vit:
-        parser.add_argument('--global_pool', action=argparse.BooleanOptionalAction,
-                            help='ViT features for kNN / probe: the mean patch token, not the cls token')
     return parser
 
 
@@ -532,8 +520,8 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
     ratio = getattr(args, 'mask_ratio', 0.5)
     for ok, message in [
             (0 < ratio < 1, f'--mask_ratio must be in (0, 1), got {ratio}'),
-            (args.input_size % patch == 0, f'--input_size {args.input_size} is not divisible by the patch size '
-                                           f'{patch}'),
+            (args.input_size % patch == 0,
+             f'--input_size {args.input_size} is not divisible by the patch size {patch}'),
             (args.epochs >= 1 or args.eval_only, f'--epochs must be at least 1, got {args.epochs}'),
             (args.data not in ('imagenet', 'folder') or os.path.isdir(args.data_path),
              f'--data_path {args.data_path} is not a folder: point it at a folder with train/<class>/ images'),
@@ -548,8 +536,7 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
     # Derived settings, computed here only (printed at start, kept in args.json): processes from torchrun's
     # environment, device, precision, accumulation towards a preset's target batch, effective batch, lr.
     args.world_size, args.rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
-    cuda = args.device.startswith('cuda')
-    local = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    cuda, local = args.device.startswith('cuda'), f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     args.device = torch.device(local if cuda and args.world_size > 1 else args.device)
     cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     if args.amp == 'auto':
@@ -610,6 +597,7 @@ def setup(args):
 def plain(args):  # the arguments as a dict of plain values, for JSON and weights-only checkpoints
     return {k: str(v) if isinstance(v, torch.device) else list(v) if isinstance(v, tuple) else v
             for k, v in vars(args).items()}
+
 
 
 def wrap_ddp(model, args):
@@ -677,24 +665,19 @@ def train_one_epoch(model, loss_fn, loader, optimizer, epoch, device, accum_iter
     compile: loss_fn under torch.compile (compiled in the first epoch, the code reused by the next ones)."""
     model.train()
     loss_fn = torch.compile(loss_fn) if compile else loss_fn
-    for hook in (getattr(loader.sampler, 'set_epoch', None), getattr(loader.dataset, 'set_epoch', None)):
-        if hook:
-            hook(epoch)
-    steps = len(loader) // accum_iter * accum_iter
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    sums, first_bad, seen = {}, torch.tensor(-1, device=device), 0
+    for owner in (loader.sampler, loader.dataset):
+        getattr(owner, 'set_epoch', lambda epoch: None)(epoch)
+    steps, world = len(loader) // accum_iter * accum_iter, dist.get_world_size() if dist.is_initialized() else 1
+    sums, first_bad, seen, start = {}, torch.tensor(-1, device=device), 0, time.time()
     bar = tqdm(total=steps, desc=f'epoch {epoch}', disable=not is_main(), mininterval=1, dynamic_ncols=True)
-    start = time.time()
     for step, (images, labels, *mask_input) in zip(range(steps), loader):
         if step % accum_iter == 0 and schedule:
             schedule(optimizer, epoch + step / steps)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        seen += len(images) * world
-        mask_input = mask_input[0].to(device, non_blocking=True) if mask_input else None
-        update = (step + 1) % accum_iter == 0
+        images, labels, *mask_input = [t.to(device, non_blocking=True) for t in (images, labels, *mask_input)]
+        seen, update = seen + len(images) * world, (step + 1) % accum_iter == 0
         with model.no_sync() if hasattr(model, 'no_sync') and not update else nullcontext():
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss, logs = loss_fn(model, images, labels, mask_input)
+                loss, logs = loss_fn(model, images, labels, *mask_input or [None])
             (scaler.scale(loss / accum_iter) if scaler else loss / accum_iter).backward()
         if update:
             optimizer_step(model, optimizer, scaler, clip_grad, on_step)
@@ -708,15 +691,13 @@ def train_one_epoch(model, loss_fn, loader, optimizer, epoch, device, accum_iter
                 sys.exit(f'error: non-finite loss at epoch {epoch}, step {first_bad.item()}: stopping; ' + (
                     f'{last} (the last finished epoch) is intact' if output_dir and os.path.isfile(last) else
                     'no checkpoint was written yet') + ' (try a lower --blr, --amp none, or --clip_grad)')
-            lr = optimizer.param_groups[-1]['lr']
-            bar.set_postfix(loss=f"{sums['loss'].item() / (step + 1):.4f}", lr=f'{lr:.2e}',
-                            img_s=f'{seen / (time.time() - start):.0f}')
+            bar.set_postfix(loss=f"{sums['loss'].item() / (step + 1):.4f}", img_s=f'{seen / (time.time() - start):.0f}',
+                            lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
             bar.update(step + 1 - bar.n)
     bar.close()
-    stats = torch.stack(list(sums.values())) / max(steps, 1)
+    stats = torch.stack(list(sums.values())) / (max(steps, 1) * world)
     if world > 1:
         dist.all_reduce(stats)
-        stats /= world
     elapsed, cuda = time.time() - start, device.type == 'cuda'  # on CPUs: the process's peak resident memory
     peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF)[2] * 1024
     skipped = getattr(loader.dataset, 'num_skipped', None)
@@ -766,11 +747,10 @@ def save_checkpoint(args, epoch, model, optimizer, scaler=None, **extra):
     """checkpoint-<epoch>.pth every save_freq epochs and at the end, then checkpoint-last.pth, every epoch (a kill
     between the two: the run resumes from the previous epoch and writes both again). Each holds the lines of log.txt
     so far (a resume writes them back), the arguments, every rank's RNG state and `extra` (a teacher's weights)."""
-    cuda = args.device.type == 'cuda'
-    rngs = [{'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if cuda else []}]
+    rng = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if args.device.type == 'cuda' else []}
+    rngs = [rng] * args.world_size
     if args.world_size > 1:
-        rngs = rngs * args.world_size
-        dist.all_gather_object(rngs, rngs[0])
+        dist.all_gather_object(rngs, rng)
     if not is_main():
         return
     log = os.path.join(args.output_dir, 'log.txt')
@@ -789,8 +769,7 @@ def load_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 (each way torch.load fails is told apart below, in one line)
-        with open(path, 'rb') as f:
-            zipped = f.read(4) == b'PK\x03\x04'  # torch.save's format is a zip archive
+        zipped = open(path, 'rb').read(4) == b'PK\x03\x04'  # torch.save's format is a zip archive
         pickled = found[1] if (found := re.search(r'GLOBAL (\S+)', str(e))) else ''  # what torch refused to import
         sys.exit(f'error: cannot load {path}: ' + (
             f'it holds pickled Python objects ({pickled}), not only tensors, and loading it could run code; if you '
@@ -809,9 +788,8 @@ def clean_state_dict(state_dict):  # strip the `module.` (DDP) and `_orig_mod.` 
 
 NOT_IN_A_RESULT = {'resume', 'eval_only', 'output_dir', 'num_workers', 'device', 'save_freq', 'knn_k', 'probe_epochs',
                    'compile', 'rank'}  # settings that change how a run goes, not what it computes
-RESUME_FREE = {'epochs', 'resume', 'eval_only', 'output_dir', 'data_path', 'num_workers', 'device', 'save_freq',
-               'knn_k', 'probe_epochs', 'global_pool', 'finetune_epochs', 'ft_batch', 'rank', 'lr', 'accum_iter',
-               'eff_batch_size', 'amp', 'compile', *FINETUNE}  # what a resumed run may change without a warning
+RESUME_FREE = NOT_IN_A_RESULT | {'epochs', 'data_path', 'global_pool', 'finetune_epochs', 'ft_batch', 'lr', 'amp',
+                                 'accum_iter', 'eff_batch_size', *FINETUNE}  # a resume may change these unwarned
 
 
 def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCODER_KEYS, **extra_modules):
@@ -821,15 +799,14 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
     weights, loaded leniently (a released file in its own layout), but every encoder tensor (encoder(key)) must load."""
     path = checkpoint_path(args)
     checkpoint = load_checkpoint(path) if path and os.path.isfile(path) else None
-    if is_main() and (checkpoint is None or optimizer is None):
-        start_run(args)  # a new run: its arguments, an empty log
     if checkpoint is None or optimizer is None:
+        if is_main():
+            start_run(args)  # a new run: its arguments, an empty log
         if checkpoint:
             load_pretrained(model, convert(checkpoint) if convert else checkpoint['model'], path, encoder)
         return 0
-    saved, now = checkpoint['args'], plain(args)
+    saved, now, modules = checkpoint['args'], plain(args), {'model': model, **extra_modules}
     changed = [f'--{k} {now[k]} (was {v})' for k, v in saved.items() if now.get(k, v) != v and k not in RESUME_FREE]
-    modules = {'model': model, **extra_modules}
     if saved.get('model') != args.model:
         sys.exit(f"error: {path} was made by --model {saved.get('model')}, this run builds --model {args.model}: "
                  f"resume with --model {saved.get('model')}, or start afresh with another --output_dir")
@@ -852,8 +829,9 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
             torch.cuda.set_rng_state_all(checkpoint['rng'][args.rank]['cuda'])
     if is_main():  # the log as it was at that checkpoint: lines written after it go
         start_run(args, checkpoint.get('log'))
-    print(f"resumed from {path} (epoch {checkpoint['epoch']})") if is_main() else None
+        print(f"resumed from {path} (epoch {checkpoint['epoch']})")
     return checkpoint['epoch'] + 1
+
 
 
 def start_run(args, log_lines=()):  # args.json, and log.txt with the lines of the run so far (None: kept)
@@ -1005,21 +983,16 @@ RAND_OPS = {
     'TranslateYRel': (True, lambda img, m, s: _affine(img, (1, 0, 0, 0, 1, s * m / 10 * 0.45 * img.size[1])))}
 
 
-class RandAugment:
+def rand_augment(img, rng, magnitude=9, std=0.5, num_ops=2, prob=0.5):
     """timm's RandAugment rand-m9-mstd0.5-inc1: 2 ops drawn with replacement, each applied with probability 0.5 at a
     magnitude ~ N(9, 0.5) clipped to [0, 10], signed ops negated half the time; equal to timm's ops pixel for pixel
     for equal draws (measured), the draws coming from the sample's generator."""
-    def __init__(self, magnitude=9, std=0.5, num_ops=2, prob=0.5):
-        self.magnitude, self.std, self.num_ops, self.prob = magnitude, std, num_ops, prob
-
-    def __call__(self, img, rng):
-        for k in rng.integers(len(RAND_OPS), size=self.num_ops):
-            if rng.random() > self.prob:
-                continue
-            m = min(max(float(rng.normal(self.magnitude, self.std)), 0.0), 10.0)
+    for k in rng.integers(len(RAND_OPS), size=num_ops):
+        if rng.random() <= prob:
+            m = min(max(float(rng.normal(magnitude, std)), 0.0), 10.0)
             signed, op = list(RAND_OPS.values())[k]
             img = op(img, m, (-1 if rng.random() > 0.5 else 1) if signed else 1)
-        return img
+    return img
 
 
 class FinetuneTransform(TrainTransform):
@@ -1028,10 +1001,10 @@ class FinetuneTransform(TrainTransform):
     normalised space, here made in uint8, so clipped to 0-255, before the normalisation on the device)."""
     def __init__(self, size, reprob):
         super().__init__(size, scale=(0.08, 1.0))
-        self.reprob, self.augment = reprob, RandAugment()
+        self.reprob = reprob
 
     def __call__(self, img, rng):
-        x = to_uint8_tensor(self.augment(self.crop_flip(img, rng), rng))  # (3, H, W)
+        x = to_uint8_tensor(rand_augment(self.crop_flip(img, rng), rng))  # (3, H, W)
         if rng.random() >= self.reprob:
             return x
         mean, std = (np.array(v)[:, None, None] * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
@@ -1095,12 +1068,12 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
     continues from its last epoch, exactly, and a finished one reports its top-1; other ones start afresh."""
     if not args.finetune_epochs or not eval_sets:
         return None
-    (train, val), world = eval_sets, args.batch_size * args.world_size
+    (train, val), per_step = eval_sets, args.batch_size * args.world_size
+    accum = max(1, (args.ft_batch or 0) // per_step)
     ft = argparse.Namespace(**{**vars(args), 'epochs': args.finetune_epochs, 'warmup_epochs': args.ft_warmup_epochs,
                                'min_lr': 1e-6, 'clip_grad': None, 'output_dir': f'{args.output_dir}/finetune',
-                               'resume': 'auto', 'save_freq': sys.maxsize, 'accum_iter': max(1, (args.ft_batch or 0)
-                                                                                              // world)})
-    ft.lr = args.ft_blr * world * ft.accum_iter / 256
+                               'save_freq': sys.maxsize, 'accum_iter': accum})
+    ft.lr = args.ft_blr * per_step * accum / 256
     name = {'start': float(sum(v.double().sum() for v in state.values() if v.is_floating_point())),  # the weights,
             **{k: v for k, v in plain(args).items() if k not in NOT_IN_A_RESULT}}  # the data and every setting
     done, last = f'{ft.output_dir}/finetuned.pth', f'{ft.output_dir}/checkpoint-last.pth'
@@ -1110,7 +1083,8 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
     classifier = build_classifier(len(train.classes)).to(args.device)
     load_pretrained(classifier, state, 'the pretrained encoder into the classifier',
                     lambda k: k.split('.')[0] not in ('head', 'fc', 'fc_norm', 'norm'))
-    ema = copy.deepcopy(classifier).requires_grad_(False) if ema_decay else None
+    extra = {'ema': copy.deepcopy(classifier).requires_grad_(False)} if ema_decay else {}  # saved with the network
+    nets = {'finetune_top1': classifier, **{'finetune_ema_top1': ema for ema in extra.values()}}
     layer_id = layer_id or partial(vit_layer_id, depth=len(getattr(classifier, 'blocks', ())))
     groups = param_groups(classifier, args.ft_weight_decay, no_decay_names, layer_id, args.layer_decay)
     optimizer = (optimizer or partial(torch.optim.AdamW, fused=True))(groups, lr=ft.lr)
@@ -1123,36 +1097,34 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
         images, target = mix(normalize(images), labels, len(train.classes), args.mixup, args.cutmix, args.smoothing,
                              rng)
         logits = model(images).float()
-        if bce:
-            return F.binary_cross_entropy_with_logits(logits, target), {}
-        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean(), {}
-    os.makedirs(ft.output_dir, exist_ok=True)
-    same = os.path.isfile(last) and load_checkpoint(last).get('name') == name  # interrupted: continue it
-    start = resume(ft, classifier, optimizer, settings['scaler'], **({'ema': ema} if ema else {})) if same else 0
-    if not same and is_main():
-        start_run(ft)
-    top1 = None
+        return (F.binary_cross_entropy_with_logits(logits, target) if bce else
+                torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()), {}
+
+    def top1(net):
+        logits, labels = extract_features(net.eval(), val, args, 'fine-tuned val')
+        return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+    os.makedirs(ft.output_dir, exist_ok=True)  # an interrupted fine-tune of these weights and settings continues
+    ft.resume = 'auto' if os.path.isfile(last) and load_checkpoint(last).get('name') == name else ''
+    top1s, start = {}, resume(ft, classifier, optimizer, settings['scaler'], **extra)
     for epoch in range(start, args.finetune_epochs):
         rng = np.random.default_rng([args.seed, args.rank, epoch])  # this epoch's mixup / cutmix draws
         stats = train_one_epoch(model, loss_fn, loader, optimizer, epoch, schedule=partial(schedule, args=ft),
-                                on_step=partial(update_ema, ema, classifier, ema_decay) if ema else None, **settings)
-        top1s = {}
-        for key, net in [('finetune_top1', classifier), ('finetune_ema_top1', ema)][:2 if ema else 1]:
-            logits, labels = extract_features(net.eval(), val, args, 'fine-tuned val')
-            top1s[key] = 100.0 * (logits.argmax(1) == labels).float().mean().item()
-        top1 = max(top1s.values())
+                                on_step=partial(update_ema, extra['ema'], classifier, ema_decay) if extra else None,
+                                **settings)
+        top1s = {key: top1(net) for key, net in nets.items()}
         log_stats(ft, {'finetune_epoch': epoch, **stats, **top1s})
         if is_main():
             print(f'fine-tuning epoch {epoch}: loss {stats["train_loss"]:.4f}, val top-1 ' +
                   ', '.join(f'{v:.2f}% ({k})' for k, v in top1s.items()))
         save_checkpoint(ft, epoch, classifier, optimizer, settings['scaler'], name=name,
-                        **({'ema': ema.state_dict()} if ema else {}))
+                        **{k: m.state_dict() for k, m in extra.items()})
+    best = max((top1s or {key: top1(net) for key, net in nets.items()}).values())  # (killed before finetuned.pth)
     if is_main():
-        atomic_save({'model': classifier.state_dict(), **({'ema': ema.state_dict()} if ema else {}), 'name': name,
-                     'args': plain(args), 'top1': top1}, done)
+        atomic_save({'model': classifier.state_dict(), **{k: m.state_dict() for k, m in extra.items()}, 'name': name,
+                     'args': plain(args), 'top1': best}, done)
         for leftover in glob.glob(f'{glob.escape(ft.output_dir)}/checkpoint-*.pth'):  # last and numbered
             os.remove(leftover)
-    return top1
+    return best
 
 
 def export_encoder(args, state):  # --export_encoder: the encoder alone, timm names, as the papers release it

@@ -25,7 +25,7 @@ What it checks, in the order it runs (the table lists the rows by method):
     stop starting once --time_budget seconds would be passed (rows left: skipped); a second run is faster (inductor's
     cache).
 
---smoke runs the same functions on a CPU at tiny sizes: ViT-Ti/4 and resnet_mini_ds8 at 32 px, batch 4, 1 warmup and
+--smoke runs the same functions on a CPU at tiny sizes: ViT-Ti/4 and resnet_mini_ds8 at 16 px, batch 4, 1 warmup and
 2 timed steps, compiled rows only with --compile_smoke (CPU compilation takes minutes per method); pretraining 2
 epochs on 64 shapes images (two epochs, so that there is a first and a last to compare); torchrun with 2 CPU
 processes and gloo. A CPU has no device queue to wait for, so sync-free is not measured there: a dispatch mode lists,
@@ -51,7 +51,7 @@ PEAK_TFLOPS = [  # dense bf16 tensor-core peaks, TFLOP/s, by a substring of torc
     ('H200 NVL', 835), ('H200', 989), ('A100', 312), ('L40S', 362), ('RTX 4090', 165)]
 GPU = dict(models=['vit_base_patch16', 'resnet50'], input_size=224, batch_size=64, warmup=3, steps=10,
            time_budget=420)
-SMOKE = dict(models=['vit_tiny_patch4', 'resnet_mini_ds8'], input_size=32, batch_size=4, warmup=1, steps=2,
+SMOKE = dict(models=['vit_tiny_patch4', 'resnet_mini_ds8'], input_size=16, batch_size=4, warmup=1, steps=2,
              time_budget=0)
 FIELDS = ['method', 'model', 'mode', 'input_size', 'batch', 'amp', 'images_per_s', 'gflop_per_image', 'mfu',
           'peak_mem_mb', 'sync_free', 'status', 'notes']  # then each kind's own, then device, gpus, torch, run, date

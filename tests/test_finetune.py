@@ -2,6 +2,7 @@
 resized, the encoder export round-trips, layer-decay groups, mixup / cutmix, the fine-tuning transform, and runs of
 mae.py that fine-tune as a user would start them."""
 import inspect, os, re, shutil, signal, subprocess, sys, time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from types import SimpleNamespace
 
@@ -473,8 +474,8 @@ def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
              'vit_tiny_patch4', '--batch_size', '8', '--num_workers', '0', '--decoder_embed_dim', '32',
              '--decoder_depth', '1', '--probe_epochs', '0', '--knn_k', '0', '--eval_only', '--finetune_epochs', '2']
     straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
-    run_script('mae.py', flags + ['--output_dir', straight])
-    assert [line['finetune_epoch'] for line in read_log(f'{straight}/finetune')] == [0, 1]
+    pool = ThreadPoolExecutor(1)  # the uninterrupted run beside the killed one: one core each
+    done = pool.submit(run_script, 'mae.py', flags + ['--output_dir', straight])
     process = subprocess.Popen([sys.executable, 'mae.py', *flags, '--output_dir', killed], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, 'OMP_NUM_THREADS': '1'})
@@ -488,6 +489,9 @@ def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
     assert not os.path.exists(f'{killed}/finetune/finetuned.pth')  # killed during the second epoch
     assert torch.load(last, weights_only=True)['epoch'] == 0
     shutil.copytree(f'{killed}/finetune', f'{tmp_path}/kept')
+    done.result()
+    pool.shutdown()
+    assert [line['finetune_epoch'] for line in read_log(f'{straight}/finetune')] == [0, 1]
     other = run_script('mae.py', flags + ['--ft_blr', '2e-3', '--output_dir', killed])  # another setting: afresh
     assert 'resumed from' not in other.stdout and not os.path.exists(last)
     assert [line['finetune_epoch'] for line in read_log(f'{killed}/finetune')] == [0, 1]
@@ -506,3 +510,31 @@ def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
     assert 'fine-tuning epoch' not in again.stdout and 'resumed from' not in again.stdout
     assert os.stat(f'{killed}/finetune/finetuned.pth').st_mtime_ns == written
     assert [line['finetune_epoch'] for line in read_log(f'{killed}/finetune')] == [0, 1]
+
+
+def test_finetune_killed_before_its_result_is_written_reports_its_last_epoch(tmp_path, monkeypatch, capsys):
+    """A kill after the last epoch's checkpoint but before finetune/finetuned.pth: the same command again trains
+    nothing more, evaluates the network of that checkpoint and writes its top-1 (a number, not None)."""
+    colour_folder(tmp_path / 'data')
+    out = str(tmp_path / 'run')
+    argv = ['--data', 'folder', '--data_path', str(tmp_path / 'data'), '--input_size', '16', '--model',
+            'vit_tiny_patch4', '--batch_size', '8', '--num_workers', '0', '--decoder_embed_dim', '32',
+            '--decoder_depth', '1', '--probe_epochs', '0', '--knn_k', '0', '--eval_only', '--finetune_epochs', '1',
+            '--output_dir', out]
+    save = common.atomic_save
+
+    def killed_at_the_result(state, path):
+        if path.endswith('finetuned.pth'):
+            raise SystemExit('killed')
+        save(state, path)
+    monkeypatch.setattr(common, 'atomic_save', killed_at_the_result)
+    with pytest.raises(SystemExit, match='killed'):
+        mae.main(argv)
+    assert os.path.exists(f'{out}/finetune/checkpoint-last.pth')
+    monkeypatch.setattr(common, 'atomic_save', save)
+    capsys.readouterr()
+    mae.main(argv)
+    assert 'fine-tuning epoch' not in capsys.readouterr().out  # nothing trained again
+    saved = torch.load(f'{out}/finetune/finetuned.pth', map_location='cpu', weights_only=True)
+    assert saved['top1'] == read_log(f'{out}/finetune')[-1]['finetune_top1']
+    assert not os.path.exists(f'{out}/finetune/checkpoint-last.pth')

@@ -1,6 +1,7 @@
 """HPM: the relative loss, the hard-patches mask, the teacher, sizes no preset uses, start-up checks; a run of hpm.py,
 the teacher's update per optimizer step, and resume restoring the teacher."""
 import json, math, os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -169,9 +170,11 @@ def test_teacher_is_updated_once_per_optimizer_step(tmp_path, monkeypatch):
 def test_resume_restores_the_teacher(tmp_path):
     flags = FLAGS + ['--shapes_size', '128', '--epochs', '2', '--probe_epochs', '0', '--knn_k', '0']
     straight = str(tmp_path / 'straight')
-    run_script('hpm.py', flags + ['--output_dir', straight])
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted run beside the killed one: one core each
+        done = pool.submit(run_script, 'hpm.py', flags + ['--output_dir', straight])
+        resumed = kill_then_resume('hpm.py', flags, str(tmp_path / 'resumed'), delay=0.0)
+        done.result()
     expected = torch.load(f'{straight}/checkpoint-last.pth', weights_only=True)
-    resumed = kill_then_resume('hpm.py', flags, str(tmp_path / 'resumed'), delay=0.0)
     for key in ('model', 'ema_state_dict'):
         for name, value in expected[key].items():
             assert torch.equal(resumed[key][name], value), f'{key}.{name}'
