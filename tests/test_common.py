@@ -1,5 +1,6 @@
 """Invariants of the shared pieces: patchify, position table, transforms, datasets, optimisation, checkpoints."""
 import copy, hashlib, io, math, os, pickle, tarfile, urllib.error, urllib.request, warnings
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -349,7 +350,7 @@ def test_clean_state_dict_strips_wrappers():
     assert list(common.clean_state_dict({'module._orig_mod.blocks.0.w': 1, 'norm.b': 2})) == ['blocks.0.w', 'norm.b']
 
 
-@pytest.mark.parametrize('flags, message', [
+BAD_FLAGS = [
     (['--mask_ratio', '1.5'], '--mask_ratio must be in'),
     (['--input_size', '30'], 'not divisible by the patch size'),
     (['--model', 'vit_giant_patch4'], 'unknown --model'),
@@ -358,9 +359,14 @@ def test_clean_state_dict_strips_wrappers():
     (['--batch_size', '0'], 'must be at least 1'),
     (['--blr', 'fast'], 'invalid float value'),
     (['--epoch', '1'], 'unrecognized arguments: --epoch 1'),  # no abbreviations: never taken for --epochs
-])
-def test_bad_flags_exit_with_one_line(flags, message):
-    result = run_script('mae.py', flags, timeout=60, check=False)
-    assert result.returncode != 0
-    assert message in result.stderr and 'Traceback' not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+]
+
+
+def test_bad_flags_exit_with_one_line():
+    with ThreadPoolExecutor(2) as pool:  # two at a time: each run is mostly torch's import
+        results = list(pool.map(lambda flags: run_script('mae.py', flags, timeout=60, check=False),
+                                [flags for flags, _ in BAD_FLAGS]))
+    for (flags, message), result in zip(BAD_FLAGS, results):
+        assert result.returncode != 0, flags
+        assert message in result.stderr and 'Traceback' not in result.stderr, (flags, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, (flags, result.stderr)

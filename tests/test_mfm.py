@@ -1,6 +1,7 @@
 """MFM: frequency masks, corruption, frequency loss, key names, sizes no preset uses, schedules, start-up checks; runs
 of mfm.py as a user would start them."""
 import math, os, pickle, subprocess, sys
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
@@ -224,18 +225,21 @@ def test_official_schedule_scales_each_group_peak_but_shares_warmup_and_min():
     assert lrs() == pytest.approx([1e-5, 1e-5])  # and ends at the same minimum
 
 
-@pytest.mark.parametrize('flags, message', [(['--mask_radius', '0'], '--mask_radius must be in (0, input_size / 2)'),
-                                            (['--mask_radius', '8'], '--mask_radius must be in (0, input_size / 2)'),
-                                            (['--sample_ratio', '1.5'], '--sample_ratio must be in [0, 1]')])
-def test_a_mask_that_removes_nothing_or_everything_is_refused_at_start_up(tmp_path, flags, message):
+def test_a_mask_that_removes_nothing_or_everything_is_refused_at_start_up(tmp_path):
     """MFM has no --mask_ratio: its mask is a circle on the spectrum, which holds at least the centre frequency and
     never the corners for 0 < radius < input_size / 2; outside that range the run is refused in one line."""
-    out = tmp_path / 'run'
-    result = run_script('mfm.py', TINY + ['--output_dir', str(out), *flags], check=False)
-    assert result.returncode != 0 and 'Traceback' not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert not out.exists()
+    cases = [(['--mask_radius', '0'], '--mask_radius must be in (0, input_size / 2)'),
+             (['--mask_radius', '8'], '--mask_radius must be in (0, input_size / 2)'),
+             (['--sample_ratio', '1.5'], '--sample_ratio must be in [0, 1]')]
+    outs = [tmp_path / f'run{i}' for i in range(len(cases))]
+    with ThreadPoolExecutor(2) as pool:  # two at a time: each run is mostly torch's import
+        results = list(pool.map(lambda case: run_script('mfm.py', TINY + ['--output_dir', str(case[1]), *case[0]],
+                                                        check=False), [(f, o) for (f, _), o in zip(cases, outs)]))
+    for (flags, message), out, result in zip(cases, outs, results):
+        assert result.returncode != 0 and 'Traceback' not in result.stderr, flags
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+        assert not out.exists()
     for radius in (0.01, 7.99):  # the extremes allowed at 16 px still remove some and keep some frequencies
         for low_pass in (0.0, 1.0):
             removed = mfm.frequency_mask(16, radius, torch.tensor([low_pass]))
