@@ -599,7 +599,6 @@ def plain(args):  # the arguments as a dict of plain values, for JSON and weight
             for k, v in vars(args).items()}
 
 
-
 def wrap_ddp(model, args):
     cuda = args.device.type == 'cuda'
     return nn.parallel.DistributedDataParallel(model, [args.device] if cuda else None) if args.world_size > 1 else model
@@ -831,7 +830,6 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
         start_run(args, checkpoint.get('log'))
         print(f"resumed from {path} (epoch {checkpoint['epoch']})")
     return checkpoint['epoch'] + 1
-
 
 
 def start_run(args, log_lines=()):  # args.json, and log.txt with the lines of the run so far (None: kept)

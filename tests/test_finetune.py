@@ -474,23 +474,22 @@ def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
              'vit_tiny_patch4', '--batch_size', '8', '--num_workers', '0', '--decoder_embed_dim', '32',
              '--decoder_depth', '1', '--probe_epochs', '0', '--knn_k', '0', '--eval_only', '--finetune_epochs', '2']
     straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
-    pool = ThreadPoolExecutor(1)  # the uninterrupted run beside the killed one: one core each
-    done = pool.submit(run_script, 'mae.py', flags + ['--output_dir', straight])
-    process = subprocess.Popen([sys.executable, 'mae.py', *flags, '--output_dir', killed], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    deadline = time.time() + 120
-    while not os.path.exists(f'{killed}/finetune/checkpoint-last.pth') and process.poll() is None \
-            and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    last = f'{killed}/finetune/checkpoint-last.pth'
-    assert not os.path.exists(f'{killed}/finetune/finetuned.pth')  # killed during the second epoch
-    assert torch.load(last, weights_only=True)['epoch'] == 0
-    shutil.copytree(f'{killed}/finetune', f'{tmp_path}/kept')
-    done.result()
-    pool.shutdown()
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted run beside the killed one: one core each
+        done = pool.submit(run_script, 'mae.py', flags + ['--output_dir', straight])
+        process = subprocess.Popen([sys.executable, 'mae.py', *flags, '--output_dir', killed], cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        deadline = time.time() + 120
+        while not os.path.exists(f'{killed}/finetune/checkpoint-last.pth') and process.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        last = f'{killed}/finetune/checkpoint-last.pth'
+        assert not os.path.exists(f'{killed}/finetune/finetuned.pth')  # killed during the second epoch
+        assert torch.load(last, weights_only=True)['epoch'] == 0
+        shutil.copytree(f'{killed}/finetune', f'{tmp_path}/kept')
+        done.result()
     assert [line['finetune_epoch'] for line in read_log(f'{straight}/finetune')] == [0, 1]
     other = run_script('mae.py', flags + ['--ft_blr', '2e-3', '--output_dir', killed])  # another setting: afresh
     assert 'resumed from' not in other.stdout and not os.path.exists(last)
