@@ -14,10 +14,12 @@ The script prints the loss difference, the largest prediction difference and the
 Then it times, in one process, forward + backward + optimizer step at batch 8 on synthetic images, the rows
 interleaved step by step (A B C D A B C D ...), --repeats rounds of --steps steps each after one untimed step per
 row; a round's value is the median of its steps, a row's the median of its rounds (min-max shown):
-  ours bf16: bf16 autocast, common.adamw (torch's fused AdamW), eager (the project's defaults);
+  ours bf16: bf16 autocast, common.adamw (torch's fused AdamW), eager, freed memory kept (the project's defaults);
   HF bf16:   bf16 autocast, torch.optim.AdamW with no fused / foreach arguments (what HF's users get), HF's default
              attention (SDPA; --hf_attention eager for its written-out softmax);
   ours fp32, HF fp32: the same without autocast (--no_fp32 leaves them out).
+The allocator setting (common.keep_freed_memory, as common.setup makes it on CPUs) is process-wide, so HF's rows run
+with it too; --malloc_default runs every row without it.
 It prints images/s per row, the ratio ours / HF, and the fraction of the bf16 matmul peak each row reaches: the peak is
 measured here (a 4096^3 bf16 matmul, best of 5), GFLOP per image by torch.utils.flop_counter.FlopCounterMode over one
 forward + backward of 2 images (halved) under bf16 autocast with attention on the math kernel, counting matrix
@@ -66,6 +68,9 @@ def parse_options(argv=None):
     parser.add_argument('--repeats', type=int, default=3, help='timed rounds (3)')
     parser.add_argument('--steps', type=int, default=2, help='steps per row in each round (2)')
     parser.add_argument('--no_fp32', action='store_true', help='time the bf16 rows only')
+    parser.add_argument('--malloc_default', action='store_true',
+                        help="leave glibc's malloc as it is (the project's CPU runs keep freed memory: "
+                             "common.keep_freed_memory)")
     parser.add_argument('--hf_attention', choices=['default', 'sdpa', 'eager'], default='default',
                         help="HF's attention implementation (default: what HF picks, SDPA)")
     parser.add_argument('--tolerance', type=float, default=1e-4, help='largest fp32 loss difference allowed (1e-4)')
@@ -240,8 +245,11 @@ def main(argv=None):
         print(INSTALL)
         return 0
     torch.set_num_threads(opts.threads)
+    if not opts.malloc_default:
+        common.keep_freed_memory()  # as common.setup does on CPUs; process-wide, so for both models alike
     print(f'{datetime.date.today()}  {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, '
-          f'transformers {transformers.__version__}; load average before: {load()}')
+          f'transformers {transformers.__version__}; load average before: {load()}; malloc '
+          f"{'glibc default' if opts.malloc_default else 'keeps freed memory'}")
     ours, hf, scheme, notes = build_pair(opts, transformers)
     print(f'models: ours mae.MAE ViT-B/16, HF ViTMAEForPreTraining ({scheme} names, attention '
           f'{hf.config._attn_implementation}), {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters each')
@@ -274,7 +282,8 @@ def main(argv=None):
             loss.backward()
             update()
         return run
-    ours_update = lambda: common.optimizer_step(ours, opt_ours)  # train_one_epoch's step: no clipping, no scaler
+    no_scaler = torch.amp.GradScaler(enabled=False)  # train_one_epoch's step: no clipping, a disabled scaler
+    ours_update = lambda: common.optimizer_step(ours, opt_ours, no_scaler)
     rows = [('ours bf16 (fused AdamW)', step(ours_loss, ours_update, True), 'ours'),
             ('HF bf16 (default AdamW)', step(hf_loss, hf_update, True), 'hf')]
     if not opts.no_fp32:

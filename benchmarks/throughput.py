@@ -235,7 +235,7 @@ def train_step(run, batch, device, loss_fn=None):
     run.schedule(run.optimizer, run.epoch)
     with autocast(run, device):
         loss, _ = (loss_fn or run.loss_fn)(run.model, *batch)
-    (scaler.scale(loss) if scaler else loss).backward()
+    scaler.scale(loss).backward()
     common.optimizer_step(run.model, run.optimizer, scaler, run.step['clip_grad'], run.on_step)
     return loss
 

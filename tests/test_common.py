@@ -1,5 +1,5 @@
 """Invariants of the shared pieces: patchify, position table, transforms, datasets, optimisation, checkpoints."""
-import copy, hashlib, io, math, os, pickle, tarfile, urllib.error, urllib.request, warnings
+import copy, hashlib, io, math, os, pickle, subprocess, sys, tarfile, urllib.error, urllib.request, warnings
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import common
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 def test_patchify_roundtrip_and_layout():
@@ -268,6 +268,31 @@ def test_fused_adamw_equals_the_for_loop_one():
         assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=0, atol=1e-6), name
     # the steps were taken (5 x lr 1e-3 moves each weight ~5e-3), so 1e-6 is a real bound, not a no-op
     assert min((a - s).abs().max().item() for a, s, in zip(model.parameters(), start) if a.requires_grad) > 1e-3
+
+
+FAULTS_PER_ROUND = """
+import resource, sys, torch, common
+def faults_of_a_step():  # a step's worth of activations (8 x 16 MiB) made and freed, after one round to warm up
+    for _ in range(2):
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        tensors = [torch.ones(4 * 2 ** 20) for _ in range(8)]
+        del tensors
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+before = faults_of_a_step()
+common.keep_freed_memory()
+print(before, faults_of_a_step())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='the setting is glibc-only')
+def test_freed_memory_is_reused_without_page_faults():
+    """glibc returns a freed 128 MiB to the OS, so the next step faults every page in again (32768 of 4 KiB); with
+    common.keep_freed_memory (which common.setup calls on CPUs) the same round reuses it (up to one block of the eight
+    may land on fresh pages, after whatever small allocation Python made in between)."""
+    result = subprocess.run([sys.executable, '-c', FAULTS_PER_ROUND], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, check=True)
+    before, after = map(int, result.stdout.split())
+    assert before > 20000 and after <= before // 4, (before, after)
 
 
 def test_help_shows_the_default_and_each_preset_value(capsys, monkeypatch):
