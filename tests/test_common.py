@@ -271,7 +271,7 @@ def test_fused_adamw_equals_the_for_loop_one():
 
 
 FAULTS_PER_ROUND = """
-import resource, sys, torch, common
+import resource, torch, common
 def faults_of_a_step():  # a step's worth of activations (8 x 16 MiB) made and freed, after one round to warm up
     for _ in range(2):
         start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -287,7 +287,7 @@ print(before, faults_of_a_step())
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='the setting is glibc-only')
 def test_freed_memory_is_reused_without_page_faults():
     """glibc returns a freed 128 MiB to the OS, so the next step faults every page in again (32768 of 4 KiB); with
-    common.keep_freed_memory (which common.setup calls on CPUs) the same round reuses it (up to one block of the eight
+    common.keep_freed_memory (which common.setup calls on CPUs) the same round reuses it (up to two blocks of the eight
     may land on fresh pages, after whatever small allocation Python made in between)."""
     result = subprocess.run([sys.executable, '-c', FAULTS_PER_ROUND], cwd=ROOT, capture_output=True, text=True,
                             timeout=120, check=True)
