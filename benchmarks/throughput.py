@@ -1,18 +1,18 @@
 """Training throughput of every method file, and of its data pipeline alone.
 
 Step mode (default): each method is built as its main() builds it (its parse_args(argv), presets and checks,
-common.setup, build_model or its own construction, its optimizer, schedule and the body of its loss_fn closure,
-loss_fn(model, images, labels, mask_input) -> (loss, logs); for HPM the EMA teacher scoring inside the step and
-common.update_ema after it) and fed synthetic input already on the device: random uint8 images, labels, and the mask
-input its loader would give (MAE, HPM, SparK: the noise (B, L); MaskFeat: maskfeat.block_masking; MFM: the low-pass
-choice (B, 1)), so data loading is excluded. A step is common.train_one_epoch's with accum_iter 1: the schedule sets
-the lr (at the end of warmup), forward under the training autocast (--amp), backward through the GradScaler (on with
-fp16), common.optimizer_step (the method's gradient clipping, the step, zero_grad, the EMA); the loop's bookkeeping
-(loss sums, the finiteness flag it reads every 20 steps) is left out. --compile compiles the loss_fn, as
-train_one_epoch(compile=True) does. After --warmup steps, --steps steps are timed one by one, the GPU synchronised
-before and after each (never inside the method code): step ms is their median, images/s = batch / median. Peak memory
-is torch.cuda.max_memory_allocated, reset per method; on a CPU the peak RSS of the whole process
-(resource.getrusage), which never decreases: a row shows the largest of itself and the rows above it.
+common.setup (on a CPU: its threads, freed memory kept), build_model or its own construction, its optimizer, schedule
+and the body of its loss_fn closure, loss_fn(model, images, labels, mask_input) -> (loss, logs); for HPM the EMA teacher
+scoring inside the step and common.update_ema after it) and fed synthetic input already on the device: random uint8
+images, labels, and the mask input its loader would give (MAE, HPM, SparK: the noise (B, L); MaskFeat:
+maskfeat.block_masking; MFM: the low-pass choice (B, 1)), so data loading is excluded. A step is
+common.train_one_epoch's with accum_iter 1: the schedule sets the lr (at the end of warmup), forward under the training
+autocast (--amp), backward through the GradScaler (on with fp16), common.optimizer_step (the method's gradient clipping,
+the step, zero_grad, the EMA); the loop's bookkeeping (loss sums, the finiteness flag it reads every 20 steps) is left
+out. --compile compiles the loss_fn, as train_one_epoch(compile=True) does. After --warmup steps, --steps steps are
+timed one by one, the GPU synchronised before and after each (never inside the method code): step ms is their median,
+images/s = batch / median. Peak memory is torch.cuda.max_memory_allocated, reset per method; on a CPU the peak RSS of
+the whole process (resource.getrusage), which never decreases: a row shows the largest of itself and the rows above it.
 
 FLOPs are measured with torch.utils.flop_counter.FlopCounterMode over one forward + backward of the method's loss (2
 images, halved), attention on the math kernel so that every backend counts alike: matrix products, convolutions and
