@@ -662,13 +662,12 @@ def optimizer_step(model, optimizer, scaler, clip_grad=None, on_step=None):
 
 def train_one_epoch(model, loss_fn, loader, optimizer, epoch, device, accum_iter=1, amp=None, scaler=None,
                     clip_grad=None, schedule=None, on_step=None, output_dir=None, compile=False):
-    """One pass over any DataLoader of (images, labels) or (images, labels, mask input); a sampler's set_epoch and a
-    dataset's `epoch` (the per-sample draws) are set when they exist. loss_fn(model, images, labels, mask_input or
-    None) -> (loss, {name: value}) is the method's objective, run under autocast(amp: torch.bfloat16, float16 or None);
-    schedule(optimizer, fractional epoch) sets the lr before each optimizer step, on_step() runs after it (an EMA).
-    A trailing partial accumulation is dropped. Losses stay on the device; the host reads them every 20 steps, and
-    a non-finite one stops the run (saying whether output_dir holds a checkpoint) -> the epoch's averages and speed.
-    compile: loss_fn under torch.compile (compiled in the first epoch, the code reused by the next ones)."""
+    """One pass over any DataLoader of (images, labels[, mask input]), the epoch set on its sampler and dataset where
+    they take one (set_epoch). loss_fn(model, images, labels, mask_input or None) -> (loss, {name: value}) runs under
+    autocast(amp: torch.bfloat16, float16 or None), under torch.compile with `compile`; schedule(optimizer, fractional
+    epoch) sets the lr before each optimizer step, on_step() runs after it (an EMA). A trailing partial accumulation
+    is dropped. Losses stay on the device, read every 20 steps; a non-finite one stops the run (saying whether
+    output_dir holds a checkpoint) -> the epoch's averages and speed."""
     model.train()
     loss_fn, scaler = torch.compile(loss_fn) if compile else loss_fn, scaler or torch.amp.GradScaler(enabled=False)
     for owner in (loader.sampler, loader.dataset):
@@ -771,9 +770,12 @@ def save_checkpoint(args, epoch, model, optimizer, scaler=None, **extra):
 def load_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain containers only, nothing in the file is executed. A file
     that is not a checkpoint, is cut short or pickles Python objects stops the run with one line that says so."""
-    try:  # argparse.Namespace is allowed: MAE's and our older checkpoints keep their arguments as one
+    try:  # argparse.Namespace is allowed: MAE's and our older checkpoints keep their arguments as one (made a dict)
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get('args'), argparse.Namespace):
+            checkpoint['args'] = vars(checkpoint['args'])
+        return checkpoint
     except Exception as e:  # noqa: BLE001 (each way torch.load fails is told apart below, in one line)
         zipped = open(path, 'rb').read(4) == b'PK\x03\x04'  # torch.save's format is a zip archive
         pickled = found[1] if (found := re.search(r'GLOBAL (\S+)', str(e))) else ''  # what torch refused to import
@@ -811,9 +813,12 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
         if checkpoint:
             load_pretrained(model, convert(checkpoint) if convert else checkpoint['model'], path, encoder)
         return 0
-    saved, now, modules = checkpoint['args'], plain(args), {'model': model, **extra_modules}
+    if not isinstance(checkpoint, dict) or not {'model', 'optimizer'} <= checkpoint.keys():
+        sys.exit(f'error: {path} holds no model and optimizer state, so it cannot continue a run: evaluate it with '
+                 f'--eval_only --resume {path}, or fine-tune from it (README, "Fine-tuning and released checkpoints")')
+    saved, now, modules = checkpoint.get('args', {}), plain(args), {'model': model, **extra_modules}
     changed = [f'--{k} {now[k]} (was {v})' for k, v in saved.items() if now.get(k, v) != v and k not in RESUME_FREE]
-    if saved.get('model') != args.model:
+    if saved.get('model', args.model) != args.model:
         sys.exit(f"error: {path} was made by --model {saved.get('model')}, this run builds --model {args.model}: "
                  f"resume with --model {saved.get('model')}, or start afresh with another --output_dir")
     if problem := next(filter(None, (mismatches(m.state_dict(), clean_state_dict(checkpoint[k]))
@@ -827,9 +832,9 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
     for key, module in modules.items():
         module.load_state_dict(clean_state_dict(checkpoint[key]))
     optimizer.load_state_dict(checkpoint['optimizer'])
-    if checkpoint['scaler'] and scaler:  # {}: saved by a run that was not fp16 (a resume may change --amp)
+    if checkpoint.get('scaler') and scaler:  # {}: saved by a run that was not fp16 (a resume may change --amp)
         scaler.load_state_dict(checkpoint['scaler'])
-    if len(checkpoint['rng']) == args.world_size:  # same world size: each rank continues its own random stream
+    if len(checkpoint.get('rng', ())) == args.world_size:  # same world size: each rank continues its own random stream
         torch.set_rng_state(checkpoint['rng'][args.rank]['torch'])
         if args.device.type == 'cuda':
             torch.cuda.set_rng_state_all(checkpoint['rng'][args.rank]['cuda'])
@@ -892,14 +897,12 @@ def extract_features(function, dataset, args, desc='features'):
         with torch.autocast(args.device.type, dtype=AMP[args.amp], enabled=args.amp != 'none'):
             features.append(function(normalize(images.to(args.device, non_blocking=True))).float())
         labels.append(label.to(args.device))
-    if args.world_size == 1:
-        return torch.cat(features), torch.cat(labels)
-
     def gather(local):  # the sampler dealt index i to rank i % world_size: interleave the shards back
         shards = [torch.empty_like(local) for _ in range(args.world_size)]
         dist.all_gather(shards, local)
         return torch.stack(shards, 1).flatten(0, 1)[:len(dataset)]
-    return gather(torch.cat(features)), gather(torch.cat(labels))
+    features, labels = torch.cat(features), torch.cat(labels)
+    return (gather(features), gather(labels)) if args.world_size > 1 else (features, labels)
 
 
 @torch.no_grad()
@@ -1057,20 +1060,19 @@ def update_ema(ema, model, decay):  # ema = decay * ema + (1 - decay) * model, b
 def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=None, bce=False,
              schedule=adjust_learning_rate, no_decay_names=('pos_embed', 'cls_token'), ema_decay=0.0, sampler=None):
     """Fine-tune `build_classifier(num_classes)` (images -> logits) from the encoder weights `state` on the labeled
-    train split -> val top-1 (%), printed and logged each epoch in output_dir/finetune/log.txt; the network is saved
-    as output_dir/finetune/finetuned.pth. main_finetune.py's protocol: AdamW (0.9, 0.999), layer-wise lr decay
-    (layer_id(name) -> (i, n); default the ViT's), no decay on `no_decay_names` and 1-D tensors, the per-iteration
-    schedule(optimizer, epoch, ft) (ft: the fine-tuning settings, iters_per_epoch included), drop path,
-    FinetuneTransform, mixup / cutmix with label smoothing, soft-target cross-entropy; --ft_batch is reached by
-    accumulation. SparK's recipe adds `optimizer(groups, lr=...)` (LAMB), `bce`, an EMA of the network (ema_decay;
-    the better of the two is reported) and repeated augmentation (sampler(n, ft): a Sampler of the n images).
-    Differences from the official fine-tuning code:
+    train split -> val top-1 (%), logged each epoch in output_dir/finetune/log.txt, the network saved there as
+    finetuned.pth. main_finetune.py's protocol: AdamW (0.9, 0.999), layer-wise lr decay (layer_id(name) -> (i, n),
+    default the ViT's), no decay on `no_decay_names` and 1-D tensors, schedule(optimizer, epoch, ft) per iteration
+    (ft: the fine-tuning settings, with iters_per_epoch), drop path, FinetuneTransform, mixup / cutmix, label
+    smoothing, soft-target cross-entropy, --ft_batch by accumulation. SparK's recipe adds `optimizer(groups, lr=...)`
+    (LAMB), `bce`, an EMA (ema_decay; the better of the two reported) and repeated augmentation (sampler(n, ft): a
+    Sampler of the n images). Differences from the official fine-tuning code:
      a. SparK's TrivialAugmentWide is RandAugment here, its val crop 0.875 (not 0.95); its EMA starts from the
         pretrained weights (the official copy is made before they load, from the random init).
      b. Random-erasing noise is drawn in uint8 (clipped to 0-255), not as N(0, 1) in the normalised space.
      c. The top-1 of the last epoch is reported (not the best over epochs).
-    A fine-tune is named by its start weights and settings: run again with the same ones, an interrupted one
-    continues from its last epoch, exactly, and a finished one reports its top-1; other ones start afresh."""
+    Named by its start weights and settings: run again with the same ones, an interrupted fine-tune continues exactly
+    and a finished one reports its top-1; other ones start afresh."""
     if not args.finetune_epochs or not eval_sets:
         return None
     (train, val), per_step = eval_sets, args.batch_size * args.world_size

@@ -183,7 +183,10 @@ def test_bad_checkpoint_files_are_refused_with_one_line(base, small_checkpoint, 
     before = {name: digest(tmp_path / f'{name}.pth') for name in expected}
     calls = [mae(tmp_path / f'{name}_{mode}', *(['--eval_only'] if mode == 'eval' else []),
                  '--resume', str(tmp_path / f'{name}.pth')) for name in expected for mode in ('train', 'eval')]
-    *runs, other_model = run_all(*calls, mae(tmp_path / 'other', '--resume', small_checkpoint))
+    torch.save(torch.load(real, weights_only=True)['model'], tmp_path / 'weights.pth')  # a state dict, no optimizer
+    *runs, other_model, weights_only = run_all(*calls, mae(tmp_path / 'other', '--resume', small_checkpoint),
+                                               mae(tmp_path / 'weights', '--resume', str(tmp_path / 'weights.pth')))
+    assert 'weights.pth holds no model and optimizer state' in weights_only.error  # was a KeyError traceback
     for run, (name, mode) in zip(runs, [(n, m) for n in expected for m in ('train', 'eval')]):
         assert expected[name] in run.error, (name, mode, run)
         assert f'{name}.pth' in run.error
@@ -270,10 +273,16 @@ def test_leftover_temporary_files_of_a_killed_save_are_removed(base, copy):
 # ---- 6. a kill during a numbered save: tests/test_resume_and_ddp.py ----------------------------------------------
 # ---- 7. resuming with other settings -------------------------------------------------------------------------------
 def test_resume_with_changed_settings_warns_stretches_or_refuses(base, copy):
-    blr, longer, model = copy('blr'), copy('longer'), copy('model')
-    changed, extended, refused = run_all(mae(blr, '--resume', 'auto', '--blr', '3e-3'),
-                                         mae(longer, '--resume', 'auto', '--epochs', '2'),
-                                         mae(model, '--resume', 'auto', '--model', 'vit_tiny_patch8'))
+    blr, longer, model, mae_layout = copy('blr'), copy('longer'), copy('model'), copy('mae_layout')
+    own = torch.load(mae_layout / 'checkpoint-last.pth', weights_only=True)  # as MAE's misc.save_model writes it:
+    torch.save({'model': own['model'], 'optimizer': own['optimizer'], 'epoch': own['epoch'], 'scaler': {},
+                'args': argparse.Namespace(**own['args'])}, mae_layout / 'checkpoint-last.pth')  # no RNG, no log
+    changed, extended, refused, official = run_all(mae(blr, '--resume', 'auto', '--blr', '3e-3'),
+                                                   mae(longer, '--resume', 'auto', '--epochs', '2'),
+                                                   mae(model, '--resume', 'auto', '--model', 'vit_tiny_patch8'),
+                                                   mae(mae_layout, '--resume', 'auto', '--epochs', '2'))
+    official.ok()  # its arguments as a Namespace used to stop it with a traceback
+    assert 'resumed from' in official.stdout and torch.load(mae_layout / 'checkpoint-last.pth')['epoch'] == 1
     changed.ok()
     warnings = [line for line in changed.stdout.splitlines() + changed.stderr.splitlines()
                 if line.startswith('warning:')]
