@@ -30,12 +30,12 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # ---- ViT, with the timm / official MAE module names, so released checkpoints load with strict=True -----------
 VIT_SIZES = {'tiny': (192, 12, 3), 'small': (384, 12, 6), 'base': (768, 12, 12), 'large': (1024, 24, 16),
              'huge': (1280, 32, 16)}  # name: (embed_dim D, depth, heads); MLP ratio 4 for all
+VIT_NAME = re.compile(rf"vit_({'|'.join(VIT_SIZES)})_patch([1-9]\d*)")  # vit_<size>_patch<p>
 
 
 def vit_config(name):
     """'vit_base_patch16' -> dict(embed_dim=768, depth=12, num_heads=12, patch_size=16)."""
-    m = re.fullmatch(r'vit_(\w+)_patch(\d+)', name)
-    if not m or m[1] not in VIT_SIZES:
+    if not (m := VIT_NAME.fullmatch(name)):
         raise ValueError(f"unknown --model '{name}': use vit_<size>_patch<p> with size in {sorted(VIT_SIZES)}, "
                          f"e.g. vit_base_patch16, or vit_tiny_patch4 for 32 px images")
     dim, depth, heads = VIT_SIZES[m[1]]
@@ -425,8 +425,11 @@ def make_loader(dataset, args, train, sampler=None):
 
 # ---- arguments: MAE's flag names; a flag given > the model's row > the dataset preset > the method default -------
 class ArgumentParser(argparse.ArgumentParser):
-    def __init__(self, **kwargs):
+    def __init__(self, convnets=(), vit=True, **kwargs):  # --model: a ViT name if vit, or one of convnets
         super().__init__(allow_abbrev=False, **kwargs)  # `--epoch 1` is refused, never taken for --epochs
+        self.builds = lambda model: model in convnets or vit and VIT_NAME.fullmatch(model)  # parse_args checks it
+        self.models = ' or '.join(['a ViT: vit_<tiny|small|base|large|huge>_patch<p>'] * vit +
+                                  ['one of ' + ', '.join(convnets)] * (len(convnets) > 0))
 
     def error(self, message):  # one line, no usage block, no traceback
         sys.exit(f'{self.prog}: error: {message} (see --help)')
@@ -478,10 +481,10 @@ FINETUNE = dict(ft_blr=1e-3, ft_warmup_epochs=5, ft_weight_decay=0.05, ft_drop_p
                 cutmix=1.0, smoothing=0.1, reprob=0.25)  # MAE's main_finetune.py; each method's recipe overrides
 
 
-def get_args_parser(description, models, vit=True):
-    """The flags every method shares; `models` says which --model values the method builds; vit adds --global_pool."""
-    parser = ArgumentParser(description=description)
-    parser.add_argument('--model', help=models)
+def get_args_parser(description, convnets=(), vit=True):
+    """The flags every method shares; --model takes a ViT name if `vit` (which adds --global_pool) or a `convnets` one."""
+    parser = ArgumentParser(convnets, vit, description=description)
+    parser.add_argument('--model', help=parser.models)
     pool = ('--global_pool', dict(action=argparse.BooleanOptionalAction), 'ViT features for kNN / probe: the mean '
             'patch token, not the cls token')
     for flag, options, help in FLAGS + [pool] * vit:
@@ -513,10 +516,9 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
     args.method = method
     args.output_dir = args.output_dir or os.path.join('output', f'{method}_{args.data}' + '_eval' * args.eval_only)
-    try:
-        patch = vit_config(args.model)['patch_size'] if args.model.startswith('vit') else 1
-    except ValueError as e:
-        parser.error(str(e))
+    if not parser.builds(args.model):
+        parser.error(f"unknown --model '{args.model}': use {parser.models}")
+    patch = vit_config(args.model)['patch_size'] if args.model.startswith('vit_') else 1
     ratio = getattr(args, 'mask_ratio', 0.5)
     for ok, message in [
             (0 < ratio < 1, f'--mask_ratio must be in (0, 1), got {ratio}'),
@@ -556,7 +558,9 @@ def check_mask_count(parser, ratio, kept, cells):  # one masked and one visible 
     if not 1 <= kept <= cells - 1:
         low, side = float(f'{1.5 / cells:.2g}'), math.isqrt(cells)  # 1.5 cells: safe under int() and round() alike
         parser.error(f'--mask_ratio {ratio} keeps {kept} of the {cells} cells of the {side}x{side} mask grid visible: '
-                     f'it must mask one and keep one (on this grid use a value in [{low:g}, {1 - low:g}])')
+                     'it must mask one and keep one (' + (f'on this grid use a value in [{low:g}, {1 - low:g}])' if
+                     cells > 1 else 'a larger --input_size, or a model that patches or downsamples less, gives more '
+                                    'cells)'))
 
 
 def is_main():
@@ -818,17 +822,22 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
                  f'--eval_only --resume {path}, or fine-tune from it (README, "Fine-tuning and released checkpoints")')
     saved, now, modules = checkpoint.get('args', {}), plain(args), {'model': model, **extra_modules}
     changed = [f'--{k} {now[k]} (was {v})' for k, v in saved.items() if now.get(k, v) != v and k not in RESUME_FREE]
-    if saved.get('model', args.model) != args.model:
-        sys.exit(f"error: {path} was made by --model {saved.get('model')}, this run builds --model {args.model}: "
-                 f"resume with --model {saved.get('model')}, or start afresh with another --output_dir")
+    if (made := f"{saved.get('method', args.method)}.py --model {saved.get('model', args.model)}") != (
+            run := f'{args.method}.py --model {args.model}'):  # another method's run, or another network
+        sys.exit(f'error: {path} was made by {made}, this run is {run}: resume it with {made}, or start afresh with '
+                 f'another --output_dir')
     if problem := next(filter(None, (mismatches(m.state_dict(), clean_state_dict(checkpoint[k]))
                                      for k, m in modules.items())), ''):
         sys.exit(f"error: {path} does not fit this run's network ({problem}; settings that differ: "
                  f"{', '.join(changed) or 'none'}): resume with its settings, or start afresh in another --output_dir")
     if is_main() and changed:
         print(f"warning: resuming {path} with settings that differ from its own: {', '.join(changed)}")
+    if checkpoint['epoch'] + 1 > args.epochs:  # else it would be evaluated and logged as an --epochs run
+        sys.exit(f"error: {path} has trained {checkpoint['epoch'] + 1} epochs, more than --epochs {args.epochs}: "
+                 f"resume with --epochs {saved.get('epochs', checkpoint['epoch'] + 1)}, or evaluate it with --eval_only")
     if is_main() and saved.get('epochs') != args.epochs:
-        print(f"note: the run now lasts {args.epochs} epochs (was {saved.get('epochs')}): its lr schedule stretches")
+        print(f"note: the run now lasts {args.epochs} epochs (was {saved.get('epochs')}): the lr schedule follows the "
+              f"new length from epoch {checkpoint['epoch'] + 1} on")
     for key, module in modules.items():
         module.load_state_dict(clean_state_dict(checkpoint[key]))
     optimizer.load_state_dict(checkpoint['optimizer'])

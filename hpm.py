@@ -72,8 +72,7 @@ def recipe(model, data, input_size):  # finetune_base.sh: 8 GPUs x 48, finetune_
 
 
 def get_args_parser():
-    parser = common.get_args_parser('HPM pretraining, then kNN / linear-probe evaluation',
-                                    'a ViT: vit_<tiny|small|base|large|huge>_patch<p>, e.g. vit_tiny_patch4 at 32 px')
+    parser = common.get_args_parser('HPM pretraining, then kNN / linear-probe evaluation')
     parser.add_argument('--mask_ratio', type=float, help='fraction of patches removed')
     parser.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction,
                         help='per-patch normalised pixel target')

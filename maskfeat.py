@@ -24,8 +24,8 @@ Differences from the official code (each deliberate):
     (std 8, tiled over the image) before binning, and predicts from the encoder's final LayerNorm through a Linear
     "neck" with no LayerNorm of its own; here the encoder has no final norm and the head has one, as in SlowFast.
  3. Small images keep the official structure at half scale: `--data shapes` uses 8-px patches with 4-px HOG cells,
-    CIFAR 4-px patches with 2-px cells, so a patch always holds 2x2 cells and 108 values. `--hog_cell_size` must be
-    half the patch size (checked at start-up).
+    CIFAR 4-px patches with 2-px cells, so a patch always holds 2x2 cells and 108 values. `--hog_cell_size` follows
+    the model's patch (half of it); another value is refused at start-up.
  4. Schedule: lr = blr * effective batch / 256 with blr 2e-4 (SOLVER.BASE_LR 2e-4 at the config's TRAIN.BATCH_SIZE
     256, scaled by the number of shards). WARMUP_START_LR = COSINE_END_LR = 1e-6 are scaled alike (defaults.py
     scales all three by NUM_SHARDS): --min_lr defaults to 1e-6 * effective batch / 256, 8e-6 at the preset's 2048.
@@ -86,14 +86,14 @@ HOG_BINS = 9  # masked.py: self.nbins = 9, unsigned orientations of 20 degrees
 
 # ---- arguments --------------------------------------------------------------------------------------------------
 DEFAULTS = dict(model='vit_base_patch16', input_size=224, crop_scale=0.5, batch_size=32, epochs=300, blr=2e-4,
-                weight_decay=0.05, warmup_epochs=30, clip_grad=0.02, mask_ratio=0.4, hog_cell_size=8,
+                weight_decay=0.05, warmup_epochs=30, clip_grad=0.02, mask_ratio=0.4,
                 global_pool=True, num_workers=8, probe_epochs=90, shapes_size=10000)
 PRESETS = {  # flags given on the command line win over these
-    'shapes': dict(model='vit_tiny_patch8', input_size=32, hog_cell_size=4, batch_size=32, epochs=10,
+    'shapes': dict(model='vit_tiny_patch8', input_size=32, batch_size=32, epochs=10,
                    warmup_epochs=1, blr=1.5e-3, num_workers=0, probe_epochs=30),  # batch 32: see the docstring
-    'cifar10': dict(model='vit_small_patch4', input_size=32, hog_cell_size=2, batch_size=256, epochs=800,
+    'cifar10': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800,
                     warmup_epochs=40, blr=1e-3, num_workers=4),
-    'cifar100': dict(model='vit_small_patch4', input_size=32, hog_cell_size=2, batch_size=256, epochs=800,
+    'cifar100': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800,
                      warmup_epochs=40, blr=1e-3, num_workers=4),
     'imagenet': dict(model='vit_base_patch16', epochs=1600, target_batch=2048),  # in1k_VIT_B_MaskFeat_PT
 }
@@ -102,14 +102,14 @@ FINETUNE_ROWS = {  # in1k_VIT_{B,L}_MaskFeat_FT (common.FINETUNE: the rest); con
     'large': dict(ft_blr=1e-3, layer_decay=0.75, ft_warmup_epochs=5, ft_config_batch=256)}
 
 
-def recipe(model, data, input_size):  # the fine-tuning row of the encoder's size (other sizes take ViT-B's)
-    row = FINETUNE_ROWS['large' if 'large' in model else 'base']
+def recipe(model, data, input_size):  # HOG cells of half the patch (difference 3); the encoder size's fine-tuning row
+    row = {**FINETUNE_ROWS['large' if 'large' in model else 'base'], 'hog_cell_size': int(patch[1]) // 2} if (
+        patch := re.search(r'_patch(\d+)$', model)) else FINETUNE_ROWS['base']  # (another --model is refused later)
     return {**row, 'ft_batch': row['ft_config_batch']} if data == 'imagenet' else row
 
 
 def get_args_parser():
-    parser = common.get_args_parser('MaskFeat pretraining, then kNN / linear-probe evaluation',
-                                    'a ViT: vit_<tiny|small|base|large|huge>_patch<p>, e.g. vit_tiny_patch8 at 32 px')
+    parser = common.get_args_parser('MaskFeat pretraining, then kNN / linear-probe evaluation')
     parser.add_argument('--mask_ratio', type=float, help='fraction of patches to mask in blocks (AUG.MASK_RATIO)')
     parser.add_argument('--hog_cell_size', type=int, help='HOG cell side in pixels, half the patch size')
     return parser

@@ -80,8 +80,7 @@ def recipe(model, data, input_size):  # ResNets: SAMPLE_RATIO 0.3 (mfm_pretrain_
 
 
 def get_args_parser():
-    parser = common.get_args_parser('MFM pretraining, then kNN / linear-probe evaluation',
-                                    f'a ViT (vit_<tiny|small|base|large|huge>_patch<p>) or {" / ".join(RESNETS)}')
+    parser = common.get_args_parser('MFM pretraining, then kNN / linear-probe evaluation', convnets=RESNETS)
     parser.add_argument('--mask_radius', type=float,
                         help='radius of the frequency circle (DATA.MASK_RADIUS1; default 16 * input_size / 224)')
     parser.add_argument('--sample_ratio', type=float, help='probability of a low-pass mask (DATA.SAMPLE_RATIO)')
@@ -94,14 +93,13 @@ def parse_args(argv=None):
     parser = get_args_parser()
     args = common.parse_args(parser, 'mfm', DEFAULTS, PRESETS, argv, recipe)
     resnet = args.model in RESNETS
-    if not resnet and not args.model.startswith('vit'):
-        parser.error(f"unknown --model '{args.model}': use a ViT (vit_base_patch16, vit_tiny_patch4...) or one of "
-                     f"{sorted(RESNETS)}")
     args.mask_radius = 16 * args.input_size / 224 if args.mask_radius is None else args.mask_radius
     stride = (8 if args.input_size <= 64 else 32) if resnet else common.vit_config(args.model)['patch_size']
     for ok, message in [(args.input_size % stride == 0, f'--input_size {args.input_size} is not divisible by the '
                                                          f'output stride {stride} of {args.model}'),
                         (0 <= args.sample_ratio <= 1, f'--sample_ratio must be in [0, 1], got {args.sample_ratio}'),
+                        (args.global_pool or not resnet, "--no-global_pool is for ViTs: a ResNet's feature is always "
+                                                         'its global average pool'),
                         (0 < args.mask_radius < args.input_size / 2,
                          f'--mask_radius must be in (0, input_size / 2), got {args.mask_radius}')]:
         if not ok:

@@ -92,8 +92,8 @@ def recipe(model, data, input_size):  # the model's row; the small-image models 
 
 
 def get_args_parser():
-    parser = common.get_args_parser('SparK pretraining of a convnet, then kNN / linear-probe evaluation',
-                                    f'a convnet: {", ".join(MODELS)}', vit=False)
+    parser = common.get_args_parser('SparK pretraining of a convnet, then kNN / linear-probe evaluation', MODELS,
+                                    vit=False)
     parser.add_argument('--mask_ratio', type=float, help='fraction of mask-grid cells removed (official `mask`)')
     parser.add_argument('--weight_decay_end', type=float, help='weight decay at the end of the cosine (`wde`)')
     parser.add_argument('--decoder_width', type=int, help='width of the first decoder block, halved per block')
@@ -106,8 +106,6 @@ def get_args_parser():
 def parse_args(argv=None):
     parser = get_args_parser()
     args = common.parse_args(parser, 'spark', DEFAULTS, PRESETS, argv, recipe)
-    if args.model not in MODELS:
-        parser.error(f"unknown --model '{args.model}' for SparK: choose from {', '.join(MODELS)}")
     if args.input_size % MODELS[args.model][3]:
         parser.error(f'--input_size {args.input_size} is not a multiple of the downsample ratio '
                      f'{MODELS[args.model][3]} of {args.model} (use a *_ds8 model for 32-64 px images)')

@@ -378,13 +378,27 @@ def test_clean_state_dict_strips_wrappers():
 BAD_FLAGS = [
     (['--mask_ratio', '1.5'], '--mask_ratio must be in'),
     (['--input_size', '30'], 'not divisible by the patch size'),
-    (['--model', 'vit_giant_patch4'], 'unknown --model'),
+    (['--model', 'vit_giant_patch4'], "unknown --model 'vit_giant_patch4'"),
     (['--data', 'folder', '--data_path', '/nonexistent'], 'is not a folder'),
     (['--resume', '/nonexistent.pth'], 'no such file'),
     (['--batch_size', '0'], 'must be at least 1'),
     (['--blr', 'fast'], 'invalid float value'),
     (['--epoch', '1'], 'unrecognized arguments: --epoch 1'),  # no abbreviations: never taken for --epochs
 ]
+
+
+@pytest.mark.parametrize('method, model', [('mae', 'resnet50'), ('hpm', 'convnext_base'), ('maskfeat', 'resnet50'),
+                                           ('mfm', 'convnext_base'), ('spark', 'vit_base_patch16'),
+                                           ('mae', 'vit_base_patch0')])
+def test_a_model_the_method_cannot_build_is_refused_in_one_line(method, model):
+    with pytest.raises(SystemExit, match=f"unknown --model '{model}': use "):  # was a traceback
+        __import__(method).parse_args(['--model', model])
+
+
+def test_a_mask_grid_of_one_cell_asks_for_a_larger_grid():
+    import spark
+    with pytest.raises(SystemExit, match='1x1 mask grid.*a larger --input_size'):  # 32 px / downsample 32
+        spark.parse_args(['--model', 'resnet50'])
 
 
 def test_bad_flags_exit_with_one_line():

@@ -192,7 +192,7 @@ def test_bad_checkpoint_files_are_refused_with_one_line(base, small_checkpoint, 
         assert f'{name}.pth' in run.error
     assert 'argparse.ArgumentParser' in runs[4].error
     assert {name: digest(tmp_path / f'{name}.pth') for name in expected} == before
-    assert 'made by --model vit_small_patch4' in other_model.error and 'vit_tiny_patch4' in other_model.error
+    assert 'made by mae.py --model vit_small_patch4' in other_model.error and 'vit_tiny_patch4' in other_model.error
     assert not glob.glob(f'{tmp_path}/*/checkpoint*')
 
 
@@ -296,7 +296,7 @@ def test_resume_with_changed_settings_warns_stretches_or_refuses(base, copy):
     assert [json.loads(line)['epoch'] for line in lines if 'evaluation' not in line] == [0, 1]
     assert torch.load(longer / 'checkpoint-last.pth', weights_only=True)['epoch'] == 1
     assert digest(longer / 'checkpoint-0.pth') == base[2]['checkpoint-0.pth']
-    assert 'made by --model vit_tiny_patch4' in refused.error and 'vit_tiny_patch8' in refused.error
+    assert 'made by mae.py --model vit_tiny_patch4' in refused.error and 'vit_tiny_patch8' in refused.error
     assert snapshot(model) == base[2]  # args.json too: a refused run writes nothing
 
 
@@ -312,6 +312,31 @@ def test_refused_resume_changes_nothing_in_the_folder(base, copy):
     changed = {folder.name: [k for k, v in files.items() if snapshot(folder).get(k) != v]
                for folder, files in ((damaged, before), (small, base[2]))}
     assert changed == {'damaged': [], 'small': []}  # args.json and log.txt as they were
+
+
+def test_resuming_another_methods_run_names_the_method(tmp_path):
+    import common, mae
+    path = tmp_path / 'hpm.pth'  # what hpm.py --model vit_tiny_patch4 saves, reduced to what resume reads first
+    torch.save({'model': {}, 'optimizer': {}, 'epoch': 0, 'args': {'method': 'hpm', 'model': 'vit_tiny_patch4'}}, path)
+    args = mae.parse_args(['--model', 'vit_tiny_patch4', '--resume', str(path), '--output_dir', str(tmp_path / 'o')])
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(SystemExit, match='was made by hpm.py --model vit_tiny_patch4, this run is mae.py --model '
+                                         'vit_tiny_patch4: resume it with hpm.py'):  # was: settings --method differ
+        common.resume(args, model, torch.optim.SGD(model.parameters()))
+
+
+def test_resuming_past_the_new_epochs_is_refused(tmp_path):
+    import common, mae
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters())
+    path = tmp_path / 'done.pth'  # a finished 5-epoch run
+    torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': 4,
+                'args': {'method': 'mae', 'model': 'vit_tiny_patch4', 'epochs': 5}}, path)
+    args = mae.parse_args(['--model', 'vit_tiny_patch4', '--resume', str(path), '--epochs', '3',
+                           '--output_dir', str(tmp_path / 'o')])
+    with pytest.raises(SystemExit, match='has trained 5 epochs, more than --epochs 3: resume with --epochs 5'):
+        common.resume(args, model, optimizer)  # was: no training, evaluated and logged as a 3-epoch run
+    assert not os.path.exists(tmp_path / 'o')
 
 
 # ---- 8. a non-finite loss -----------------------------------------------------------------------------------------

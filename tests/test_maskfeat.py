@@ -119,11 +119,12 @@ def test_state_dict_keys_equal_official_slowfast_vit_base():
     assert model.pos_embed.requires_grad and model.blocks[0].attn.qkv.bias.detach().eq(0.02).all()  # SlowFast init
 
 
-def test_hog_cell_must_be_half_the_patch():
+def test_hog_cell_follows_the_patch_and_must_be_half_of_it():
     with pytest.raises(SystemExit, match='must be half the patch size 4'):
         maskfeat.parse_args(['--model', 'vit_tiny_patch4', '--hog_cell_size', '4'])
     assert maskfeat.parse_args([]).hog_cell_size == 4 and maskfeat.parse_args(['--data', 'imagenet', '--data_path',
                                                                                 '.']).hog_cell_size == 8
+    assert maskfeat.parse_args(['--model', 'vit_tiny_patch4']).hog_cell_size == 2  # another model: its own cells
 
 
 def test_a_size_no_preset_uses_trains_and_impossible_sizes_are_refused():

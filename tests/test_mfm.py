@@ -106,6 +106,11 @@ def test_defaults_follow_the_official_recipe():
     assert args.sample_ratio == 0.3 and args.mask_radius == pytest.approx(16 * 32 / 224)
 
 
+def test_a_resnet_refuses_no_global_pool():  # a ResNet's feature is its average pool: the flag would do nothing
+    with pytest.raises(SystemExit, match='--no-global_pool is for ViTs'):
+        mfm.parse_args(['--model', 'resnet_tiny', '--no-global_pool'])
+
+
 def test_state_dict_keys_equal_official_vit_small():  # configs/vit_small (ViT-B has the same keys)
     state = mfm.MFM(mfm.ViTEncoder(224, 16, 384, 12, 6)).state_dict()  # ViT-S/16
     block = ['norm1.weight', 'norm1.bias', 'attn.q_bias', 'attn.v_bias', 'attn.qkv.weight', 'attn.proj.weight',
