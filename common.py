@@ -351,7 +351,7 @@ def build_datasets(args, train_transform, draw_mask=None):
     evaluation = EvalTransform(args.input_size)
     eval_sets = [subsets[s].with_transform(evaluation) for s in subsets] if len(subsets) > 1 else None
     if not eval_sets and is_main():
-        print('no labeled val/ (or test/) split: pretraining only, evaluation skipped')
+        print('no labeled val/ (or test/) split: pretraining only, evaluation and fine-tuning skipped')
     return subsets['train'].with_transform(train_transform, draw_mask), eval_sets
 
 

@@ -501,6 +501,8 @@ def main(argv=None):
     common.setup(args)
     model = SparK(build_backbone(args.model, args.drop_path), args.input_size, args.mask_ratio, args.decoder_width)
     sync = args.world_size > 1 and args.device.type == 'cuda'
+    if args.world_size > 1 and not sync and common.is_main():
+        print("note: PyTorch's SyncBatchNorm needs GPUs: here each process normalises its own batch (difference 4)")
     for part in (sync_batchnorm(model) if sync else model).to(args.device).sparse_encoder, model.densify_projs, \
             model.dense_decoder:
         part.to(memory_format=torch.channels_last)  # the sparse norms' layout: faster, grads match DDP's buckets

@@ -165,7 +165,7 @@ def test_unlabeled_folder_skips_evaluation(tmp_path, capsys):
     write_images(tmp_path / 'a' / 'b', [(f'{i}.png', Image.new('RGB', (20, 20), (i, 0, 0))) for i in range(3)])
     train_set, eval_sets = common.build_datasets(folder_args(tmp_path), common.TrainTransform(16))
     assert len(train_set) == 3 and eval_sets is None and set(train_set.labels) == {-1}
-    assert 'evaluation skipped' in capsys.readouterr().out
+    assert 'evaluation and fine-tuning skipped' in capsys.readouterr().out
 
 
 def test_cache_equals_decoding(tmp_path):

@@ -681,3 +681,18 @@ def test_sync_batchnorm_over_two_processes_equals_one_process_forward_and_backwa
     assert result.returncode == 0, result.stderr[-2000:]
     forward, backward = map(float, result.stdout.split())
     assert forward < 1e-5 and backward < 1e-5
+
+
+def test_torchrun_two_processes_on_cpus_run_and_say_their_batchnorm_is_per_process(tmp_path):
+    """PyTorch's SyncBatchNorm is GPU-only, so two CPU processes of batch 8 equal one of 16 only approximately
+    (difference 4): the run says so in one line, and its loss stays close to the one-process run's."""
+    flags = TINY + ['--model', 'resnet_mini_ds8', '--input_size', '32', '--decoder_width', '32', '--amp', 'none',
+                    '--probe_epochs', '0', '--knn_k', '0']
+    run_script('spark.py', flags + ['--batch_size', '16', '--output_dir', str(tmp_path / 'one')])
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'spark.py', *flags, '--batch_size', '8', '--output_dir', str(tmp_path / 'two')], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("note: PyTorch's SyncBatchNorm needs GPUs") == 1 and 'effective batch 16' in result.stdout
+    one, two = (read_log(tmp_path / name)[0]['train_loss'] for name in ('one', 'two'))
+    assert abs(one - two) < 1e-2 * one
