@@ -482,7 +482,7 @@ FINETUNE = dict(ft_blr=1e-3, ft_warmup_epochs=5, ft_weight_decay=0.05, ft_drop_p
 
 
 def get_args_parser(description, convnets=(), vit=True):
-    """The flags every method shares; --model takes a ViT name if `vit` (which adds --global_pool) or a `convnets` one."""
+    """The flags every method shares; --model: a ViT name if `vit` (which adds --global_pool), or one of convnets."""
     parser = ArgumentParser(convnets, vit, description=description)
     parser.add_argument('--model', help=parser.models)
     pool = ('--global_pool', dict(action=argparse.BooleanOptionalAction), 'ViT features for kNN / probe: the mean '
@@ -834,7 +834,7 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
         print(f"warning: resuming {path} with settings that differ from its own: {', '.join(changed)}")
     if checkpoint['epoch'] + 1 > args.epochs:  # else it would be evaluated and logged as an --epochs run
         sys.exit(f"error: {path} has trained {checkpoint['epoch'] + 1} epochs, more than --epochs {args.epochs}: "
-                 f"resume with --epochs {saved.get('epochs', checkpoint['epoch'] + 1)}, or evaluate it with --eval_only")
+                 f"resume with --epochs {saved.get('epochs', checkpoint['epoch'] + 1)} or evaluate it with --eval_only")
     if is_main() and saved.get('epochs') != args.epochs:
         print(f"note: the run now lasts {args.epochs} epochs (was {saved.get('epochs')}): the lr schedule follows the "
               f"new length from epoch {checkpoint['epoch'] + 1} on")
@@ -1081,7 +1081,7 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
      b. Random-erasing noise is drawn in uint8 (clipped to 0-255), not as N(0, 1) in the normalised space.
      c. The top-1 of the last epoch is reported (not the best over epochs).
     Named by its start weights and settings: run again with the same ones, an interrupted fine-tune continues exactly
-    and a finished one reports its top-1; other ones start afresh."""
+    and a finished one reports its top-1; other ones start afresh, the earlier folder moved to finetune-<n>."""
     if not args.finetune_epochs or not eval_sets:
         return None
     (train, val), per_step = eval_sets, args.batch_size * args.world_size
@@ -1119,8 +1119,12 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
     def top1(net):
         logits, labels = extract_features(net.eval(), val, args, 'fine-tuned val')
         return 100.0 * (logits.argmax(1) == labels).float().mean().item()
-    os.makedirs(ft.output_dir, exist_ok=True)  # an interrupted fine-tune of these weights and settings continues
-    ft.resume = 'auto' if os.path.isfile(last) and load_checkpoint(last).get('name') == name else ''
+    ft.resume = 'auto' if os.path.isfile(last) and load_checkpoint(last).get('name') == name else ''  # continued
+    if not ft.resume and is_main() and glob.glob(f'{glob.escape(ft.output_dir)}/*.pth'):  # other weights or settings
+        kept = next(f'{ft.output_dir}-{i}' for i in range(1, sys.maxsize) if not os.path.exists(f'{ft.output_dir}-{i}'))
+        os.replace(ft.output_dir, kept)
+        print(f'note: {ft.output_dir} held a fine-tune of other weights or settings: moved to {kept}')
+    os.makedirs(ft.output_dir, exist_ok=True)
     top1s, start = {}, resume(ft, classifier, optimizer, settings['scaler'], **extra)
     for epoch in range(start, args.finetune_epochs):
         rng = np.random.default_rng([args.seed, args.rank, epoch])  # this epoch's mixup / cutmix draws

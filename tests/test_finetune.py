@@ -468,7 +468,8 @@ def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
     """SIGKILL after the first fine-tuning epoch's checkpoint, then the same command again: it continues from that
     epoch and ends with the uninterrupted run's weights (mixup, cutmix, erasing and drop path on: every random stream
     is restored) and log, and removes finetune/checkpoint-last.pth. The same start with another setting starts
-    afresh; a finished fine-tune run again with the same start and settings is reported, not redone."""
+    afresh, the interrupted one moved aside to finetune-1; a finished fine-tune run again with the same start and
+    settings is reported, not redone."""
     colour_folder(tmp_path / 'data')
     flags = ['--data', 'folder', '--data_path', str(tmp_path / 'data'), '--input_size', '16', '--model',
              'vit_tiny_patch4', '--batch_size', '8', '--num_workers', '0', '--decoder_embed_dim', '32',
@@ -493,6 +494,8 @@ def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
     assert [line['finetune_epoch'] for line in read_log(f'{straight}/finetune')] == [0, 1]
     other = run_script('mae.py', flags + ['--ft_blr', '2e-3', '--output_dir', killed])  # another setting: afresh
     assert 'resumed from' not in other.stdout and not os.path.exists(last)
+    assert f'moved to {killed}/finetune-1' in other.stdout  # the interrupted fine-tune is kept, not overwritten
+    assert torch.load(f'{killed}/finetune-1/checkpoint-last.pth', weights_only=True)['epoch'] == 0
     assert [line['finetune_epoch'] for line in read_log(f'{killed}/finetune')] == [0, 1]
     # the interrupted fine-tune back, beside the other setting's finished finetuned.pth: it is continued
     shutil.copytree(f'{tmp_path}/kept', f'{killed}/finetune', dirs_exist_ok=True)
