@@ -336,9 +336,11 @@ def build_datasets(args, train_transform, draw_mask=None):
         n_val, classes = max(args.shapes_size // 5, 10), list(SHAPES)
         images, labels = make_shapes(args.shapes_size + n_val, args.input_size, args.seed)
         splits = {'train': (images[n_val:], labels[n_val:]), 'val': (images[:n_val], labels[:n_val])}
-    elif args.data in CIFAR:
+    elif args.data in CIFAR and not os.path.isdir(os.path.join(args.data_path, 'train')):
         splits, classes = read_cifar(args.data, args.data_path)
     else:  # <data_path>/train/<class>/... with val/ (or test/); else an unlabeled folder of images
+        if args.data in CIFAR and is_main():  # (CIFAR's recipe still applies)
+            print(f'{args.data_path} holds train/: read as an image folder, not the {args.data} archive')
         root, val = os.path.join(args.data_path, 'train'), os.path.join(args.data_path, 'val')
         val = val if os.path.isdir(val) else os.path.join(args.data_path, 'test')
         *train, classes = scan_folder(root) if os.path.isdir(root) else scan_folder(args.data_path, classes=[])
@@ -448,7 +450,8 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--warmup_epochs', dict(type=float), 'epochs of linear warmup from 0'),
     ('--clip_grad', dict(type=float), 'clip the global gradient norm to this (default: no clipping)'),
     ('--data', dict(default='shapes', choices=['shapes', 'cifar10', 'cifar100', 'imagenet', 'folder']),
-     'shapes: built in; cifar: its archive (downloaded); imagenet/folder: <data_path>/train/<class>/*, val/ or test/'),
+     'shapes: built in; cifar: its archive (downloaded), or an image folder; imagenet/folder: '
+     '<data_path>/train/<class>/*, val/ or test/'),
     ('--data_path', dict(default='./data'), 'dataset root'),
     ('--shapes_size', dict(type=int), 'training images generated for --data shapes'),
     ('--cache', dict(action='store_true'), 'decode images once into memory (resized, centre-cropped): small datasets'),

@@ -168,6 +168,14 @@ def test_unlabeled_folder_skips_evaluation(tmp_path, capsys):
     assert 'evaluation and fine-tuning skipped' in capsys.readouterr().out
 
 
+def test_cifar_as_an_image_folder_is_read_as_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(common, 'read_cifar', lambda *_: pytest.fail('would download the archive into data_path'))
+    for split in ('train', 'test'):
+        write_images(tmp_path / split / 'cat', [(f'{i}.png', Image.new('RGB', (32, 32), (i, 0, 0))) for i in range(2)])
+    train_set, (_, val) = common.build_datasets(folder_args(tmp_path, data='cifar10'), common.TrainTransform(16))
+    assert len(train_set) == 2 and len(val) == 2 and 'read as an image folder' in capsys.readouterr().out
+
+
 def test_cache_equals_decoding(tmp_path):
     rng = np.random.default_rng(0)
     noise = lambda: Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))
