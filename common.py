@@ -817,6 +817,8 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
     if checkpoint is None or optimizer is None:
         if is_main():
             start_run(args)  # a new run: its arguments, an empty log
+            if checkpoint is None and optimizer is None:
+                print('note: --eval_only without --resume: the "trained" weights are the random init')
         if checkpoint:
             load_pretrained(model, convert(checkpoint) if convert else checkpoint['model'], path, encoder)
         return 0

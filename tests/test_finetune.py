@@ -495,6 +495,7 @@ def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
     other = run_script('mae.py', flags + ['--ft_blr', '2e-3', '--output_dir', killed])  # another setting: afresh
     assert 'resumed from' not in other.stdout and not os.path.exists(last)
     assert f'moved to {killed}/finetune-1' in other.stdout  # the interrupted fine-tune is kept, not overwritten
+    assert 'note: --eval_only without --resume: the "trained" weights are the random init' in other.stdout
     assert torch.load(f'{killed}/finetune-1/checkpoint-last.pth', weights_only=True)['epoch'] == 0
     assert [line['finetune_epoch'] for line in read_log(f'{killed}/finetune')] == [0, 1]
     # the interrupted fine-tune back, beside the other setting's finished finetuned.pth: it is continued
