@@ -448,7 +448,7 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--min_lr', dict(type=float), 'lower bound of the cosine schedule'),
     ('--weight_decay', dict(type=float), 'weight decay'),
     ('--warmup_epochs', dict(type=float), 'epochs of linear warmup from 0'),
-    ('--clip_grad', dict(type=float), 'clip the global gradient norm to this (default: no clipping)'),
+    ('--clip_grad', dict(type=float), 'clip the global gradient norm to this; unset: no clipping'),
     ('--data', dict(default='shapes', choices=['shapes', 'cifar10', 'cifar100', 'imagenet', 'folder']),
      'shapes: built in; cifar: its archive (downloaded), or an image folder; imagenet/folder: '
      '<data_path>/train/<class>/*, val/ or test/'),
@@ -484,24 +484,26 @@ FINETUNE = dict(ft_blr=1e-3, ft_warmup_epochs=5, ft_weight_decay=0.05, ft_drop_p
                 cutmix=1.0, smoothing=0.1, reprob=0.25)  # MAE's main_finetune.py; each method's recipe overrides
 
 
-def get_args_parser(description, convnets=(), vit=True):
-    """The flags every method shares; --model: a ViT name if `vit` (which adds --global_pool), or one of convnets."""
+def get_args_parser(description, convnets=(), vit=True, **rules):
+    """The flags every method shares; --model: a ViT name if `vit` (which adds --global_pool), or one of convnets;
+    rules: the method's words for a flag's help, e.g. min_lr='unset: 0.001 x the peak lr'."""
     parser = ArgumentParser(convnets, vit, description=description)
     parser.add_argument('--model', help=parser.models)
     pool = ('--global_pool', dict(action=argparse.BooleanOptionalAction), 'ViT features for kNN / probe: the mean '
             'patch token, not the cls token')
     for flag, options, help in FLAGS + [pool] * vit:
-        parser.add_argument(flag, **options, help=help)
+        parser.add_argument(flag, **options, help=f'{help}; {rules[flag[2:]]}' if flag[2:] in rules else help)
     return parser
 
 
 def show_values(parser, defaults, presets, recipe):
     """Append to each flag's help the values a run uses: the method default, then each --data preset's where it
     differs (with the preset's model), e.g. '(default 512; shapes: 128)'."""
-    show = lambda v: ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else f'{v:g}' if isinstance(v, float) else v
+    show = lambda v: ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else f'{v:g}' if isinstance(v, float) else \
+        {True: 'on', False: 'off'}.get(v, v) if isinstance(v, bool) else v
     rows = {d: {**FINETUNE, **defaults, **p} for d, p in [('default', {}), *presets.items()]}
     rows = {d: {**row, **recipe(row['model'], d, row['input_size'])} for d, row in rows.items()}
-    for action in [a for a in parser._actions if a.help and a.nargs != 0]:
+    for action in [a for a in parser._actions if a.dest != 'help']:
         values = {d: row.get(action.dest, action.default) for d, row in rows.items()}
         parts = [f'{d}: {show(v)}' for d, v in values.items() if v is not None and (d == 'default' or
                                                                                     v != values['default'])]

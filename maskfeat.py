@@ -109,7 +109,8 @@ def recipe(model, data, input_size):  # HOG cells of half the patch (difference 
 
 
 def get_args_parser():
-    parser = common.get_args_parser('MaskFeat pretraining, then kNN / linear-probe evaluation')
+    parser = common.get_args_parser('MaskFeat pretraining, then kNN / linear-probe evaluation',
+                                    min_lr='unset: 1e-6 x effective batch / 256 (difference 4)')
     parser.add_argument('--mask_ratio', type=float, help='fraction of patches to mask in blocks (AUG.MASK_RATIO)')
     parser.add_argument('--hog_cell_size', type=int, help='HOG cell side in pixels, half the patch size')
     return parser

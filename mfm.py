@@ -80,7 +80,8 @@ def recipe(model, data, input_size):  # ResNets: SAMPLE_RATIO 0.3 (mfm_pretrain_
 
 
 def get_args_parser():
-    parser = common.get_args_parser('MFM pretraining, then kNN / linear-probe evaluation', convnets=RESNETS)
+    parser = common.get_args_parser('MFM pretraining, then kNN / linear-probe evaluation', convnets=RESNETS,
+                                    min_lr='unset: lr x 2.5e-6 / 3e-4, MIN_LR at BASE_LR')
     parser.add_argument('--mask_radius', type=float,
                         help='radius of the frequency circle (DATA.MASK_RADIUS1; default 16 * input_size / 224)')
     parser.add_argument('--sample_ratio', type=float, help='probability of a low-pass mask (DATA.SAMPLE_RATIO)')

@@ -93,7 +93,8 @@ def recipe(model, data, input_size):  # the model's row; the small-image models 
 
 def get_args_parser():
     parser = common.get_args_parser('SparK pretraining of a convnet, then kNN / linear-probe evaluation', MODELS,
-                                    vit=False)
+                                    vit=False, min_lr='unset: 0.001 x the peak lr',
+                                    clip_grad="LAMB clips to 5 inside its step in any case")
     parser.add_argument('--mask_ratio', type=float, help='fraction of mask-grid cells removed (official `mask`)')
     parser.add_argument('--weight_decay_end', type=float, help='weight decay at the end of the cosine (`wde`)')
     parser.add_argument('--decoder_width', type=int, help='width of the first decoder block, halved per block')

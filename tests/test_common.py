@@ -314,6 +314,20 @@ def test_help_shows_the_default_and_each_preset_value(capsys, monkeypatch):
     assert 'default 512' in entry('--decoder_embed_dim') and 'shapes: 128' in entry('--decoder_embed_dim')
     assert 'default 16' in entry('--decoder_num_heads') and 'shapes: 4' in entry('--decoder_num_heads')
     assert 'cifar10:' not in entry('--decoder_embed_dim')  # presets that keep the default are not listed
+    options = text.split('options:')[1]  # on / off flags too
+    assert 'default on' in options.split('--no-norm_pix_loss ')[1].split(' --')[0]
+    assert 'default off' in options.split('--compile ')[1].split(' --')[0]
+
+
+@pytest.mark.parametrize('method, flag, words', [('spark', '--min_lr', 'unset: 0.001 x the peak lr'),
+                                                 ('spark', '--clip_grad', 'LAMB clips to 5'),
+                                                 ('mfm', '--clip_grad', 'unset: no clipping (default 3)'),
+                                                 ('maskfeat', '--min_lr', 'unset: 1e-6 x effective batch / 256')])
+def test_help_states_the_rule_of_a_value_made_at_run_time(method, flag, words, capsys):
+    with pytest.raises(SystemExit):
+        __import__(method).parse_args(['--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert words in text.split(f'{flag} {flag[2:].upper()} ')[1].split(' --')[0]
 
 
 def test_knn_and_probe_on_separable_features():
