@@ -344,9 +344,13 @@ def build_datasets(args, train_transform, draw_mask=None):
         root, val = os.path.join(args.data_path, 'train'), os.path.join(args.data_path, 'val')
         val = val if os.path.isdir(val) else os.path.join(args.data_path, 'test')
         *train, classes = scan_folder(root) if os.path.isdir(root) else scan_folder(args.data_path, classes=[])
-        splits = {'train': train, 'val': scan_folder(val, classes)[:2] if classes and os.path.isdir(val) else None}
+        labeled = classes and os.path.isdir(val) and any(os.path.isdir(os.path.join(val, c)) for c in classes)
+        splits = {'train': train, 'val': scan_folder(val, classes)[:2] if labeled else None}
         if not len(train[0]):
             sys.exit(f'error: no images ({", ".join(IMAGE_EXTENSIONS)}) found under {args.data_path}')
+        if classes and os.path.isdir(val) and not (labeled and len(splits['val'][0])):  # else evaluation would crash
+            sys.exit(f"error: {val} holds no images in folders named as the classes of {root}: sort it into "
+                     f"{val}/<class>/ (ImageNet's val comes flat), or move it away to pretrain only")
     subsets = {split: ImageDataset(*data, classes, seed=args.seed) for split, data in splits.items() if data}
     for subset in subsets.values() if args.cache and isinstance(splits['train'][0][0], str) else ():
         subset.items = cache_images(subset, args.input_size, args.num_workers)
@@ -420,7 +424,7 @@ def make_loader(dataset, args, train, sampler=None):
     if train and len(sampler) < args.batch_size * args.accum_iter:
         sys.exit(f'error: the training split has {len(dataset)} images, fewer than one optimizer step needs '
                  f'(--batch_size {args.batch_size} x --accum_iter {args.accum_iter} x {args.world_size} process(es)): '
-                 f'lower --batch_size')
+                 f'lower --batch_size or --accum_iter')
     return torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers,
                                        pin_memory=args.device.type == 'cuda', drop_last=train)
 

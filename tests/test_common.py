@@ -168,6 +168,13 @@ def test_unlabeled_folder_skips_evaluation(tmp_path, capsys):
     assert 'evaluation and fine-tuning skipped' in capsys.readouterr().out
 
 
+def test_a_flat_val_folder_is_refused_before_training(tmp_path):
+    write_images(tmp_path / 'train' / 'cat', [(f'{i}.png', Image.new('RGB', (20, 20), (i, 0, 0))) for i in range(2)])
+    write_images(tmp_path / 'val', [('v.JPEG', Image.new('RGB', (20, 20)))])  # ImageNet's val as it is distributed
+    with pytest.raises(SystemExit, match='val holds no images in folders named as the classes of'):  # was: a
+        common.build_datasets(folder_args(tmp_path, data='imagenet'), common.TrainTransform(16))  # traceback at eval
+
+
 def test_cifar_as_an_image_folder_is_read_as_one(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(common, 'read_cifar', lambda *_: pytest.fail('would download the archive into data_path'))
     for split in ('train', 'test'):
