@@ -809,8 +809,9 @@ def clean_state_dict(state_dict):  # strip the `module.` (DDP) and `_orig_mod.` 
 
 NOT_IN_A_RESULT = {'resume', 'eval_only', 'output_dir', 'num_workers', 'device', 'save_freq', 'knn_k', 'probe_epochs',
                    'compile', 'rank'}  # settings that change how a run goes, not what it computes
-RESUME_FREE = NOT_IN_A_RESULT | {'epochs', 'data_path', 'global_pool', 'finetune_epochs', 'ft_batch', 'lr', 'amp',
-                                 'accum_iter', 'eff_batch_size', *FINETUNE}  # a resume may change these unwarned
+RESUME_FREE = NOT_IN_A_RESULT | {'epochs', 'data_path', 'global_pool', 'finetune_epochs', 'ft_batch', 'amp',
+                                 'batch_size', 'world_size', 'accum_iter', *FINETUNE}  # a resume may change unwarned
+# (batch_size, world_size, accum_iter: how the effective batch is split; a change of its size or of the lr is warned)
 
 
 def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCODER_KEYS, **extra_modules):
@@ -832,7 +833,8 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
         sys.exit(f'error: {path} holds no model and optimizer state, so it cannot continue a run: evaluate it with '
                  f'--eval_only --resume {path}, or fine-tune from it (README, "Fine-tuning and released checkpoints")')
     saved, now, modules = checkpoint.get('args', {}), plain(args), {'model': model, **extra_modules}
-    changed = [f'--{k} {now[k]} (was {v})' for k, v in saved.items() if now.get(k, v) != v and k not in RESUME_FREE]
+    changed = [f"{'effective batch' if k == 'eff_batch_size' else '--' + k} {now[k]} (was {v})"
+               for k, v in saved.items() if now.get(k, v) != v and k not in RESUME_FREE]
     if (made := f"{saved.get('method', args.method)}.py --model {saved.get('model', args.model)}") != (
             run := f'{args.method}.py --model {args.model}'):  # another method's run, or another network
         sys.exit(f'error: {path} was made by {made}, this run is {run}: resume it with {made}, or start afresh with '

@@ -325,6 +325,21 @@ def test_resuming_another_methods_run_names_the_method(tmp_path):
         common.resume(args, model, torch.optim.SGD(model.parameters()))
 
 
+def test_resume_warns_of_another_effective_batch_not_of_another_split_of_it(tmp_path, capsys):
+    import common, mae
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    parse = lambda *flags: mae.parse_args(['--model', 'vit_tiny_patch4', '--output_dir', str(tmp_path), *flags])
+    path = tmp_path / 'checkpoint-last.pth'
+    torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': 0,
+                'args': common.plain(parse('--batch_size', '16'))}, path)
+    common.resume(parse('--batch_size', '8', '--accum_iter', '2', '--resume', str(path)), model, optimizer)
+    assert 'warning' not in capsys.readouterr().out  # 8 x 2 steps (or x 2 processes) is the same batch of 16
+    common.resume(parse('--batch_size', '32', '--resume', str(path)), model, optimizer)
+    warning = capsys.readouterr().out.splitlines()[-2]
+    assert warning.startswith('warning:') and 'effective batch 32 (was 16)' in warning and '--lr' in warning
+
+
 def test_resuming_past_the_new_epochs_is_refused(tmp_path):
     import common, mae
     model = torch.nn.Linear(2, 2)
