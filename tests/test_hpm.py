@@ -1,6 +1,6 @@
 """HPM: the relative loss, the hard-patches mask, the teacher, sizes no preset uses, start-up checks; a run of hpm.py,
 the teacher's update per optimizer step, and resume restoring the teacher."""
-import json, math, os
+import json, math, os, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -9,7 +9,8 @@ import torch
 
 import common
 import hpm, mae
-from conftest import TINY, kill_then_resume, read_log, run_script
+from conftest import ROOT, TINY, TINY_DECODER, kill_then_resume, read_log, run_script
+from test_resume_and_ddp import assert_same_weights, without_key_bias
 
 TINY_VIT = common.vit_config('vit_tiny_patch4')  # patch_size 4, embed_dim 192, depth 12, num_heads 3
 
@@ -178,3 +179,20 @@ def test_resume_restores_the_teacher(tmp_path):
     for key in ('model', 'ema_state_dict'):
         for name, value in expected[key].items():
             assert torch.equal(resumed[key][name], value), f'{key}.{name}'
+
+
+def test_torchrun_two_processes_equal_one_student_and_teacher(tmp_path):
+    """HPM under DDP: the loss predictor's decoder, the pairwise loss and the teacher's EMA (over the unwrapped
+    student) give one process's weights, 2 x 8 against 1 x 16 images per step (fp32)."""
+    flags = TINY + TINY_DECODER + ['--epochs', '2', '--warmup_epochs', '1', '--probe_epochs', '0', '--knn_k', '0',
+                                   '--amp', 'none']
+    run_script('hpm.py', flags + ['--batch_size', '16', '--output_dir', str(tmp_path / 'one')])
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'hpm.py', *flags, '--batch_size', '8', '--output_dir', str(tmp_path / 'two')], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (torch.load(tmp_path / name / 'checkpoint-last.pth', weights_only=True) for name in ('one', 'two'))
+    for key in ('model', 'ema_state_dict'):
+        assert_same_weights(without_key_bias(two[key]), without_key_bias(one[key]), 1e-5)
+    assert [line['train_loss'] for line in read_log(tmp_path / 'one')[:2]] == pytest.approx(
+        [line['train_loss'] for line in read_log(tmp_path / 'two')[:2]], rel=1e-5)
