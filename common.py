@@ -66,11 +66,9 @@ def unpatchify(x, p, h, w):
 
 
 def attention(q, k, v):
-    """softmax(q k^T / sqrt(d)) v, (B, heads, N, d). On GPUs and in fp32: scaled_dot_product_attention's fused kernels.
-    On CPUs in bf16, the three ops written out, as timm's and HF's unfused paths do: there 2-3x faster than SDPA's math
-    and flash kernels at every shape these models run (forward + backward, 2-core AMD EPYC, torch 2.13, ms: ViT-B 197
-    tokens 16.9 vs 45.7 / 40.9; MAE decoder 512/16 heads 16.1 vs 42.4 / 41.2; MAE encoder 50 tokens 2.3 vs 4.7 /
-    11.3; ViT-Ti/4 65 tokens 5.2 vs 11.7 / 29.4), with bf16 rounding of the scores (mean error 0.008 vs 0.005)."""
+    """softmax(q k^T / sqrt(d)) v, (B, heads, N, d): SDPA's fused kernels, but on CPUs in bf16 the three ops (timm's and
+    HF's unfused path), 2-3x faster than SDPA's math / flash kernels at every shape here (fwd + bwd, ms, 2-core EPYC,
+    torch 2.13: ViT-B 16.9 vs 45.7 / 40.9, MAE decoder 16.1 vs 42.4 / 41.2, ViT-Ti/4 5.2 vs 11.7 / 29.4)."""
     if q.is_cpu and q.dtype == torch.bfloat16:
         return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
     return F.scaled_dot_product_attention(q, k, v)
@@ -151,9 +149,8 @@ class VisionTransformer(nn.Module):
 
 
 class ViTClassifier(VisionTransformer):
-    """The fine-tuning ViT (MAE's models_vit.py with global_pool): learned positions (started from the pretrained
-    table), drop path, the mean of the patch tokens -> `fc_norm` -> `head`. The encoder's final `norm` is removed, so
-    a pretrained `norm` is reported unused, as in MAE. MaskFeat (SlowFast) names the pooled norm `norm`."""
+    """MAE's fine-tuning ViT (models_vit.py, global_pool): learned positions, drop path, patch-token mean -> `fc_norm`
+    -> `head`; no final `norm` (a pretrained one is reported unused, as in MAE). MaskFeat calls `fc_norm` `norm`."""
     def __init__(self, num_classes, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, drop_path=0.1, pool_norm='fc_norm'):
         super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, True, drop_path)
@@ -201,9 +198,8 @@ SHAPES = {
 
 
 def make_shapes(n, size, seed):
-    """The built-in `shapes` dataset, deterministic from seed: n images (n, size, size, 3) uint8, labels (n,). Only
-    the shape is the class; colour, size, place, rotation, background and clutter lines are random, so raw pixels say
-    little and an encoder must learn shape. No pixel noise: per-patch normalised targets would turn it to noise."""
+    """The built-in dataset from seed: n images (n, size, size, 3) uint8, labels (n,). Only the shape is the class;
+    colour, size, place, rotation, background and clutter are random; no pixel noise (norm-pix would make it noise)."""
     rng, names = np.random.default_rng(seed), list(SHAPES)
     images, labels = np.empty((n, size, size, 3), np.uint8), rng.integers(0, len(names), n)
     ramp = np.linspace(0, 1, size, dtype=np.float32)
@@ -271,9 +267,8 @@ def to_rgb(img):
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images as a uint8 array (N, H, W, 3) or file paths, labels (-1: unlabeled) -> (transform(image, rng), label)
-    and, with `draw_mask`, its mask input draw_mask(rng); rng seeded by (seed, epoch, i). Index i + k * N is image i
-    again with other draws (repeated augmentation). A file that will not decode is skipped and counted."""
+    """uint8 images (N, H, W, 3) or paths, labels (-1: none) -> (transform(image, rng), label[, draw_mask(rng)]), rng
+    from (seed, epoch, i); i + k * N is image i with other draws. A file that will not decode is skipped and counted."""
     def __init__(self, items, labels, classes, seed=0):
         self.items, self.labels, self.classes, self.seed, self.epoch = items, np.asarray(labels), classes, seed, 0
         self.transform, self.draw_mask, self.num_skipped = None, None, Value('i', 0)  # shared with loader workers
@@ -348,7 +343,7 @@ def build_datasets(args, train_transform, draw_mask=None):
         splits = {'train': train, 'val': scan_folder(val, classes)[:2] if labeled else None}
         if not len(train[0]):
             sys.exit(f'error: no images ({", ".join(IMAGE_EXTENSIONS)}) found under {args.data_path}')
-        if classes and os.path.isdir(val) and not (labeled and len(splits['val'][0])):  # else evaluation would crash
+        if classes and os.path.isdir(val) and not (labeled and len(splits['val'][0])):  # evaluation would crash
             sys.exit(f"error: {val} holds no images in folders named as the classes of {root}: sort it into "
                      f"{val}/<class>/ (ImageNet's val comes flat), or move it away to pretrain only")
     subsets = {split: ImageDataset(*data, classes, seed=args.seed) for split, data in splits.items() if data}
@@ -388,8 +383,7 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize the shorter side to size / crop_pct (bicubic), centre-crop; crop_pct 0.875 (256 -> 224) above 64 px,
-    1.0 for small images such as CIFAR's, where a crop would cut away a large border."""
+    """Shorter side to size / crop_pct (bicubic), centre crop; crop_pct 0.875 above 64 px, 1.0 (CIFAR) below."""
     def __init__(self, size, crop_pct=None):
         self.size, self.crop_pct = size, crop_pct or (0.875 if size > 64 else 1.0)
 
@@ -418,8 +412,7 @@ def denormalize(images):  # the inverse of normalize, to [0, 1] floats for pictu
 
 
 def make_loader(dataset, args, train, sampler=None):
-    """The shuffle depends on (seed, epoch) only, the same for any world size; training drops the last batch and
-    needs one optimizer step's images."""
+    """Shuffled by (seed, epoch) only, for any world size; training drops the last batch, needs one step's images."""
     sampler = sampler or torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, train, args.seed)
     if train and len(sampler) < args.batch_size * args.accum_iter:
         sys.exit(f'error: the training split has {len(dataset)} images, fewer than one optimizer step needs '
@@ -501,8 +494,7 @@ def get_args_parser(description, convnets=(), vit=True, **rules):
 
 
 def show_values(parser, defaults, presets, recipe):
-    """Append to each flag's help the values a run uses: the method default, then each --data preset's where it
-    differs (with the preset's model), e.g. '(default 512; shapes: 128)'."""
+    """Append to each flag's help the default and each preset's value where it differs: '(default 512; shapes: 128)'."""
     show = lambda v: ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else f'{v:g}' if isinstance(v, float) else \
         {True: 'on', False: 'off'}.get(v, v) if isinstance(v, bool) else v
     rows = {d: {**FINETUNE, **defaults, **p} for d, p in [('default', {}), *presets.items()]}
@@ -525,11 +517,9 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
     args.method = method
     args.output_dir = args.output_dir or os.path.join('output', f'{method}_{args.data}' + '_eval' * args.eval_only)
-    if not parser.builds(args.model):
-        parser.error(f"unknown --model '{args.model}': use {parser.models}")
-    patch = vit_config(args.model)['patch_size'] if args.model.startswith('vit_') else 1
-    ratio = getattr(args, 'mask_ratio', 0.5)
+    patch, ratio = int(m[2]) if (m := VIT_NAME.fullmatch(args.model)) else 1, getattr(args, 'mask_ratio', 0.5)
     for ok, message in [
+            (parser.builds(args.model), f"unknown --model '{args.model}': use {parser.models}"),
             (0 < ratio < 1, f'--mask_ratio must be in (0, 1), got {ratio}'),
             (args.input_size % patch == 0,
              f'--input_size {args.input_size} is not divisible by the patch size {patch}'),
@@ -610,8 +600,8 @@ def setup(args):
 
 
 def keep_freed_memory():
-    """glibc gives large freed blocks back to the OS, so each CPU step faults its activations' pages in afresh (MAE
-    ViT-B/16 bf16, 2-core EPYC: a 13% slower step): blocks <= 32 MiB from the heap, 2 GiB of it kept. Linux/glibc."""
+    """glibc gives large freed blocks back, so each CPU step faults its activations in again (MAE ViT-B: 13% slower):
+    blocks <= 32 MiB come from the heap, 2 GiB of it kept. Linux / glibc only."""
     if sys.platform.startswith('linux') and hasattr(libc := ctypes.CDLL(None), 'mallopt'):
         libc.mallopt(-3, 32 << 20), libc.mallopt(-1, 2 ** 31 - 1)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (process-wide)
 
@@ -628,10 +618,9 @@ def wrap_ddp(model, args):
 
 # ---- optimisation: AdamW with MAE's weight-decay groups, warmup + half-cosine per iteration, the epoch loop --
 def param_groups(model, weight_decay, no_decay_names=(), layer_id=None, layer_decay=1.0):
-    """timm 0.3.2's add_weight_decay (MAE): no decay on 1-D parameters and biases (cls_token and mask_token are 3-D,
-    so they ARE decayed), frozen parameters (the sin-cos tables) left out. Fine-tuning adds the layer-wise lr decay
-    (MAE's lr_decay.py, SparK's get_param_groups): layer_id(name) -> (i, n) scales the lr by layer_decay^(n - i).
-    Groups ordered by layer, no decay first: pretraining gets [no decay, decay]."""
+    """timm 0.3.2's add_weight_decay (MAE): no decay on 1-D tensors and biases (the 3-D cls / mask tokens ARE decayed),
+    frozen ones left out; fine-tuning's layer decay (lr_decay.py): layer_id(name) -> (i, n) scales the lr by
+    layer_decay^(n - i). Ordered by layer, no decay first: pretraining gets [no decay, decay]."""
     groups = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -662,8 +651,7 @@ def adjust_learning_rate(optimizer, epoch, args):
 
 
 def optimizer_step(model, optimizer, scaler, clip_grad=None, on_step=None):
-    """Clip the (unscaled) gradient norm, step, update the loss scale, clear the gradients, then `on_step()`. scaler:
-    a GradScaler, disabled (its calls pass through) unless the run is fp16."""
+    """Clip the unscaled gradient norm, step, update the scaler (a disabled GradScaler unless fp16), zero, on_step()."""
     if clip_grad:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
@@ -675,12 +663,10 @@ def optimizer_step(model, optimizer, scaler, clip_grad=None, on_step=None):
 
 def train_one_epoch(model, loss_fn, loader, optimizer, epoch, device, accum_iter=1, amp=None, scaler=None,
                     clip_grad=None, schedule=None, on_step=None, output_dir=None, compile=False):
-    """One pass over any DataLoader of (images, labels[, mask input]), the epoch set on its sampler and dataset where
-    they take one (set_epoch). loss_fn(model, images, labels, mask_input or None) -> (loss, {name: value}) runs under
-    autocast(amp: torch.bfloat16, float16 or None), under torch.compile with `compile`; schedule(optimizer, fractional
-    epoch) sets the lr before each optimizer step, on_step() runs after it (an EMA). A trailing partial accumulation
-    is dropped. Losses stay on the device, read every 20 steps; a non-finite one stops the run (saying whether
-    output_dir holds a checkpoint) -> the epoch's averages and speed."""
+    """One pass over any DataLoader of (images, labels[, mask input]) (set_epoch on its sampler and dataset if they have
+    it): loss_fn(model, images, labels, mask_input or None) -> (loss, logs) under autocast(amp dtype or None), compiled
+    with `compile`; schedule(optimizer, epoch) before each optimizer step, on_step() after. Losses are read every 20
+    steps; a non-finite one stops the run. A trailing partial accumulation is dropped. -> the epoch's means, speed."""
     model.train()
     loss_fn, scaler = torch.compile(loss_fn) if compile else loss_fn, scaler or torch.amp.GradScaler(enabled=False)
     for owner in (loader.sampler, loader.dataset):
@@ -762,9 +748,8 @@ def atomic_save(state, path):
 
 
 def save_checkpoint(args, epoch, model, optimizer, scaler=None, **extra):
-    """checkpoint-<epoch>.pth every save_freq epochs and at the end, then checkpoint-last.pth, every epoch (a kill
-    between the two: the run resumes from the previous epoch and writes both again). Each holds the lines of log.txt
-    so far (a resume writes them back), the arguments, every rank's RNG state and `extra` (a teacher's weights)."""
+    """checkpoint-<epoch>.pth every save_freq epochs and at the end, then checkpoint-last.pth each epoch, with log.txt's
+    lines so far, the arguments, every rank's RNG state and `extra` (a teacher's weights)."""
     rng = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if args.device.type == 'cuda' else []}
     rngs = [rng] * args.world_size
     if args.world_size > 1:
@@ -815,10 +800,9 @@ RESUME_FREE = NOT_IN_A_RESULT | {'epochs', 'data_path', 'global_pool', 'finetune
 
 
 def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCODER_KEYS, **extra_modules):
-    """Continue a run: load --resume into model, extra modules, optimizer, scaler, RNG and log.txt -> the epoch to
-    start at; a fresh start empties log.txt. Settings that differ from the checkpoint's are printed, another --model
-    or network shape refused. With no optimizer (--eval_only), convert(checkpoint) (default: its 'model') gives the
-    weights, loaded leniently (a released file in its own layout), but every encoder tensor (encoder(key)) must load."""
+    """Load --resume into model, extra modules, optimizer, scaler, RNG, log.txt -> the epoch to start at (a fresh start
+    empties log.txt); changed settings are printed, another network refused. With no optimizer (--eval_only) the
+    weights convert(checkpoint) (default its 'model') load leniently, but every tensor with encoder(key) must load."""
     path = checkpoint_path(args)
     checkpoint = load_checkpoint(path) if path and os.path.isfile(path) else None
     if checkpoint is None or optimizer is None:
@@ -890,9 +874,8 @@ def resize_pos_embed(table, num_patches):
 
 
 def load_pretrained(model, state, source, required=None):
-    """Load weights non-strictly: prefixes stripped, pos_embed resized to the model's grid, tensors of another shape
-    (a head for other classes) left out; prints the keys the model lacks and those it does not use -> both lists.
-    If a key for which required(key) is true does not load, the run stops, saying what the file holds."""
+    """Load non-strictly (prefixes stripped, pos_embed resized, tensors of other shapes left out), print and return the
+    keys missing and unused; stop, saying what the file holds, if a key with required(key) does not load."""
     own, state = model.state_dict(), clean_state_dict(state)
     if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
         state['pos_embed'] = resize_pos_embed(state['pos_embed'], own['pos_embed'].shape[1] - 1)
@@ -911,8 +894,7 @@ def load_pretrained(model, state, source, required=None):
 # ---- evaluation on frozen features: kNN (DINO protocol) and a linear probe (MAE protocol) -------------------
 @torch.no_grad()
 def extract_features(function, dataset, args, desc='features'):
-    """function(images) (B, D) -> (N, D) floats and (N,) labels of a whole split, each rank doing its shard, gathered
-    to all. The caller puts the network in eval mode."""
+    """function(images) (B, D) -> (N, D) floats, (N,) labels of a split, sharded over ranks and gathered to all."""
     features, labels = [], []
     for images, label, *_ in tqdm(make_loader(dataset, args, train=False), desc=desc, disable=not is_main(),
                                   mininterval=1, dynamic_ncols=True, leave=False):
@@ -964,8 +946,7 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
 
 
 def evaluate(args, trained, build_random, eval_sets):
-    """kNN and linear-probe top-1 on the val split of the trained encoder and of `build_random()` beside it (each has
-    .features(images)), with progress bars, printed and logged as the run's last line of log.txt."""
+    """kNN and linear-probe top-1 of `trained` and of build_random() (.features(images) each), printed and logged."""
     torch.manual_seed(args.seed)  # the random-init baseline is the same network whatever happened before
     encoders = {'trained': trained, 'random_init': build_random().to(args.device)}
     results, num_classes = {}, len(eval_sets[0].classes) if eval_sets else 0
@@ -1014,9 +995,8 @@ RAND_OPS = {
 
 
 def rand_augment(img, rng, magnitude=9, std=0.5, num_ops=2, prob=0.5):
-    """timm's RandAugment rand-m9-mstd0.5-inc1: 2 ops drawn with replacement, each applied with probability 0.5 at a
-    magnitude ~ N(9, 0.5) clipped to [0, 10], signed ops negated half the time; equal to timm's ops pixel for pixel
-    for equal draws (measured), the draws coming from the sample's generator."""
+    """timm's rand-m9-mstd0.5-inc1: 2 ops with replacement, each with probability 0.5 at magnitude N(9, 0.5) clipped to
+    [0, 10], signed ops negated half the time; pixel for pixel timm's for equal draws (measured)."""
     for k in rng.integers(len(RAND_OPS), size=num_ops):
         if rng.random() <= prob:
             m = min(max(float(rng.normal(magnitude, std)), 0.0), 10.0)
@@ -1026,9 +1006,8 @@ def rand_augment(img, rng, magnitude=9, std=0.5, num_ops=2, prob=0.5):
 
 
 class FinetuneTransform(TrainTransform):
-    """timm's create_transform for fine-tuning: RandomResizedCrop (scale 0.08-1, bicubic), flip, RandAugment
-    rand-m9-mstd0.5-inc1, then random erasing with probability reprob (timm's 'pixel' mode: N(0, 1) noise in the
-    normalised space, here made in uint8, so clipped to 0-255, before the normalisation on the device)."""
+    """timm's create_transform for fine-tuning: RandomResizedCrop (0.08-1, bicubic), flip, RandAugment, then random
+    erasing with probability reprob ('pixel' mode, N(0, 1) noise in normalised space, here drawn in uint8)."""
     def __init__(self, size, reprob):
         super().__init__(size, scale=(0.08, 1.0))
         self.reprob = reprob
@@ -1051,9 +1030,8 @@ class FinetuneTransform(TrainTransform):
 
 
 def mix(images, labels, num_classes, mixup, cutmix, smoothing, rng):
-    """timm's Mixup (mode 'batch', prob 1, switch prob 0.5, correct_lam): the batch mixed with itself reversed, by
-    mixup (lam ~ Beta(mixup, mixup)) or cutmix (a box of the partner's pixels; lam = the area left), half the time
-    each when both are on -> images, label-smoothed targets (B, classes) mixed alike (rows sum to 1)."""
+    """timm's Mixup (mode 'batch', switch prob 0.5, correct_lam): the batch mixed with itself reversed, by mixup or
+    cutmix (a box of the partner's pixels, lam the area left) -> images, smoothed targets (B, classes) mixed alike."""
     target = torch.full((len(labels), num_classes), smoothing / num_classes, device=labels.device)
     target.scatter_(1, labels.long()[:, None], 1 - smoothing + smoothing / num_classes)
     if mixup <= 0 and cutmix <= 0:
@@ -1081,20 +1059,15 @@ def update_ema(ema, model, decay):  # ema = decay * ema + (1 - decay) * model, b
 
 def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=None, bce=False,
              schedule=adjust_learning_rate, no_decay_names=('pos_embed', 'cls_token'), ema_decay=0.0, sampler=None):
-    """Fine-tune `build_classifier(num_classes)` (images -> logits) from the encoder weights `state` on the labeled
-    train split -> val top-1 (%), logged each epoch in output_dir/finetune/log.txt, the network saved there as
-    finetuned.pth. main_finetune.py's protocol: AdamW (0.9, 0.999), layer-wise lr decay (layer_id(name) -> (i, n),
-    default the ViT's), no decay on `no_decay_names` and 1-D tensors, schedule(optimizer, epoch, ft) per iteration
-    (ft: the fine-tuning settings, with iters_per_epoch), drop path, FinetuneTransform, mixup / cutmix, label
-    smoothing, soft-target cross-entropy, --ft_batch by accumulation. SparK's recipe adds `optimizer(groups, lr=...)`
-    (LAMB), `bce`, an EMA (ema_decay; the better of the two reported) and repeated augmentation (sampler(n, ft): a
-    Sampler of the n images). Differences from the official fine-tuning code:
-     a. SparK's TrivialAugmentWide is RandAugment here, its val crop 0.875 (not 0.95); its EMA starts from the
-        pretrained weights (the official copy is made before they load, from the random init).
-     b. Random-erasing noise is drawn in uint8 (clipped to 0-255), not as N(0, 1) in the normalised space.
-     c. The top-1 of the last epoch is reported (not the best over epochs).
-    Named by its start weights and settings: run again with the same ones, an interrupted fine-tune continues exactly
-    and a finished one reports its top-1; other ones start afresh, the earlier folder moved to finetune-<n>."""
+    """Fine-tune build_classifier(num_classes) from the encoder weights `state` -> val top-1 (%), logged each epoch in
+    output_dir/finetune/, ending in finetuned.pth. main_finetune.py's protocol: AdamW (0.9, 0.999), layer decay
+    (layer_id(name) -> (i, n), default the ViT's), no decay on no_decay_names and 1-D tensors, schedule(optimizer,
+    epoch, ft) per iteration, drop path, FinetuneTransform, mixup / cutmix, smoothing, soft-target CE, --ft_batch by
+    accumulation; SparK adds optimizer (LAMB), bce, an EMA (the better reported) and sampler(n, ft) (repeated aug.).
+    Differences: a. SparK's TrivialAugmentWide is RandAugment, its val crop 0.875 (not 0.95), its EMA starts from the
+    pretrained weights (not the random init); b. erasing noise in uint8; c. the last epoch's top-1, not the best.
+    The same weights and settings again continue an interrupted fine-tune or report a finished one; others start
+    afresh, the earlier folder moved to finetune-<n>."""
     if not args.finetune_epochs or not eval_sets:
         return None
     (train, val), per_step = eval_sets, args.batch_size * args.world_size
@@ -1167,8 +1140,7 @@ def export_encoder(args, state):  # --export_encoder: the encoder alone, timm na
 
 
 def picture_images(args, train_set, eval_sets, count=8):
-    """(count, 3, H, W) uint8 on the device for a method's pictures: val images (else training images, uncropped)
-    spread evenly over the split, so that the sorted classes of an image folder all show, not only the first."""
+    """(count, 3, H, W) uint8 on the device: val (else uncropped training) images spread over the split's classes."""
     dataset = eval_sets[1] if eval_sets else train_set.with_transform(EvalTransform(args.input_size))
     indices = np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int)
     return torch.stack([dataset[i][0] for i in indices]).to(args.device)
@@ -1216,11 +1188,9 @@ class Remasked(Sparse):  # the dense op, then zero the masked sites of its outpu
 
 
 class VisibleStatistics(Sparse):
-    """BatchNorm over the visible sites only (the official BN on the (N, C) vectors of active sites): batch mean and
-    variance, and the running statistics' update, from masked sums (over all processes for SyncBatchNorm), with no
-    host sync. Under bf16 autocast products and sums run in bf16 (on a CPU an fp32 copy of each map cost more than the
-    convolutions), centred on a rough mean first, summed in fp32 across the batch (channel_sum): within bf16's
-    rounding of BN's fp32 statistics. fp16 inputs are taken in fp32 (their squares and sums would overflow)."""
+    """BatchNorm over visible sites only (the official BN of active sites' vectors), statistics from masked sums (over
+    all processes if synced), no host sync. bf16 maps are summed in bf16 (an fp32 copy cost more than the convs),
+    centred on a rough mean, accumulated in fp32 (channel_sum); fp16 ones in fp32 (their squares would overflow)."""
     def forward(self, x):  # (B, C, H, W)
         m = self.sites(x) if x.ndim == 4 else None  # (B, 1, H, W) bool
         if m is None or not self.training:  # evaluation: the running statistics, constants for autograd
@@ -1242,8 +1212,7 @@ class VisibleStatistics(Sparse):
 
 
 class VisibleNorm(torch.autograd.Function):
-    """((x - mean) / sqrt(var + eps) * weight + bias) at visible sites, 0 at masked ones, the statistics those of the
-    n visible sites; the backward is BN's restricted to them."""
+    """BN's affine normalisation with the n visible sites' statistics, 0 at masked sites; BN's backward over them."""
     @staticmethod
     def forward(ctx, x, m, centred, shift, mean, var, weight, bias, eps, n, total):
         ctx.save_for_backward(m, centred, shift, torch.rsqrt(var + eps), weight)
