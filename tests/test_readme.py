@@ -24,3 +24,13 @@ def test_snippet_runs(tmp_path, index):
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_lines_of_common_py_each_snippet_needs_are_those_the_readme_says():
+    result = subprocess.run([sys.executable, 'benchmarks/carried_lines.py'], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = [int(n) for n in re.findall(r'^snippet \d: (\d+) lines of common.py', result.stdout, flags=re.M)]
+    section = open(os.path.join(ROOT, 'README.md')).read().split('## Use a method in your own code', 1)[1]
+    stated = [int(n) for n in re.findall(r'\((\d+)\s+lines of common.py', section.split('\n## ', 1)[0])]
+    assert len(counts) == 3 and counts == stated, (counts, stated)
