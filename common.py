@@ -341,6 +341,8 @@ def build_datasets(args, train_transform, draw_mask=None):
         *train, classes = scan_folder(root) if os.path.isdir(root) else scan_folder(args.data_path, classes=[])
         labeled = classes and os.path.isdir(val) and any(os.path.isdir(os.path.join(val, c)) for c in classes)
         splits = {'train': train, 'val': scan_folder(val, classes)[:2] if labeled else None}
+        if labeled and (unknown := sorted({d.name for d in os.scandir(val) if d.is_dir()} - set(classes))):
+            warnings.warn(f'{val} has folders that {root} lacks, their images not evaluated: {", ".join(unknown)}')
         if not len(train[0]):
             sys.exit(f'error: no images ({", ".join(IMAGE_EXTENSIONS)}) found under {args.data_path}')
         if classes and os.path.isdir(val) and not (labeled and len(splits['val'][0])):  # evaluation would crash
@@ -511,6 +513,8 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
     presets[data], then `defaults`; validate before any work starts; derive the run's settings -> args."""
     show_values(parser, defaults, presets, recipe)
     args = parser.parse_args(argv)
+    if args.lr is not None and args.blr is not None:  # else --blr would be ignored without a word
+        parser.error('--lr and --blr both given: --lr sets the lr, --blr scales it with the batch; give one')
     filled = {**FINETUNE, **defaults, **presets.get(args.data, {})}
     for key, value in {**filled, **recipe(args.model or filled['model'], args.data,
                                           args.input_size or filled['input_size'])}.items():
@@ -844,6 +848,9 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
         torch.set_rng_state(checkpoint['rng'][args.rank]['torch'])
         if args.device.type == 'cuda':
             torch.cuda.set_rng_state_all(checkpoint['rng'][args.rank]['cuda'])
+    elif is_main():  # the per-sample draws are (seed, epoch, index)'s, whatever the world size
+        print(f"note: {path} holds the random state of {len(checkpoint.get('rng', ()))} process(es), this run has "
+              f"{args.world_size}: data, crops and masks continue exactly, torch's draws (drop path) from --seed")
     if is_main():  # the log as it was at that checkpoint: lines written after it go
         start_run(args, checkpoint.get('log'))
         print(f"resumed from {path} (epoch {checkpoint['epoch']})")

@@ -148,8 +148,11 @@ def test_image_folder_modes_corrupt_and_empty_class(tmp_path):
     (tmp_path / 'train' / 'dog' / 'broken.jpg').write_bytes(b'not an image at all')
     os.makedirs(tmp_path / 'train' / 'emu')  # an empty class folder keeps its label
     write_images(tmp_path / 'val' / 'dog', [('v.png', Image.fromarray(rgb))])
-    with pytest.warns(UserWarning, match='holds no images'):
+    write_images(tmp_path / 'val' / 'yak', [('v.png', Image.fromarray(rgb))])  # a class train/ lacks: said (was not)
+    with pytest.warns(UserWarning) as said:
         train_set, (train_eval, val) = common.build_datasets(folder_args(tmp_path), common.TrainTransform(16))
+    assert any('emu holds no images' in str(w.message) for w in said)
+    assert any('lacks, their images not evaluated: yak' in str(w.message) for w in said)
     assert train_set.classes == ['cat', 'dog', 'emu'] and list(val.labels) == [1]
     assert len(train_set) == 7
     with pytest.warns(UserWarning, match='broken.jpg'):
@@ -412,6 +415,7 @@ BAD_FLAGS = [
     (['--resume', '/nonexistent.pth'], 'no such file'),
     (['--batch_size', '0'], 'must be at least 1'),
     (['--blr', 'fast'], 'invalid float value'),
+    (['--lr', '1e-3', '--blr', '1e-2'], '--lr and --blr both given'),  # was: --blr ignored without a word
     (['--epoch', '1'], 'unrecognized arguments: --epoch 1'),  # no abbreviations: never taken for --epochs
 ]
 

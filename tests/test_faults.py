@@ -336,8 +336,22 @@ def test_resume_warns_of_another_effective_batch_not_of_another_split_of_it(tmp_
     common.resume(parse('--batch_size', '8', '--accum_iter', '2', '--resume', str(path)), model, optimizer)
     assert 'warning' not in capsys.readouterr().out  # 8 x 2 steps (or x 2 processes) is the same batch of 16
     common.resume(parse('--batch_size', '32', '--resume', str(path)), model, optimizer)
-    warning = capsys.readouterr().out.splitlines()[-2]
-    assert warning.startswith('warning:') and 'effective batch 32 (was 16)' in warning and '--lr' in warning
+    warning, = [line for line in capsys.readouterr().out.splitlines() if line.startswith('warning:')]
+    assert 'effective batch 32 (was 16)' in warning and '--lr' in warning
+
+
+def test_resume_with_another_number_of_processes_says_which_draws_restart(tmp_path, capsys):
+    import common, mae
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = mae.parse_args(['--model', 'vit_tiny_patch4', '--output_dir', str(tmp_path)])
+    rng = {'torch': torch.get_rng_state(), 'cuda': []}
+    for saved_by, said in [(1, False), (2, True)]:  # a run of 1 process resumed by 1, then one of 2 resumed by 1
+        torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': 0,
+                    'args': common.plain(args), 'rng': [rng] * saved_by}, path := tmp_path / f'{saved_by}.pth')
+        common.resume(argparse.Namespace(**{**vars(args), 'resume': str(path)}), model, optimizer)
+        out = capsys.readouterr().out
+        assert ('random state of 2 process(es), this run has 1' in out) == said, out  # was silent
 
 
 def test_resuming_past_the_new_epochs_is_refused(tmp_path):
