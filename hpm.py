@@ -316,7 +316,7 @@ def main(argv=None):
         common.log_stats(args, {'epoch': epoch, 'alpha': alpha, 'teacher_decay': decay, **stats})
         common.save_checkpoint(args, epoch, model, optimizer, step['scaler'], ema_state_dict=teacher.state_dict())
 
-    common.evaluate(args, model, partial(build_model, args), eval_sets)
+    common.evaluate(args, teacher if args.teacher else model, partial(build_model, args), eval_sets)
     if common.is_main():
         images = common.picture_images(args, train_set, eval_sets)  # (8, 3, H, W) uint8
         draw_reconstructions(model, teacher, images, args, f'{args.output_dir}/reconstruction.png')

@@ -168,6 +168,17 @@ def test_teacher_is_updated_once_per_optimizer_step(tmp_path, monkeypatch):
         assert json.load(f)['accum_iter'] == 2
 
 
+def test_teacher_flag_evaluates_the_teacher_after_training(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(common, 'evaluate', lambda args, trained, *_: seen.update(trained=trained.state_dict()))
+    monkeypatch.setattr(common, 'export_encoder', lambda args, state: seen.update(exported=state))
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    hpm.main(FLAGS + ['--shapes_size', '32', '--teacher', '--output_dir', str(tmp_path / 'run')])
+    teacher = torch.load(tmp_path / 'run' / 'checkpoint-last.pth', weights_only=True)['ema_state_dict']
+    for name, value in seen['exported'].items():  # what --teacher exports and fine-tunes: the teacher's encoder
+        assert torch.equal(value, teacher[name]) and torch.equal(seen['trained'][name], value), name  # was: student
+
+
 def test_resume_restores_the_teacher(tmp_path):
     flags = FLAGS + ['--shapes_size', '128', '--epochs', '2', '--probe_epochs', '0', '--knn_k', '0']
     straight = str(tmp_path / 'straight')
