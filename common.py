@@ -419,7 +419,7 @@ def make_loader(dataset, args, train, sampler=None):
     if train and len(sampler) < args.batch_size * args.accum_iter:
         sys.exit(f'error: the training split has {len(dataset)} images, fewer than one optimizer step needs '
                  f'(--batch_size {args.batch_size} x --accum_iter {args.accum_iter} x {args.world_size} process(es)): '
-                 f'lower --batch_size or --accum_iter')
+                 f'lower --accum_iter (a recipe\'s target batch sets it unless given), or --batch_size')
     return torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers,
                                        pin_memory=args.device.type == 'cuda', drop_last=train)
 
