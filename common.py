@@ -1100,7 +1100,7 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
     settings, model = step_settings(ft), wrap_ddp(classifier, args)
     loader = make_loader(train.with_transform(FinetuneTransform(args.input_size, args.reprob)), ft, True,
                          sampler and sampler(len(train), ft))
-    ft.iters_per_epoch = len(loader) // ft.accum_iter  # optimizer steps per epoch, for SparK's schedule end point
+    ft.iters_per_epoch = len(loader) // ft.accum_iter  # read by the schedules that end on the last step (SparK, MFM)
 
     def loss_fn(model, images, labels, _):
         images, target = mix(normalize(images), labels, len(train.classes), args.mixup, args.cutmix, args.smoothing,
