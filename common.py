@@ -1079,6 +1079,9 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
         return None
     (train, val), per_step = eval_sets, args.batch_size * args.world_size
     accum = max(1, (args.ft_batch or 0) // per_step)
+    if args.ft_batch and per_step * accum != args.ft_batch and is_main():  # as parse_args says of the pretraining's
+        print(f'note: --ft_batch {args.ft_batch} is not a multiple of --batch_size x processes = {per_step}: the '
+              f"fine-tuning's effective batch is {per_step * accum}, and its lr is scaled to it")
     ft = argparse.Namespace(**{**vars(args), 'epochs': args.finetune_epochs, 'warmup_epochs': args.ft_warmup_epochs,
                                'min_lr': 1e-6, 'clip_grad': None, 'output_dir': f'{args.output_dir}/finetune',
                                'save_freq': sys.maxsize, 'accum_iter': accum})

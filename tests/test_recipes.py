@@ -239,6 +239,13 @@ def test_maskfeat_finetune_lr_at_fractional_epochs(tmp_path, monkeypatch):
     assert groups['blocks.11.mlp.fc1.weight']['lr'] == pytest.approx(1e-6 * shards * 0.65)  # COSINE_END_LR
 
 
+def test_a_fine_tuning_batch_the_processes_cannot_make_is_said(tmp_path, monkeypatch, capsys):
+    ft = finetune_start(mae, tmp_path, monkeypatch, '--ft_batch', '12')[3]  # 8 per step: 12 cannot be made
+    assert ft.accum_iter == 1 and ft.lr == pytest.approx(ft.ft_blr * 8 / 256)
+    assert "--ft_batch 12 is not a multiple of --batch_size x processes = 8: the fine-tuning's effective batch is " \
+           '8' in capsys.readouterr().out  # was silent
+
+
 def timm_cosine(t, base, warmup_lr, min_lr, warmup_t, t_initial):
     """timm v0.4.12 scheduler/cosine_lr.py:27-95 as MFM lr_scheduler.py:10-27 builds it (t_in_epochs False, cycle
     limit 1, warmup_prefix False: the cosine runs over the raw t of the whole run, warmup included)."""
