@@ -553,6 +553,10 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
             print(f"note: the recipe's batch {target} is not a multiple of --batch_size x processes = {per_step}: the "
                   f"effective batch is {args.accum_iter * per_step}, and the lr is scaled to it")
     args.eff_batch_size = per_step * args.accum_iter
+    for warmup, epochs in (('warmup_epochs', 'epochs'), ('ft_warmup_epochs', 'finetune_epochs')):
+        if 0 < getattr(args, epochs) <= getattr(args, warmup) and args.rank == 0:  # as the official code, but said
+            print(f'note: --{warmup} {getattr(args, warmup):g} >= --{epochs} {getattr(args, epochs)}: the lr rises '
+                  f'through the whole run and never reaches its peak')
     args.lr = args.lr or args.blr * args.eff_batch_size / 256
     return args
 

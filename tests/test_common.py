@@ -442,3 +442,13 @@ def test_bad_flags_exit_with_one_line():
         assert result.returncode != 0, flags
         assert message in result.stderr and 'Traceback' not in result.stderr, (flags, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, (flags, result.stderr)
+
+
+def test_a_warmup_as_long_as_the_run_is_said(capsys):
+    import mae
+    mae.parse_args(['--epochs', '20', '--warmup_epochs', '40', '--finetune_epochs', '3'])  # the official code runs
+    out = capsys.readouterr().out  # them so too, without a word: the lr never leaves its warmup
+    assert 'note: --warmup_epochs 40 >= --epochs 20: the lr rises through the whole run' in out
+    assert 'note: --ft_warmup_epochs 5 >= --finetune_epochs 3' in out
+    mae.parse_args(['--epochs', '20', '--warmup_epochs', '5'])
+    assert 'note' not in capsys.readouterr().out
