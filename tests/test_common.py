@@ -452,3 +452,15 @@ def test_a_warmup_as_long_as_the_run_is_said(capsys):
     assert 'note: --ft_warmup_epochs 5 >= --finetune_epochs 3' in out
     mae.parse_args(['--epochs', '20', '--warmup_epochs', '5'])
     assert 'note' not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('flag, value, words', [
+    ('--reprob', '25', '--reprob must be in [0, 1], got 25.0'),  # a percentage: every image was erased
+    ('--smoothing', '1.5', '--smoothing must be in [0, 1]'), ('--crop_scale', '1.5', '--crop_scale must be in [0, 1]'),
+    ('--finetune_epochs', '-1', '--finetune_epochs must be at least 0'),  # reported the untrained head's top-1
+    ('--knn_k', '-5', '--knn_k must be at least 0'), ('--weight_decay', '-0.05', '--weight_decay must be at least 0')])
+def test_a_value_out_of_its_range_is_refused_in_one_line(flag, value, words):
+    import mae
+    with pytest.raises(SystemExit) as stop:  # parser.error: sys.exit of one line
+        mae.parse_args([flag, value])
+    assert f'error: {words}' in str(stop.value) and '\n' not in str(stop.value), stop.value
