@@ -534,13 +534,14 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
              f"--resume {args.resume}: no such file (use 'auto' to continue the run in --output_dir)"),
             (not (args.eval_only and args.resume == 'auto'), '--eval_only takes --resume FILE (none: random weights)'),
             (not args.device.startswith('cuda') or torch.cuda.is_available(), 'no CUDA GPU: use --device cpu'),
-            *[(getattr(args, k) is None or low <= getattr(args, k) <= high,
-               f'--{k} must be ' + ('in [0, 1]' if high == 1 else f'at least {low}') + f', got {getattr(args, k)}')
-              for low, high, keys in [
-                  (1, math.inf, 'batch_size accum_iter input_size save_freq ft_batch'),
+            *[(getattr(args, k, None) is None or low <= getattr(args, k) <= high, f'--{k} must be ' +
+               ('in [0, 1]' if high == 1 else f'at least {low}') + f', got {getattr(args, k, None)}')
+              for low, high, keys in [  # the shared flags, then the method files' (absent ones are skipped)
+                  (1, math.inf, 'batch_size accum_iter input_size save_freq ft_batch decoder_embed_dim '
+                                'decoder_num_heads decoder_width hog_cell_size'),
                   (0, math.inf, 'blr lr min_lr weight_decay warmup_epochs clip_grad knn_k probe_epochs finetune_epochs '
-                                'ft_blr mixup cutmix ft_weight_decay ft_warmup_epochs'),
-                  (0, 1, 'crop_scale smoothing reprob layer_decay ft_drop_path')]
+                                'ft_blr mixup cutmix ft_weight_decay ft_warmup_epochs decoder_depth ft_repeated_aug'),
+                  (0, 1, 'crop_scale smoothing reprob layer_decay ft_drop_path alpha_final drop_path ft_ema')]
               for k in keys.split()]]:
         if not ok:
             parser.error(message)

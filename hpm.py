@@ -93,6 +93,9 @@ def parse_args(argv=None):
     args = common.parse_args(parser, 'hpm', DEFAULTS, PRESETS, argv, recipe)
     L = (args.input_size // common.vit_config(args.model)['patch_size']) ** 2
     common.check_mask_count(parser, args.mask_ratio, int(L * (1 - args.mask_ratio)), L)
+    if args.decoder_embed_dim % args.decoder_num_heads:  # else the model's constructor stops with a traceback
+        parser.error(f'--decoder_embed_dim {args.decoder_embed_dim} does not split into --decoder_num_heads '
+                     f'{args.decoder_num_heads} heads')
     if not (0 <= min(args.ema_decay) and max(args.ema_decay) < 1 and args.ema_ramp_epochs > 0):
         parser.error(f'--ema_decay must be two values in [0, 1) and --ema_ramp_epochs positive, got '
                      f'{args.ema_decay} and {args.ema_ramp_epochs}')

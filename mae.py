@@ -83,6 +83,9 @@ def parse_args(argv=None):
     args = common.parse_args(parser, 'mae', DEFAULTS, PRESETS, argv, recipe)
     L = (args.input_size // common.vit_config(args.model)['patch_size']) ** 2
     common.check_mask_count(parser, args.mask_ratio, int(L * (1 - args.mask_ratio)), L)
+    if args.decoder_embed_dim % args.decoder_num_heads:  # else the model's constructor stops with a traceback
+        parser.error(f'--decoder_embed_dim {args.decoder_embed_dim} does not split into --decoder_num_heads '
+                     f'{args.decoder_num_heads} heads')
     return args
 
 

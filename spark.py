@@ -112,6 +112,9 @@ def parse_args(argv=None):
                      f'{MODELS[args.model][3]} of {args.model} (use a *_ds8 model for 32-64 px images)')
     L = (args.input_size // MODELS[args.model][3]) ** 2
     common.check_mask_count(parser, args.mask_ratio, round(L * (1 - args.mask_ratio)), L)
+    if args.decoder_width < MODELS[args.model][3]:  # as SparK's constructor: halved once per 2x of the ratio
+        parser.error(f'--decoder_width must be at least {MODELS[args.model][3]} for {args.model} (its decoder halves '
+                     f'the width at each 2x upsampling), got {args.decoder_width}')
     return args
 
 
@@ -334,6 +337,8 @@ class SparK(nn.Module):
         self.keep = round(self.num_patches * (1 - mask_ratio))
         self.sparse_encoder = nn.ModuleDict({'sp_cnn': sparse_twin(backbone)})  # keys as the official SparseEncoder's
         blocks = round(math.log2(self.patch_size))
+        if decoder_width >> blocks < 1:  # its blocks halve the width, one per 2x upsampling
+            raise ValueError(f'decoder_width {decoder_width} cannot be halved {blocks} times: {2 ** blocks} at least')
         channels = backbone.feature_channels[::-1][:blocks]  # smallest map first, as many as decoder blocks
         norm = nn.BatchNorm2d if isinstance(backbone, ResNet) else partial(LayerNorm2d, eps=1e-6)  # densify 'bn' / 'ln'
         self.densify_norms = nn.ModuleList(sparse_twin(norm(c)) for c in channels)

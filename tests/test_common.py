@@ -464,3 +464,22 @@ def test_a_value_out_of_its_range_is_refused_in_one_line(flag, value, words):
     with pytest.raises(SystemExit) as stop:  # parser.error: sys.exit of one line
         mae.parse_args([flag, value])
     assert f'error: {words}' in str(stop.value) and '\n' not in str(stop.value), stop.value
+
+
+@pytest.mark.parametrize('method, flags, words', [  # each was a traceback after start-up (or ran on, silently)
+    ('mae', ['--decoder_num_heads', '5'], '--decoder_embed_dim 128 does not split into --decoder_num_heads 5 heads'),
+    ('hpm', ['--decoder_embed_dim', '0'], '--decoder_embed_dim must be at least 1, got 0'),
+    ('hpm', ['--alpha_final', '1.5'], '--alpha_final must be in [0, 1], got 1.5'),
+    ('spark', ['--decoder_width', '7'], '--decoder_width must be at least 8 for resnet_mini_ds8'),
+    ('spark', ['--drop_path', '-1'], '--drop_path must be in [0, 1], got -1.0'),
+    ('spark', ['--ft_ema', '1.5'], '--ft_ema must be in [0, 1], got 1.5')])
+def test_a_method_size_or_value_that_cannot_work_is_refused_in_one_line(method, flags, words):
+    with pytest.raises(SystemExit) as stop:
+        __import__(method).parse_args(flags)
+    assert f'error: {words}' in str(stop.value) and '\n' not in str(stop.value), stop.value
+
+
+def test_spark_refuses_a_decoder_too_narrow_to_halve():
+    import spark
+    with pytest.raises(ValueError, match='decoder_width 4 cannot be halved 3 times: 8 at least'):
+        spark.SparK(spark.build_backbone('resnet_mini_ds8'), 32, 0.6, decoder_width=4)
