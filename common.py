@@ -979,7 +979,8 @@ def evaluate(args, trained, build_random, eval_sets):
     for metric, title in (('knn', f'kNN (k={args.knn_k})'), ('probe', 'linear probe')):
         if found := [f'{n} {results[key]:.2f}%' for n in encoders if (key := f'{n}_{metric}_top1') in results]:
             print(f'{title:>14} top-1: ' + ', '.join(found))  # only rank 0 has results
-    log_stats(args, {'epoch': args.epochs - 1, 'evaluation': True, **results})
+    done = {'checkpoint': args.resume or None} if args.eval_only else {'epoch': args.epochs - 1}  # what was evaluated
+    log_stats(args, {**done, 'evaluation': True, **results})
     return results
 
 

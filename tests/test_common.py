@@ -1,5 +1,5 @@
 """Invariants of the shared pieces: patchify, position table, transforms, datasets, optimisation, checkpoints."""
-import copy, hashlib, io, math, os, pickle, subprocess, sys, tarfile, urllib.error, urllib.request, warnings
+import copy, hashlib, io, json, math, os, pickle, subprocess, sys, tarfile, urllib.error, urllib.request, warnings
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -483,3 +483,14 @@ def test_spark_refuses_a_decoder_too_narrow_to_halve():
     import spark
     with pytest.raises(ValueError, match='decoder_width 4 cannot be halved 3 times: 8 at least'):
         spark.SparK(spark.build_backbone('resnet_mini_ds8'), 32, 0.6, decoder_width=4)
+
+
+def test_an_evaluation_logs_what_it_evaluated(tmp_path):
+    settings = dict(output_dir=str(tmp_path), epochs=7, seed=0, device=torch.device('cpu'), knn_k=0, probe_epochs=0)
+    common.evaluate(SimpleNamespace(**settings, eval_only=False, resume=''), None, torch.nn.Identity, None)
+    common.evaluate(SimpleNamespace(**settings, eval_only=True, resume='run/checkpoint-last.pth'), None,
+                    torch.nn.Identity, None)
+    with open(tmp_path / 'log.txt') as f:
+        trained, evaluated = [json.loads(line) for line in f]
+    assert trained == {'epoch': 6, 'evaluation': True}  # the last epoch of this run
+    assert evaluated == {'checkpoint': 'run/checkpoint-last.pth', 'evaluation': True}  # was 'epoch': 6, whatever
