@@ -895,7 +895,10 @@ def load_pretrained(model, state, source, required=None):
     """Load non-strictly (prefixes stripped, pos_embed resized, tensors of other shapes left out), print and return the
     keys missing and unused; stop, saying what the file holds, if a key with required(key) does not load."""
     own, state = model.state_dict(), clean_state_dict(state)
+    resized = ''  # said, as MAE's interpolate_pos_embed says it
     if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
+        old, new = (math.isqrt(t.shape[1] - 1) for t in (state['pos_embed'], own['pos_embed']))
+        resized = f"; pos_embed resized from the file's {old}x{old} patch grid to {new}x{new}"
         state['pos_embed'] = resize_pos_embed(state['pos_embed'], own['pos_embed'].shape[1] - 1)
     unused = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in unused}, strict=False)
@@ -905,7 +908,8 @@ def load_pretrained(model, state, source, required=None):
                  f'tensors do not load ({mismatches(own, state, lacking)}); the file holds {len(state)} tensors: '
                  f'{count(state) or "none"}: pass the --model (and sizes) it was made with')
     if is_main():  # keys counted by their first name: 'decoder_blocks (96)'
-        print(f'loaded {source}: missing {count(missing) or "none"}; unused {count(unexpected + unused) or "none"}')
+        print(f'loaded {source}: missing {count(missing) or "none"}; unused {count(unexpected + unused) or "none"}'
+              + resized)
     return sorted(missing), sorted(unexpected + unused)
 
 

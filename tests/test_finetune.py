@@ -215,7 +215,7 @@ def test_mfm_official_checkpoint_and_its_timm_layout_load(tmp_path, monkeypatch)
 
 
 # ---- position tables -------------------------------------------------------------------------------------------------
-def test_pos_embed_of_a_smaller_grid_is_resized():
+def test_pos_embed_of_a_smaller_grid_is_resized(capsys):
     """A 4x4-grid table loaded at 8x8: resized, cls slot kept, constants constant, rows and columns not swapped."""
     state = seeded(1, vit_classifier, 10).state_dict()
     table = torch.full((1, 17, 192), 0.5)
@@ -225,6 +225,7 @@ def test_pos_embed_of_a_smaller_grid_is_resized():
     model = seeded(2, vit_classifier, 10, img_size=32)
     missing, unused = common.load_pretrained(model, {**state, 'pos_embed': table}, '16 px')
     assert 'pos_embed' not in missing + unused and model.pos_embed.shape == (1, 65, 192)
+    assert "pos_embed resized from the file's 4x4 patch grid to 8x8" in capsys.readouterr().out  # was not said
     assert torch.equal(model.pos_embed[0, 0], table[0, 0])
     grid = model.pos_embed.detach()[0, 1:].reshape(8, 8, 192)  # (row, column, D)
     assert torch.allclose(grid[..., 2:], torch.tensor(0.5), atol=1e-6)
