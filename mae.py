@@ -32,7 +32,7 @@ Differences from the official code (each deliberate):
 Expected result (`python mae.py`, built-in shapes, 32 px, ViT-Ti/4, 2-core AMD EPYC CPU): see the README table
 (kNN and linear probe of the pretrained vs the randomly initialised encoder): 15.7 / 28.6 vs 11.2 / 14.7, 3.6 minutes.
 """
-import argparse
+import argparse, math
 from functools import partial
 
 import numpy as np
@@ -83,6 +83,9 @@ def parse_args(argv=None):
     args = common.parse_args(parser, 'mae', DEFAULTS, PRESETS, argv, recipe)
     L = (args.input_size // common.vit_config(args.model)['patch_size']) ** 2
     common.check_mask_count(parser, args.mask_ratio, int(L * (1 - args.mask_ratio)), L)
+    if args.mask_type != 'random' and L > 64 ** 2:  # noise_bank's patterns are 64 x 64 patches
+        parser.error(f'--mask_type {args.mask_type} has patterns of 64x64 patches, this grid is {math.isqrt(L)}x'
+                     f'{math.isqrt(L)}: use a smaller --input_size or a larger patch')
     if args.decoder_embed_dim % args.decoder_num_heads:  # else the model's constructor stops with a traceback
         parser.error(f'--decoder_embed_dim {args.decoder_embed_dim} does not split into --decoder_num_heads '
                      f'{args.decoder_num_heads} heads')

@@ -468,6 +468,8 @@ def test_a_value_out_of_its_range_is_refused_in_one_line(flag, value, words):
 
 @pytest.mark.parametrize('method, flags, words', [  # each was a traceback after start-up (or ran on, silently)
     ('mae', ['--decoder_num_heads', '5'], '--decoder_embed_dim 128 does not split into --decoder_num_heads 5 heads'),
+    ('mae', ['--mask_type', 'green', '--input_size', '272'],
+     '--mask_type green has patterns of 64x64 patches, this grid is 68x68'),
     ('hpm', ['--decoder_embed_dim', '0'], '--decoder_embed_dim must be at least 1, got 0'),
     ('hpm', ['--alpha_final', '1.5'], '--alpha_final must be in [0, 1], got 1.5'),
     ('spark', ['--decoder_width', '7'], '--decoder_width must be at least 8 for resnet_mini_ds8'),
