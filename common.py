@@ -436,42 +436,52 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(f'{self.prog}: error: {message} (see --help)')
 
 
+def number(kind, low, high=math.inf):  # an argparse type: a kind (int, float) in [low, high], else one line saying so
+    def parse(text):
+        if not low <= (value := kind(text)) <= high:
+            raise argparse.ArgumentTypeError(f"must be {'in [0, 1]' if high == 1 else f'at least {low}'}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # a word that is no number: argparse's "invalid float value: 'fast'"
+    return parse
+
+
+COUNT, NATURAL, AMOUNT, FRACTION = number(int, 1), number(int, 0), number(float, 0), number(float, 0, 1)
 FLAGS = [  # (flag, argparse options, help); a default of None is filled from the dataset preset or the method default
-    ('--input_size', dict(type=int), 'image side in pixels'),
-    ('--crop_scale', dict(type=float), 'smallest area fraction of the pretraining RandomResizedCrop (method recipe)'),
-    ('--batch_size', dict(type=int), 'images per process and step (effective batch: x accum_iter x world size)'),
-    ('--epochs', dict(type=int), 'pretraining epochs'),
-    ('--accum_iter', dict(type=int), 'micro-batches per optimizer step (a preset with a target batch sets it)'),
-    ('--blr', dict(type=float), 'base learning rate: lr = blr * effective_batch / 256'),
-    ('--lr', dict(type=float), 'absolute learning rate, instead of --blr'),
-    ('--min_lr', dict(type=float), 'lower bound of the cosine schedule'),
-    ('--weight_decay', dict(type=float), 'weight decay'),
-    ('--warmup_epochs', dict(type=float), 'epochs of linear warmup from 0'),
-    ('--clip_grad', dict(type=float), 'clip the global gradient norm to this; unset: no clipping'),
+    ('--input_size', dict(type=COUNT), 'image side in pixels'),
+    ('--crop_scale', dict(type=FRACTION), 'smallest area fraction of the pretraining RandomResizedCrop'),
+    ('--batch_size', dict(type=COUNT), 'images per process and step (effective batch: x accum_iter x world size)'),
+    ('--epochs', dict(type=NATURAL), 'pretraining epochs'),
+    ('--accum_iter', dict(type=COUNT), 'micro-batches per optimizer step (a preset with a target batch sets it)'),
+    ('--blr', dict(type=AMOUNT), 'base learning rate: lr = blr * effective_batch / 256'),
+    ('--lr', dict(type=AMOUNT), 'absolute learning rate, instead of --blr'),
+    ('--min_lr', dict(type=AMOUNT), 'lower bound of the cosine schedule'),
+    ('--weight_decay', dict(type=AMOUNT), 'weight decay'),
+    ('--warmup_epochs', dict(type=AMOUNT), 'epochs of linear warmup from 0'),
+    ('--clip_grad', dict(type=AMOUNT), 'clip the global gradient norm to this; unset: no clipping'),
     ('--data', dict(default='shapes', choices=['shapes', 'cifar10', 'cifar100', 'imagenet', 'folder']),
      'shapes: built in; cifar: its archive (downloaded), or an image folder; imagenet/folder: '
      '<data_path>/train/<class>/*, val/ or test/'),
     ('--data_path', dict(default='./data'), 'dataset root'),
-    ('--shapes_size', dict(type=int), 'training images generated for --data shapes'),
+    ('--shapes_size', dict(type=COUNT), 'training images generated for --data shapes'),
     ('--cache', dict(action='store_true'), 'decode images once into memory (resized, centre-cropped): small datasets'),
-    ('--num_workers', dict(type=int), 'data loader processes per training process'),
+    ('--num_workers', dict(type=NATURAL), 'data loader processes per training process'),
     ('--output_dir', dict(), 'one run per folder (default: output/<method>_<data>, or <...>_eval with --eval_only)'),
     ('--resume', dict(default=''), "a checkpoint to continue from, or 'auto' for output_dir/checkpoint-last.pth"),
-    ('--save_freq', dict(type=int, default=20), 'keep a numbered checkpoint every this many epochs'),
+    ('--save_freq', dict(type=COUNT, default=20), 'keep a numbered checkpoint every this many epochs'),
     ('--eval_only', dict(action='store_true'), 'evaluate the --resume checkpoint, no training'),
-    ('--knn_k', dict(type=int, default=20), 'neighbours of the kNN evaluation (0: no kNN)'),
-    ('--probe_epochs', dict(type=int), 'linear-probe epochs (0: no probe)'),
-    ('--finetune_epochs', dict(type=int, default=0), 'then fine-tune end to end this many epochs, report top-1'),
-    ('--ft_blr', dict(type=float), 'fine-tuning base lr (lr = ft_blr * effective batch / 256)'),
-    ('--ft_batch', dict(type=int), "fine-tuning effective batch, reached by accumulation (default: pretraining's)"),
-    ('--ft_warmup_epochs', dict(type=float), 'fine-tuning warmup epochs'),
-    ('--ft_weight_decay', dict(type=float), 'fine-tuning weight decay'),
-    ('--ft_drop_path', dict(type=float), 'fine-tuning stochastic depth'),
-    ('--layer_decay', dict(type=float), 'layer-wise lr decay: layer i of n gets lr * layer_decay^(n - i)'),
-    ('--mixup', dict(type=float), 'fine-tuning mixup alpha (0: off)'),
-    ('--cutmix', dict(type=float), 'fine-tuning cutmix alpha (0: off)'),
-    ('--smoothing', dict(type=float), 'fine-tuning label smoothing'),
-    ('--reprob', dict(type=float), 'fine-tuning random-erasing probability'),
+    ('--knn_k', dict(type=NATURAL, default=20), 'neighbours of the kNN evaluation (0: no kNN)'),
+    ('--probe_epochs', dict(type=NATURAL), 'linear-probe epochs (0: no probe)'),
+    ('--finetune_epochs', dict(type=NATURAL, default=0), 'then fine-tune end to end this many epochs, report top-1'),
+    ('--ft_blr', dict(type=AMOUNT), 'fine-tuning base lr (lr = ft_blr * effective batch / 256)'),
+    ('--ft_batch', dict(type=COUNT), "fine-tuning effective batch, reached by accumulation (default: pretraining's)"),
+    ('--ft_warmup_epochs', dict(type=AMOUNT), 'fine-tuning warmup epochs'),
+    ('--ft_weight_decay', dict(type=AMOUNT), 'fine-tuning weight decay'),
+    ('--ft_drop_path', dict(type=FRACTION), 'fine-tuning stochastic depth'),
+    ('--layer_decay', dict(type=FRACTION), 'layer-wise lr decay: layer i of n gets lr * layer_decay^(n - i)'),
+    ('--mixup', dict(type=AMOUNT), 'fine-tuning mixup alpha (0: off)'),
+    ('--cutmix', dict(type=AMOUNT), 'fine-tuning cutmix alpha (0: off)'),
+    ('--smoothing', dict(type=FRACTION), 'fine-tuning label smoothing'),
+    ('--reprob', dict(type=FRACTION), 'fine-tuning random-erasing probability'),
     ('--export_encoder', dict(action='store_true'), 'write the encoder in timm names to output_dir/encoder_timm.pth'),
     ('--compile', dict(action='store_true'), 'the training step under torch.compile (minutes of compilation first)'),
     ('--seed', dict(type=int, default=0), 'seeds the model init and every per-sample random choice'),
@@ -533,16 +543,7 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
             (args.resume in ('', 'auto') or os.path.isfile(args.resume),
              f"--resume {args.resume}: no such file (use 'auto' to continue the run in --output_dir)"),
             (not (args.eval_only and args.resume == 'auto'), '--eval_only takes --resume FILE (none: random weights)'),
-            (not args.device.startswith('cuda') or torch.cuda.is_available(), 'no CUDA GPU: use --device cpu'),
-            *[(getattr(args, k, None) is None or low <= getattr(args, k) <= high, f'--{k} must be ' +
-               ('in [0, 1]' if high == 1 else f'at least {low}') + f', got {getattr(args, k, None)}')
-              for low, high, keys in [  # the shared flags, then the method files' (absent ones are skipped)
-                  (1, math.inf, 'batch_size accum_iter input_size save_freq ft_batch decoder_embed_dim '
-                                'decoder_num_heads decoder_width hog_cell_size'),
-                  (0, math.inf, 'blr lr min_lr weight_decay warmup_epochs clip_grad knn_k probe_epochs finetune_epochs '
-                                'ft_blr mixup cutmix ft_weight_decay ft_warmup_epochs decoder_depth ft_repeated_aug'),
-                  (0, 1, 'crop_scale smoothing reprob layer_decay ft_drop_path alpha_final drop_path ft_ema')]
-              for k in keys.split()]]:
+            (not args.device.startswith('cuda') or torch.cuda.is_available(), 'no CUDA GPU: use --device cpu')]:
         if not ok:
             parser.error(message)
     # Derived settings, computed here only (printed at start, kept in args.json): processes from torchrun's
@@ -553,12 +554,8 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
     cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     if args.amp == 'auto':
         args.amp = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if cuda else 'bf16' if cpu_bf16 else 'none'
-    target, per_step = getattr(args, 'target_batch', None), args.batch_size * args.world_size
-    if args.accum_iter is None:  # a preset's target effective batch (MAE: 4096) is reached by accumulation
-        args.accum_iter = max(1, target // per_step) if target else 1
-        if target and target % per_step and args.rank == 0:
-            print(f"note: the recipe's batch {target} is not a multiple of --batch_size x processes = {per_step}: the "
-                  f"effective batch is {args.accum_iter * per_step}, and the lr is scaled to it")
+    per_step, target = args.batch_size * args.world_size, getattr(args, 'target_batch', None)  # a preset's (MAE: 4096)
+    args.accum_iter = args.accum_iter or accumulation(target, per_step, "the recipe's batch")
     args.eff_batch_size = per_step * args.accum_iter
     for warmup, epochs in (('warmup_epochs', 'epochs'), ('ft_warmup_epochs', 'finetune_epochs')):
         if 0 < getattr(args, epochs) <= getattr(args, warmup) and args.rank == 0:  # as the official code, but said
@@ -566,6 +563,14 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
                   f'through the whole run and never reaches its peak')
     args.lr = args.lr or args.blr * args.eff_batch_size / 256
     return args
+
+
+def accumulation(batch, per_step, name):  # micro-batches per optimizer step towards an effective batch (None: 1)
+    accum = max(1, batch // per_step) if batch else 1
+    if batch and accum * per_step != batch and int(os.environ.get('RANK', 0)) == 0:  # before or after dist's init
+        print(f'note: {name} {batch} is not a multiple of --batch_size x processes = {per_step}: the effective batch '
+              f'is {accum * per_step}, and the lr is scaled to it')
+    return accum
 
 
 def check_mask_count(parser, ratio, kept, cells):  # one masked and one visible cell at least, on this square grid
@@ -897,9 +902,9 @@ def load_pretrained(model, state, source, required=None):
     own, state = model.state_dict(), clean_state_dict(state)
     resized = ''  # said, as MAE's interpolate_pos_embed says it
     if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
-        old, new = (math.isqrt(t.shape[1] - 1) for t in (state['pos_embed'], own['pos_embed']))
-        resized = f"; pos_embed resized from the file's {old}x{old} patch grid to {new}x{new}"
-        state['pos_embed'] = resize_pos_embed(state['pos_embed'], own['pos_embed'].shape[1] - 1)
+        n = own['pos_embed'].shape[1] - 1
+        resized = f"; pos_embed resized from the file's {state['pos_embed'].shape[1] - 1} patches to {n}"
+        state['pos_embed'] = resize_pos_embed(state['pos_embed'], n)
     unused = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in unused}, strict=False)
     count = lambda keys: ', '.join(f'{k} ({n})' for k, n in Counter(k.split('.')[0] for k in keys).items())
@@ -1094,10 +1099,7 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
     if not args.finetune_epochs or not eval_sets:
         return None
     (train, val), per_step = eval_sets, args.batch_size * args.world_size
-    accum = max(1, (args.ft_batch or 0) // per_step)
-    if args.ft_batch and per_step * accum != args.ft_batch and is_main():  # as parse_args says of the pretraining's
-        print(f'note: --ft_batch {args.ft_batch} is not a multiple of --batch_size x processes = {per_step}: the '
-              f"fine-tuning's effective batch is {per_step * accum}, and its lr is scaled to it")
+    accum = accumulation(args.ft_batch, per_step, '--ft_batch')
     ft = argparse.Namespace(**{**vars(args), 'epochs': args.finetune_epochs, 'warmup_epochs': args.ft_warmup_epochs,
                                'min_lr': 1e-6, 'clip_grad': None, 'output_dir': f'{args.output_dir}/finetune',
                                'save_freq': sys.maxsize, 'accum_iter': accum})

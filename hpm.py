@@ -76,11 +76,11 @@ def get_args_parser():
     parser.add_argument('--mask_ratio', type=float, help='fraction of patches removed')
     parser.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction,
                         help='per-patch normalised pixel target')
-    parser.add_argument('--decoder_embed_dim', type=int, help='decoder width')
-    parser.add_argument('--decoder_depth', type=int, help='decoder blocks, of each of the two decoders')
-    parser.add_argument('--decoder_num_heads', type=int, help='decoder attention heads')
-    parser.add_argument('--alpha_final', type=float, help='alpha_T: the fraction of masked patches chosen as the '
-                                                          'hardest at the end of training')
+    parser.add_argument('--decoder_embed_dim', type=common.COUNT, help='decoder width')
+    parser.add_argument('--decoder_depth', type=common.NATURAL, help='decoder blocks, of each of the two decoders')
+    parser.add_argument('--decoder_num_heads', type=common.COUNT, help='decoder attention heads')
+    parser.add_argument('--alpha_final', type=common.FRACTION,
+                        help='alpha_T: the fraction of masked patches chosen as the hardest at the end of training')
     parser.add_argument('--ema_decay', type=float, nargs=2, metavar=('START', 'END'),
                         help='teacher EMA decay at epoch 0 and at the end of the ramp')
     parser.add_argument('--ema_ramp_epochs', type=float, help='epochs of the linear ramp from START to END')

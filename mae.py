@@ -69,9 +69,9 @@ def get_args_parser():
     parser.add_argument('--mask_ratio', type=float, help='fraction of patches removed')
     parser.add_argument('--norm_pix_loss', action=argparse.BooleanOptionalAction,
                         help='per-patch normalised pixel target')
-    parser.add_argument('--decoder_embed_dim', type=int, help='decoder width')
-    parser.add_argument('--decoder_depth', type=int, help='decoder blocks')
-    parser.add_argument('--decoder_num_heads', type=int, help='decoder attention heads')
+    parser.add_argument('--decoder_embed_dim', type=common.COUNT, help='decoder width')
+    parser.add_argument('--decoder_depth', type=common.NATURAL, help='decoder blocks')
+    parser.add_argument('--decoder_num_heads', type=common.COUNT, help='decoder attention heads')
     parser.add_argument('--mask_type', choices=['random', *COLORS], default='random',
                         help="random: MAE's uniform noise; red / blue / green / purple: ColorMAE's filtered noise "
                              "(low-, high-, band-pass, band-stop; difference 6)")

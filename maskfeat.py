@@ -112,7 +112,7 @@ def get_args_parser():
     parser = common.get_args_parser('MaskFeat pretraining, then kNN / linear-probe evaluation',
                                     min_lr='unset: 1e-6 x effective batch / 256 (difference 4)')
     parser.add_argument('--mask_ratio', type=float, help='fraction of patches to mask in blocks (AUG.MASK_RATIO)')
-    parser.add_argument('--hog_cell_size', type=int, help='HOG cell side in pixels, half the patch size')
+    parser.add_argument('--hog_cell_size', type=common.COUNT, help='HOG cell side in pixels, half the patch size')
     return parser
 
 

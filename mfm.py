@@ -84,7 +84,7 @@ def get_args_parser():
                                     min_lr='unset: lr x 2.5e-6 / 3e-4, MIN_LR at BASE_LR')
     parser.add_argument('--mask_radius', type=float,
                         help='radius of the frequency circle (DATA.MASK_RADIUS1; default 16 * input_size / 224)')
-    parser.add_argument('--sample_ratio', type=float, help='probability of a low-pass mask (DATA.SAMPLE_RATIO)')
+    parser.add_argument('--sample_ratio', type=common.FRACTION, help='probability of a low-pass mask (SAMPLE_RATIO)')
     parser.add_argument('--sincos_pos_init', action=argparse.BooleanOptionalAction,
                         help="start the ViT's learned position embedding from the sin-cos table (difference 9)")
     return parser
@@ -98,7 +98,6 @@ def parse_args(argv=None):
     stride = (8 if args.input_size <= 64 else 32) if resnet else common.vit_config(args.model)['patch_size']
     for ok, message in [(args.input_size % stride == 0, f'--input_size {args.input_size} is not divisible by the '
                                                          f'output stride {stride} of {args.model}'),
-                        (0 <= args.sample_ratio <= 1, f'--sample_ratio must be in [0, 1], got {args.sample_ratio}'),
                         (args.global_pool or not resnet, "--no-global_pool is for ViTs: a ResNet's feature is always "
                                                          'its global average pool'),
                         (0 < args.mask_radius < args.input_size / 2,

@@ -96,11 +96,12 @@ def get_args_parser():
                                     vit=False, min_lr='unset: 0.001 x the peak lr',
                                     clip_grad="LAMB clips to 5 inside its step in any case")
     parser.add_argument('--mask_ratio', type=float, help='fraction of mask-grid cells removed (official `mask`)')
-    parser.add_argument('--weight_decay_end', type=float, help='weight decay at the end of the cosine (`wde`)')
-    parser.add_argument('--decoder_width', type=int, help='width of the first decoder block, halved per block')
-    parser.add_argument('--drop_path', type=float, help="stochastic depth of the backbone (default: the model's, `dp`)")
-    parser.add_argument('--ft_repeated_aug', type=int, help='fine-tuning: draws of each image per epoch (`rep_aug`)')
-    parser.add_argument('--ft_ema', type=float, help='fine-tuning: EMA decay of the network (`ema`; 0: none)')
+    parser.add_argument('--weight_decay_end', type=common.AMOUNT, help='weight decay at the end of the cosine (`wde`)')
+    parser.add_argument('--decoder_width', type=common.COUNT, help='width of the first decoder block, halved per block')
+    parser.add_argument('--drop_path', type=common.FRACTION, help="backbone's drop path (default: its own; `dp`)")
+    parser.add_argument('--ft_repeated_aug', type=common.NATURAL,
+                        help='fine-tuning: draws of each image per epoch (`rep_aug`)')
+    parser.add_argument('--ft_ema', type=common.FRACTION, help='fine-tuning: EMA decay of the network (`ema`; 0: none)')
     return parser
 
 

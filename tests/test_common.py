@@ -455,10 +455,12 @@ def test_a_warmup_as_long_as_the_run_is_said(capsys):
 
 
 @pytest.mark.parametrize('flag, value, words', [
-    ('--reprob', '25', '--reprob must be in [0, 1], got 25.0'),  # a percentage: every image was erased
-    ('--smoothing', '1.5', '--smoothing must be in [0, 1]'), ('--crop_scale', '1.5', '--crop_scale must be in [0, 1]'),
-    ('--finetune_epochs', '-1', '--finetune_epochs must be at least 0'),  # reported the untrained head's top-1
-    ('--knn_k', '-5', '--knn_k must be at least 0'), ('--weight_decay', '-0.05', '--weight_decay must be at least 0')])
+    ('--reprob', '25', 'argument --reprob: must be in [0, 1], got 25'),  # a percentage: every image was erased
+    ('--smoothing', '1.5', 'argument --smoothing: must be in [0, 1]'),
+    ('--crop_scale', '1.5', 'argument --crop_scale: must be in [0, 1]'),
+    ('--finetune_epochs', '-1', 'argument --finetune_epochs: must be at least 0'),  # reported the untrained head
+    ('--knn_k', '-5', 'argument --knn_k: must be at least 0'),
+    ('--weight_decay', '-0.05', 'argument --weight_decay: must be at least 0')])
 def test_a_value_out_of_its_range_is_refused_in_one_line(flag, value, words):
     import mae
     with pytest.raises(SystemExit) as stop:  # parser.error: sys.exit of one line
@@ -470,11 +472,11 @@ def test_a_value_out_of_its_range_is_refused_in_one_line(flag, value, words):
     ('mae', ['--decoder_num_heads', '5'], '--decoder_embed_dim 128 does not split into --decoder_num_heads 5 heads'),
     ('mae', ['--mask_type', 'green', '--input_size', '272'],
      '--mask_type green has patterns of 64x64 patches, this grid is 68x68'),
-    ('hpm', ['--decoder_embed_dim', '0'], '--decoder_embed_dim must be at least 1, got 0'),
-    ('hpm', ['--alpha_final', '1.5'], '--alpha_final must be in [0, 1], got 1.5'),
+    ('hpm', ['--decoder_embed_dim', '0'], 'argument --decoder_embed_dim: must be at least 1, got 0'),
+    ('hpm', ['--alpha_final', '1.5'], 'argument --alpha_final: must be in [0, 1], got 1.5'),
     ('spark', ['--decoder_width', '7'], '--decoder_width must be at least 8 for resnet_mini_ds8'),
-    ('spark', ['--drop_path', '-1'], '--drop_path must be in [0, 1], got -1.0'),
-    ('spark', ['--ft_ema', '1.5'], '--ft_ema must be in [0, 1], got 1.5')])
+    ('spark', ['--drop_path', '-1'], 'argument --drop_path: must be in [0, 1], got -1'),
+    ('spark', ['--ft_ema', '1.5'], 'argument --ft_ema: must be in [0, 1], got 1.5')])
 def test_a_method_size_or_value_that_cannot_work_is_refused_in_one_line(method, flags, words):
     with pytest.raises(SystemExit) as stop:
         __import__(method).parse_args(flags)

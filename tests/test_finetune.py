@@ -225,7 +225,7 @@ def test_pos_embed_of_a_smaller_grid_is_resized(capsys):
     model = seeded(2, vit_classifier, 10, img_size=32)
     missing, unused = common.load_pretrained(model, {**state, 'pos_embed': table}, '16 px')
     assert 'pos_embed' not in missing + unused and model.pos_embed.shape == (1, 65, 192)
-    assert "pos_embed resized from the file's 4x4 patch grid to 8x8" in capsys.readouterr().out  # was not said
+    assert "pos_embed resized from the file's 16 patches to 64" in capsys.readouterr().out  # was not said
     assert torch.equal(model.pos_embed[0, 0], table[0, 0])
     grid = model.pos_embed.detach()[0, 1:].reshape(8, 8, 192)  # (row, column, D)
     assert torch.allclose(grid[..., 2:], torch.tensor(0.5), atol=1e-6)

@@ -235,7 +235,7 @@ def test_a_mask_that_removes_nothing_or_everything_is_refused_at_start_up(tmp_pa
     never the corners for 0 < radius < input_size / 2; outside that range the run is refused in one line."""
     cases = [(['--mask_radius', '0'], '--mask_radius must be in (0, input_size / 2)'),
              (['--mask_radius', '8'], '--mask_radius must be in (0, input_size / 2)'),
-             (['--sample_ratio', '1.5'], '--sample_ratio must be in [0, 1]')]
+             (['--sample_ratio', '1.5'], 'argument --sample_ratio: must be in [0, 1]')]
     outs = [tmp_path / f'run{i}' for i in range(len(cases))]
     with ThreadPoolExecutor(2) as pool:  # two at a time: each run is mostly torch's import
         results = list(pool.map(lambda case: run_script('mfm.py', TINY + ['--output_dir', str(case[1]), *case[0]],
