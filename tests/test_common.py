@@ -305,12 +305,13 @@ print(before, faults_of_a_step())
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='the setting is glibc-only')
 def test_freed_memory_is_reused_without_page_faults():
     """glibc returns a freed 128 MiB to the OS, so the next step faults every page in again (32768 of 4 KiB); with
-    common.keep_freed_memory (which common.setup calls on CPUs) the same round reuses it (up to two blocks of the eight
-    may land on fresh pages, after whatever small allocation Python made in between)."""
+    common.keep_freed_memory (which common.setup calls on CPUs) the same round reuses it. Some of its eight blocks may
+    land on fresh pages, after whatever small allocation Python made in between: mostly none, at times one, once on a
+    loaded machine three; without the setting all eight, every time, at this second round."""
     result = subprocess.run([sys.executable, '-c', FAULTS_PER_ROUND], cwd=ROOT, capture_output=True, text=True,
                             timeout=120, check=True)
     before, after = map(int, result.stdout.split())
-    assert before > 20000 and after <= before // 4, (before, after)
+    assert before > 20000 and after <= before // 2, (before, after)
 
 
 def test_help_shows_the_default_and_each_preset_value(capsys, monkeypatch):
