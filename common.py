@@ -12,7 +12,7 @@ workers or restarts. That makes `--resume` exact and N processes equal one.
 import argparse, copy, ctypes, glob, hashlib, json, math, os, pickle, re, resource, shutil, sys, tarfile, time, warnings
 import urllib.request
 from collections import Counter, OrderedDict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from functools import partial
 from multiprocessing import Value
 
@@ -315,6 +315,12 @@ def scan_folder(root, classes=None):
     return np.array(paths), labels, classes
 
 
+def available_memory():  # bytes the OS can still give (Linux's MemAvailable; elsewhere unknown: infinite)
+    with suppress(OSError), open('/proc/meminfo') as f:
+        return next((int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:')), math.inf)
+    return math.inf
+
+
 def cache_images(dataset, size, num_workers):
     """Decode every image once into a uint8 array (N, size, size, 3), shorter side resized to `size`, centre crop."""
     array = np.empty((len(dataset), size, size, 3), np.uint8)  # copied into, so no worker's tensor is kept alive
@@ -349,7 +355,12 @@ def build_datasets(args, train_transform, draw_mask=None):
             sys.exit(f"error: {val} holds no images in folders named as the classes of {root}: sort it into "
                      f"{val}/<class>/ (ImageNet's val comes flat), or move it away to pretrain only")
     subsets = {split: ImageDataset(*data, classes, seed=args.seed) for split, data in splits.items() if data}
-    for subset in subsets.values() if args.cache and isinstance(splits['train'][0][0], str) else ():
+    cache = args.cache and isinstance(splits['train'][0][0], str)
+    copies, n = int(os.environ.get('LOCAL_WORLD_SIZE', 1)), sum(map(len, subsets.values()))  # a copy per process
+    if cache and (need := copies * n * args.input_size ** 2 * 3) > (free := available_memory()):  # not an OOM kill
+        sys.exit(f'error: --cache needs {need / 1e9:.1f} GB ({copies} process(es) x {n} images at {args.input_size} '
+                 f'px), {free / 1e9:.1f} GB is available: leave --cache off')  # hours into the decoding
+    for subset in subsets.values() if cache else ():
         subset.items = cache_images(subset, args.input_size, args.num_workers)
     evaluation = EvalTransform(args.input_size)
     eval_sets = [subsets[s].with_transform(evaluation) for s in subsets] if len(subsets) > 1 else None
@@ -463,7 +474,8 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
      '<data_path>/train/<class>/*, val/ or test/'),
     ('--data_path', dict(default='./data'), 'dataset root'),
     ('--shapes_size', dict(type=COUNT), 'training images generated for --data shapes'),
-    ('--cache', dict(action='store_true'), 'decode images once into memory (resized, centre-cropped): small datasets'),
+    ('--cache', dict(action='store_true'),
+     'decode images once into memory (resized, centre-cropped), a copy per process: small datasets'),
     ('--num_workers', dict(type=NATURAL), 'data loader processes per training process'),
     ('--output_dir', dict(), 'one run per folder (default: output/<method>_<data>, or <...>_eval with --eval_only)'),
     ('--resume', dict(default=''), "a checkpoint to continue from, or 'auto' for output_dir/checkpoint-last.pth"),

@@ -197,6 +197,19 @@ def test_cache_equals_decoding(tmp_path):
         assert torch.equal(cached[i][0], plain[i][0])
 
 
+def test_cache_that_does_not_fit_in_memory_is_refused_before_decoding(tmp_path, monkeypatch, capsys):
+    write_images(tmp_path / 'train' / 'x', [(f'{i}.png', Image.new('RGB', (20, 20))) for i in range(4)])
+    monkeypatch.setattr(common, 'available_memory', lambda: 4 * 16 * 16 * 3 * 2 - 1)  # one process fits, two do not
+    monkeypatch.setattr(common, 'cache_images', lambda *args: pytest.fail('decoding started'))
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    with pytest.raises(SystemExit, match=r'--cache needs 0.0 GB \(2 process\(es\) x 4 images at 16 px\), 0.0 GB is'):
+        common.build_datasets(folder_args(tmp_path, cache=True), common.EvalTransform(16))
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')
+    monkeypatch.setattr(common, 'cache_images', lambda subset, *args: np.zeros((len(subset), 16, 16, 3), np.uint8))
+    assert common.build_datasets(folder_args(tmp_path, cache=True), common.EvalTransform(16))[0].items.shape[0] == 4
+    assert common.available_memory() > 0  # this machine's (Linux: MemAvailable; elsewhere inf)
+
+
 def test_param_groups_follow_mae():
     model = common.VisionTransformer(16, 4, 32, 1, 2)
     no_decay, decay = common.param_groups(model, 0.05)
