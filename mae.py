@@ -92,7 +92,6 @@ def parse_args(argv=None):
     return args
 
 
-
 # ---- masking ----------------------------------------------------------------------------------------------------
 def mask_noise(num_patches, rng):
     """Per-sample mask noise (L,), drawn in the data loader (difference 1): the argsort of it is the mask."""

@@ -17,7 +17,9 @@ row; a round's value is the median of its steps, a row's the median of its round
   ours bf16: bf16 autocast, common.adamw (torch's fused AdamW), eager, freed memory kept (the project's defaults);
   HF bf16:   bf16 autocast, torch.optim.AdamW with no fused / foreach arguments (what HF's users get), HF's default
              attention (SDPA; --hf_attention eager for its written-out softmax);
-  ours fp32, HF fp32: the same without autocast (--no_fp32 leaves them out).
+  ours fp32, HF fp32: the same without autocast (--no_fp32 leaves them out);
+  ours bf16 compiled (--compile): as ours bf16, the loss (forward and backward) under torch.compile, as training's
+             --compile does (compiled in its untimed step: a few minutes on a CPU).
 The allocator setting (common.keep_freed_memory, as common.setup makes it on CPUs) is process-wide, so HF's rows run
 with it too; --malloc_default runs every row without it.
 It prints images/s per row, the ratio ours / HF, and the fraction of the bf16 matmul peak each row reaches: the peak is
@@ -68,6 +70,7 @@ def parse_options(argv=None):
     parser.add_argument('--repeats', type=int, default=3, help='timed rounds (3)')
     parser.add_argument('--steps', type=int, default=2, help='steps per row in each round (2)')
     parser.add_argument('--no_fp32', action='store_true', help='time the bf16 rows only')
+    parser.add_argument('--compile', action='store_true', help="add a row: ours bf16 with training's --compile")
     parser.add_argument('--malloc_default', action='store_true',
                         help="leave glibc's malloc as it is (the project's CPU runs keep freed memory: "
                              "common.keep_freed_memory)")
@@ -289,7 +292,9 @@ def main(argv=None):
     if not opts.no_fp32:
         rows += [('ours fp32 (fused AdamW)', step(ours_loss, ours_update, False), 'ours'),
                  ('HF fp32 (default AdamW)', step(hf_loss, hf_update, False), 'hf')]
-    for _, run, _ in rows:  # one untimed step each
+    if opts.compile:
+        rows.append(('ours bf16 compiled', step(torch.compile(ours_loss), ours_update, True), 'ours'))
+    for _, run, _ in rows:  # one untimed step each (and the compilation)
         run()
     times = {name: [[] for _ in range(opts.repeats)] for name, _, _ in rows}
     for r in range(opts.repeats):
@@ -307,9 +312,11 @@ def main(argv=None):
         achieved = (gflop if who == 'ours' else gflop_hf) * speed[name]
         print(f'{name:26}{speed[name]:8.2f}{f"{min(rounds):.2f}-{max(rounds):.2f}":>14}'
               f'{len(images) / speed[name]:8.2f}{achieved / peak:14.1%}')
-    names = [n for n, _, _ in rows]
+    names = [n for n, _, _ in rows if 'compiled' not in n]
     for a, b in zip(names[0::2], names[1::2]):
         print(f'ratio {a.split(" (")[0]} / {b.split(" (")[0]}: {speed[a] / speed[b]:.2f}x')
+    if opts.compile:
+        print(f'ratio ours bf16 compiled / HF bf16: {speed["ours bf16 compiled"] / speed[names[1]]:.2f}x')
     print(f'load average after: {load()}')
     return 0
 

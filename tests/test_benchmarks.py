@@ -85,3 +85,12 @@ def test_a_step_that_syncs_fails_its_row_naming_the_line_and_is_timed_without_th
     row = gpu_check.step_row('mae', False, opts, str(tmp_path), {})
     assert row['status'] == 'fail' and row['sync_free'] is False and row['images_per_s'] > 0
     assert row['notes'].startswith('syncs at ') and 'called a synchronizing' in row['notes'], row['notes']
+
+
+def test_peers_without_transformers_says_how_to_install_it_and_exits_cleanly(monkeypatch, capsys):
+    import peers
+    monkeypatch.setitem(sys.modules, 'transformers', None)  # import transformers raises ImportError, as uninstalled
+    assert peers.main(['--compile']) == 0
+    out = capsys.readouterr().out
+    assert 'transformers is not installed' in out and 'requirements.txt' in out
+    assert 'pip install torch numpy pillow tqdm transformers' in out and 'benchmarks/peers.py' in out
