@@ -447,16 +447,18 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(f'{self.prog}: error: {message} (see --help)')
 
 
-def number(kind, low, high=math.inf):  # an argparse type: a kind (int, float) in [low, high], else one line saying so
-    def parse(text):
-        if not low <= (value := kind(text)) <= high:
-            raise argparse.ArgumentTypeError(f"must be {'in [0, 1]' if high == 1 else f'at least {low}'}, got {text}")
+def number(kind, low, high=math.inf, below=False):  # an argparse type: a kind (int, float) in [low, high] (below:
+    def parse(text):                                  # [low, high)), else one line saying so
+        if not low <= (value := kind(text)) <= high or below and value == high:
+            bounds = f'at least {low}' if high == math.inf else f"in [{low}, {high}{')' if below else ']'}"
+            raise argparse.ArgumentTypeError(f'must be {bounds}, got {text}')
         return value
     parse.__name__ = kind.__name__  # a word that is no number: argparse's "invalid float value: 'fast'"
     return parse
 
 
 COUNT, NATURAL, AMOUNT, FRACTION = number(int, 1), number(int, 0), number(float, 0), number(float, 0, 1)
+DROP = number(float, 0, 1, below=True)  # a drop-path rate: 1 would drop every block, and scale by 1 / 0
 FLAGS = [  # (flag, argparse options, help); a default of None is filled from the dataset preset or the method default
     ('--input_size', dict(type=COUNT), 'image side in pixels'),
     ('--crop_scale', dict(type=FRACTION), 'smallest area fraction of the pretraining RandomResizedCrop'),
@@ -488,7 +490,7 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--ft_batch', dict(type=COUNT), "fine-tuning effective batch, reached by accumulation (default: pretraining's)"),
     ('--ft_warmup_epochs', dict(type=AMOUNT), 'fine-tuning warmup epochs'),
     ('--ft_weight_decay', dict(type=AMOUNT), 'fine-tuning weight decay'),
-    ('--ft_drop_path', dict(type=FRACTION), 'fine-tuning stochastic depth'),
+    ('--ft_drop_path', dict(type=DROP), 'fine-tuning stochastic depth'),
     ('--layer_decay', dict(type=FRACTION), 'layer-wise lr decay: layer i of n gets lr * layer_decay^(n - i)'),
     ('--mixup', dict(type=AMOUNT), 'fine-tuning mixup alpha (0: off)'),
     ('--cutmix', dict(type=AMOUNT), 'fine-tuning cutmix alpha (0: off)'),
@@ -496,7 +498,7 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--reprob', dict(type=FRACTION), 'fine-tuning random-erasing probability'),
     ('--export_encoder', dict(action='store_true'), 'write the encoder in timm names to output_dir/encoder_timm.pth'),
     ('--compile', dict(action='store_true'), 'the training step under torch.compile (minutes of compilation first)'),
-    ('--seed', dict(type=int, default=0), 'seeds the model init and every per-sample random choice'),
+    ('--seed', dict(type=NATURAL, default=0), 'seeds the model init and every per-sample random choice'),
     ('--device', dict(default='cuda' if torch.cuda.is_available() else 'cpu'), 'cuda or cpu'),
     ('--amp', dict(default='auto', choices=['auto', 'bf16', 'fp16', 'none']), 'bf16, else fp16 on GPUs, else none')]
 
@@ -573,7 +575,7 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
         if 0 < getattr(args, epochs) <= getattr(args, warmup) and args.rank == 0:  # as the official code, but said
             print(f'note: --{warmup} {getattr(args, warmup):g} >= --{epochs} {getattr(args, epochs)}: the lr rises '
                   f'through the whole run and never reaches its peak')
-    args.lr = args.lr or args.blr * args.eff_batch_size / 256
+    args.lr = args.blr * args.eff_batch_size / 256 if args.lr is None else args.lr  # --lr 0 too is taken as given
     return args
 
 
@@ -629,6 +631,8 @@ def setup(args):
         print(f'{args.method}: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
         print(f'effective batch {args.eff_batch_size}, lr {args.lr:.3g}, {args.world_size} process(es) on '
               f'{args.device.type}, {torch.get_num_threads()} CPU threads, autocast {args.amp}')
+        if (getattr(args, 'min_lr', None) or 0) > args.lr:  # the official schedules do the same, without a word
+            print(f'note: --min_lr {args.min_lr:g} is above the peak lr {args.lr:.3g}: after warmup the lr rises to it')
 
 
 def keep_freed_memory():
@@ -879,8 +883,11 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
     elif is_main():  # the per-sample draws are (seed, epoch, index)'s, whatever the world size
         print(f"note: {path} holds the random state of {len(checkpoint.get('rng', ()))} process(es), this run has "
               f"{args.world_size}: data, crops and masks continue exactly, torch's draws (drop path) from --seed")
-    if is_main():  # the log as it was at that checkpoint: lines written after it go
-        start_run(args, checkpoint.get('log'))
+    if is_main():  # the log as it was at that checkpoint: lines written after it go, but for evaluations of its
+        log, file = checkpoint.get('log') or [], os.path.join(args.output_dir, 'log.txt')  # weights (a finished run's)
+        now = open(file).read().splitlines() if os.path.isfile(file) else []
+        start_run(args, log + [line for line in now[len(log):] if now[:len(log)] == log and line.endswith('}') and
+                               '"evaluation": true' in line])
         print(f"resumed from {path} (epoch {checkpoint['epoch']})")
     return checkpoint['epoch'] + 1
 

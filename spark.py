@@ -98,7 +98,7 @@ def get_args_parser():
     parser.add_argument('--mask_ratio', type=float, help='fraction of mask-grid cells removed (official `mask`)')
     parser.add_argument('--weight_decay_end', type=common.AMOUNT, help='weight decay at the end of the cosine (`wde`)')
     parser.add_argument('--decoder_width', type=common.COUNT, help='width of the first decoder block, halved per block')
-    parser.add_argument('--drop_path', type=common.FRACTION, help="backbone's drop path (default: its own; `dp`)")
+    parser.add_argument('--drop_path', type=common.DROP, help="backbone's drop path (default: its own; `dp`)")
     parser.add_argument('--ft_repeated_aug', type=common.NATURAL,
                         help='fine-tuning: draws of each image per epoch (`rep_aug`)')
     parser.add_argument('--ft_ema', type=common.FRACTION, help='fine-tuning: EMA decay of the network (`ema`; 0: none)')

@@ -431,6 +431,8 @@ BAD_FLAGS = [
     (['--blr', 'fast'], 'invalid float value'),
     (['--lr', '1e-3', '--blr', '1e-2'], '--lr and --blr both given'),  # was: --blr ignored without a word
     (['--epoch', '1'], 'unrecognized arguments: --epoch 1'),  # no abbreviations: never taken for --epochs
+    (['--seed', '-5'], 'argument --seed: must be at least 0, got -5'),  # was numpy's traceback in the loader
+    (['--ft_drop_path', '1'], 'argument --ft_drop_path: must be in [0, 1), got 1'),  # was a NaN loss
 ]
 
 
@@ -456,6 +458,15 @@ def test_bad_flags_exit_with_one_line():
         assert result.returncode != 0, flags
         assert message in result.stderr and 'Traceback' not in result.stderr, (flags, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, (flags, result.stderr)
+
+
+def test_lr_zero_is_taken_and_a_min_lr_above_the_peak_is_said(tmp_path, capsys):
+    import mae
+    assert mae.parse_args(['--lr', '0']).lr == 0  # was: 0 read as unset, the lr made from --blr instead
+    common.setup(mae.parse_args(['--min_lr', '1', '--output_dir', str(tmp_path / 'a')]))  # shapes: blr 1.5e-3, batch 64
+    assert 'note: --min_lr 1 is above the peak lr 0.000375: after warmup the lr rises to it' in capsys.readouterr().out
+    common.setup(mae.parse_args(['--min_lr', '1e-6', '--output_dir', str(tmp_path / 'b')]))
+    assert 'note' not in capsys.readouterr().out
 
 
 def test_a_warmup_as_long_as_the_run_is_said(capsys):
@@ -489,7 +500,7 @@ def test_a_value_out_of_its_range_is_refused_in_one_line(flag, value, words):
     ('hpm', ['--decoder_embed_dim', '0'], 'argument --decoder_embed_dim: must be at least 1, got 0'),
     ('hpm', ['--alpha_final', '1.5'], 'argument --alpha_final: must be in [0, 1], got 1.5'),
     ('spark', ['--decoder_width', '7'], '--decoder_width must be at least 8 for resnet_mini_ds8'),
-    ('spark', ['--drop_path', '-1'], 'argument --drop_path: must be in [0, 1], got -1'),
+    ('spark', ['--drop_path', '-1'], 'argument --drop_path: must be in [0, 1), got -1'),
     ('spark', ['--ft_ema', '1.5'], 'argument --ft_ema: must be in [0, 1], got 1.5')])
 def test_a_method_size_or_value_that_cannot_work_is_refused_in_one_line(method, flags, words):
     with pytest.raises(SystemExit) as stop:

@@ -145,11 +145,12 @@ def test_second_run_into_a_folder_is_refused_and_resume_auto_continues_it(base, 
     lines = [json.loads(line) for line in log_lines(died)]  # the new start's lines only: one run in log.txt
     assert [line.get('evaluation', False) for line in lines] == [False, True], lines
     assert lines[0]['train_loss'] != 123.0 and lines[0]['epoch'] == 0
-    resumed.ok()  # --resume auto continues it (nothing left to train: it evaluates again)
+    resumed.ok()  # --resume auto continues it (nothing left to train: it evaluates again, here without kNN / probe)
     assert 'resumed from' in resumed.stdout
     lines = log_lines(again)
-    assert lines[0] == log_lines(base[0])[0]  # the training line, as written
-    assert [json.loads(line).get('evaluation', False) for line in lines] == [False, True], lines  # not two runs
+    assert lines[:2] == log_lines(base[0])  # the training line and the first evaluation's results, as written
+    assert 'trained_knn_top1' in lines[1] and 'trained_knn_top1' not in lines[2]
+    assert [json.loads(line).get('evaluation', False) for line in lines] == [False, True, True], lines  # one run
     assert digest(again / 'checkpoint-last.pth') == before['checkpoint-last.pth']
 
 
