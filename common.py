@@ -841,6 +841,11 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
     weights convert(checkpoint) (default its 'model') load leniently, but every tensor with encoder(key) must load."""
     path = checkpoint_path(args)
     checkpoint = load_checkpoint(path) if path and os.path.isfile(path) else None
+    if checkpoint is not None and not (isinstance(checkpoint, dict) and checkpoint):  # a tensor, a list, {}
+        sys.exit(f'error: {path} holds {"nothing" if checkpoint == {} else type(checkpoint).__name__}, not weights: '
+                 f'pass a checkpoint or a state dict')
+    if checkpoint and not convert and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):  # a bare state
+        checkpoint = {'model': checkpoint}  # dict, as --export_encoder writes (for --eval_only: it continues no run)
     if checkpoint is None or optimizer is None:
         if is_main():
             start_run(args)  # a new run: its arguments, an empty log

@@ -38,7 +38,7 @@ Differences from the official code (each deliberate):
 Expected result (`python hpm.py`, built-in shapes, 32 px, ViT-Ti/4, 5 epochs, 2-core AMD EPYC CPU; kNN / linear-probe
 top-1): 17.2 / 27.1 pretrained vs 10.7 / 15.8 at random init, 4.7 minutes (README table).
 """
-import argparse, copy
+import argparse, copy, sys
 from functools import partial
 
 import numpy as np
@@ -286,7 +286,11 @@ def draw_reconstructions(model, teacher, images, args, path):
 def official_state(checkpoint, teacher=False):
     """Ours {'model', 'ema_state_dict'} or the official {'state_dict' (`module.` names), 'ema_state_dict', 'model' (the
     architecture's name)} -> the student's weights, or with --teacher the EMA teacher's (finetune.py --teacher)."""
-    return checkpoint['ema_state_dict'] if teacher else checkpoint.get('state_dict', checkpoint['model'])
+    if teacher and 'ema_state_dict' not in checkpoint:
+        sys.exit('error: --teacher: this file holds no EMA teacher (ema_state_dict); drop --teacher for its weights')
+    if teacher:
+        return checkpoint['ema_state_dict']
+    return checkpoint.get('state_dict', checkpoint.get('model', checkpoint))  # or a bare one, as --export_encoder's
 
 
 # ---- main -------------------------------------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def official_state(checkpoint):
     if 'state_dict' in checkpoint:
         return {reduce(lambda k, rule: re.sub(*rule, k), MMPRETRAIN_NAMES, k): v
                 for k, v in checkpoint['state_dict'].items()}
-    return checkpoint['model']
+    return checkpoint.get('model', checkpoint)  # ours, or a bare state dict (as --export_encoder writes)
 
 
 # ---- main -------------------------------------------------------------------------------------------------------

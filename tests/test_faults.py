@@ -185,9 +185,18 @@ def test_bad_checkpoint_files_are_refused_with_one_line(base, small_checkpoint, 
     calls = [mae(tmp_path / f'{name}_{mode}', *(['--eval_only'] if mode == 'eval' else []),
                  '--resume', str(tmp_path / f'{name}.pth')) for name in expected for mode in ('train', 'eval')]
     torch.save(torch.load(real, weights_only=True)['model'], tmp_path / 'weights.pth')  # a state dict, no optimizer
-    *runs, other_model, weights_only = run_all(*calls, mae(tmp_path / 'other', '--resume', small_checkpoint),
-                                               mae(tmp_path / 'weights', '--resume', str(tmp_path / 'weights.pth')))
+    torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
+    torch.save([1, 2], tmp_path / 'list.pth')
+    *runs, other_model, weights_only, tensor, listed, evaluated = run_all(
+        *calls, mae(tmp_path / 'other', '--resume', small_checkpoint),
+        mae(tmp_path / 'weights', '--resume', str(tmp_path / 'weights.pth')),
+        mae(tmp_path / 'tensor', '--eval_only', '--resume', str(tmp_path / 'tensor.pth')),
+        mae(tmp_path / 'list', '--resume', str(tmp_path / 'list.pth')),
+        mae(tmp_path / 'weights_eval', '--eval_only', '--resume', str(tmp_path / 'weights.pth')))
     assert 'weights.pth holds no model and optimizer state' in weights_only.error  # was a KeyError traceback
+    assert 'evaluate it with --eval_only --resume' in weights_only.error
+    evaluated.ok()  # as that line says (and as --export_encoder's file): was a KeyError traceback
+    assert 'tensor.pth holds Tensor, not weights' in tensor.error and 'list.pth holds list' in listed.error
     for run, (name, mode) in zip(runs, [(n, m) for n in expected for m in ('train', 'eval')]):
         assert expected[name] in run.error, (name, mode, run)
         assert f'{name}.pth' in run.error
@@ -381,7 +390,8 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(base, copy
     now = snapshot(folder)
     assert {k: now[k] for k in ('checkpoint-0.pth', 'checkpoint-last.pth')} == \
         {k: base[2][k] for k in ('checkpoint-0.pth', 'checkpoint-last.pth')}
-    assert log_lines(folder) == log_lines(base[0])[:1]  # the finished epoch's line; nothing of the failed one
+    assert log_lines(folder) == log_lines(base[0])  # the finished epoch's line and its evaluation; nothing of the
+    #                                                 failed epoch
     assert weights(folder / 'checkpoint-last.pth').keys() == weights(base[0] / 'checkpoint-last.pth').keys()
 
 

@@ -463,6 +463,11 @@ def test_eval_only_finetune_and_export_end_to_end(tmp_path):
     exported = torch.load(f'{out}/encoder_timm.pth', map_location='cpu', weights_only=True)
     assert set(exported) == timm_encoder_keys(12)
     assert all(torch.equal(exported[k], v) for k, v in encoder.items())
+    again = run_script('mae.py', TINY + ['--decoder_embed_dim', '32', '--decoder_depth', '1', '--eval_only', '--resume',
+                                         f'{out}/encoder_timm.pth', '--probe_epochs', '0', '--output_dir', f'{out}2'])
+    report = re.search(r'loaded \S*encoder_timm\.pth: missing (.*); unused (.*)', again.stdout)  # a bare state
+    assert report and 'decoder_blocks' in report[1] and report[2] == 'none'  # dict: was a KeyError traceback
+    assert 'trained_knn_top1' in read_log(f'{out}2')[-1]
 
 
 def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
