@@ -1123,10 +1123,10 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
     if not args.finetune_epochs or not eval_sets:
         return None
     (train, val), per_step = eval_sets, args.batch_size * args.world_size
-    accum = accumulation(args.ft_batch, per_step, '--ft_batch')
+    accum = accumulation(args.ft_batch or args.eff_batch_size, per_step, '--ft_batch')  # unset: pretraining's
     ft = argparse.Namespace(**{**vars(args), 'epochs': args.finetune_epochs, 'warmup_epochs': args.ft_warmup_epochs,
                                'min_lr': 1e-6, 'clip_grad': None, 'output_dir': f'{args.output_dir}/finetune',
-                               'save_freq': sys.maxsize, 'accum_iter': accum})
+                               'save_freq': sys.maxsize, 'accum_iter': accum, 'eff_batch_size': per_step * accum})
     ft.lr = args.ft_blr * per_step * accum / 256
     name = {'start': float(sum(v.double().sum() for v in state.values() if v.is_floating_point())),  # the weights,
             **{k: v for k, v in plain(args).items() if k not in NOT_IN_A_RESULT}}  # the data and every setting

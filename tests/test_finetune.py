@@ -1,7 +1,7 @@
 """Fine-tuning: official checkpoint layouts load with only the expected missing / unused keys, position tables are
 resized, the encoder export round-trips, layer-decay groups, mixup / cutmix, the fine-tuning transform, and runs of
 mae.py that fine-tune as a user would start them."""
-import inspect, os, re, shutil, signal, subprocess, sys, time
+import inspect, json, os, re, shutil, signal, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from types import SimpleNamespace
@@ -453,13 +453,16 @@ def test_eval_only_finetune_and_export_end_to_end(tmp_path):
     out = str(tmp_path / 'run')
     result = run_script('mae.py', TINY + ['--decoder_embed_dim', '32', '--decoder_depth', '1', '--eval_only',
                                           '--resume', str(tmp_path / 'mae_pretrain_vit_tiny.pth'), '--finetune_epochs',
-                                          '1', '--export_encoder', '--output_dir', out])
+                                          '1', '--export_encoder', '--accum_iter', '2', '--output_dir', out])
     report = re.search(r'loaded \S*mae_pretrain_vit_tiny\.pth: missing (.*); unused (.*)', result.stdout)
     assert report and 'decoder_blocks' in report[1] and 'mask_token' in report[1] and report[2] == 'none'
     assert re.search(r'fine-tuning epoch 0: loss [\d.]+, val top-1 [\d.]+%', result.stdout)
     assert [line['finetune_epoch'] for line in read_log(f'{out}/finetune')] == [0]
     assert 'finetune_top1' in read_log(f'{out}/finetune')[-1]
     assert not any('finetune_top1' in line for line in read_log(out))  # the pretraining log: evaluation only
+    with open(f'{out}/finetune/args.json') as f:  # no --ft_batch: pretraining's effective batch, 8 x 2 (was 8,
+        ft = json.load(f)                           # recorded as 16)
+    assert (ft['accum_iter'], ft['eff_batch_size'], ft['lr']) == (2, 16, pytest.approx(ft['ft_blr'] * 16 / 256))
     exported = torch.load(f'{out}/encoder_timm.pth', map_location='cpu', weights_only=True)
     assert set(exported) == timm_encoder_keys(12)
     assert all(torch.equal(exported[k], v) for k, v in encoder.items())
