@@ -160,6 +160,14 @@ def test_image_folder_modes_corrupt_and_empty_class(tmp_path):
     assert all(len(sample) == 2 for sample in samples)  # (image, label): no mask input without draw_mask
     assert all(image.shape == (3, 16, 16) and image.dtype == torch.uint8 for image, _ in samples)
     assert train_eval.num_skipped.value == 1
+    model = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = lambda model, images, labels, _: (model(images.float().mean((2, 3))).logsumexp(1).mean(), {})
+    loader = torch.utils.data.DataLoader(train_set, batch_size=7)
+    with pytest.warns(UserWarning, match='broken.jpg'):
+        counts = [common.train_one_epoch(model, loss_fn, loader, optimizer, epoch, torch.device('cpu'))
+                  ['skipped_images'] for epoch in range(2)]
+    assert counts == [1, 1]  # each epoch's own (was a running total, 1 then 2, which a resumed run did not repeat)
     deep = Image.open(tmp_path / 'train' / 'dog' / 'deep.png')
     assert 20 < np.asarray(common.to_rgb(deep)).mean() < 200  # 16-bit scaled to 8 bits, not clipped to white
 
