@@ -707,7 +707,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, epoch, device, accum_iter
     loss_fn, scaler = torch.compile(loss_fn) if compile else loss_fn, scaler or torch.amp.GradScaler(enabled=False)
     for owner in (loader.sampler, loader.dataset):
         getattr(owner, 'set_epoch', lambda epoch: None)(epoch)
-    if (skipped := getattr(loader.dataset, 'num_skipped', None)) is not None:
+    if skipped := getattr(loader.dataset, 'num_skipped', None):
         skipped.value = 0  # this epoch's undecodable files (shared with the loader's workers)
     steps, world = len(loader) // accum_iter * accum_iter, dist.get_world_size() if dist.is_initialized() else 1
     sums, first_bad, seen, start = {}, torch.tensor(-1, device=device), 0, time.time()
@@ -742,13 +742,11 @@ def train_one_epoch(model, loss_fn, loader, optimizer, epoch, device, accum_iter
         dist.all_reduce(stats)
     elapsed, cuda = time.time() - start, device.type == 'cuda'  # on CPUs: the process's peak resident memory
     peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF)[2] * 1024
-    if skipped is not None:  # this epoch's, summed over the processes (each reads its own share)
-        count = torch.tensor(skipped.value, device=device)
-        dist.all_reduce(count) if world > 1 else None
-        skipped = int(count)
+    if skipped:  # summed over the processes, each reading its own share
+        dist.all_reduce(count := torch.tensor(skipped.value, device=device)) if world > 1 else None
     return {**{f'train_{k}': v for k, v in zip(sums, stats.tolist())}, 'lr': optimizer.param_groups[-1]['lr'],
             'images_per_s': seen / elapsed, 'epoch_time_s': elapsed, 'peak_mem_mb': peak / 2 ** 20,
-            **({'skipped_images': skipped} if skipped is not None else {})}
+            **({'skipped_images': int(count) if world > 1 else skipped.value} if skipped else {})}
 
 
 def step_settings(args):  # train_one_epoch's settings from a run's arguments
