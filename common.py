@@ -539,6 +539,12 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
     args = parser.parse_args(argv)
     if args.lr is not None and args.blr is not None:  # else --blr would be ignored without a word
         parser.error('--lr and --blr both given: --lr sets the lr, --blr scales it with the batch; give one')
+    idle = [(f'--{k}', 'it sets fine-tuning, which runs with --finetune_epochs N') for k, v in vars(args).items()
+            if v is not None and (k in FINETUNE or k.startswith('ft_')) and not args.finetune_epochs]
+    idle += [('--shapes_size', 'it sizes --data shapes')] * (args.shapes_size is not None and args.data != 'shapes')
+    idle += [('--cache', 'shapes are made in memory')] * (args.cache and args.data == 'shapes')
+    if idle:  # a flag that changes nothing is refused, not ignored without a word
+        parser.error(f'{idle[0][0]} would do nothing here: {idle[0][1]}')
     filled = {**FINETUNE, **defaults, **presets.get(args.data, {})}
     for key, value in {**filled, **recipe(args.model or filled['model'], args.data,
                                           args.input_size or filled['input_size'])}.items():

@@ -468,6 +468,20 @@ def test_bad_flags_exit_with_one_line():
         assert len(result.stderr.strip().splitlines()) == 1, (flags, result.stderr)
 
 
+@pytest.mark.parametrize('method, flags, message, needed', [
+    ('mae', ['--mixup', '0'], '--mixup would do nothing here: it sets fine-tuning, which runs with --finetune_epochs',
+     ['--finetune_epochs', '1']),
+    ('spark', ['--ft_ema', '0.999'], '--ft_ema would do nothing here', ['--finetune_epochs', '1']),
+    ('mae', ['--shapes_size', '10', '--data', 'folder', '--data_path', '.'], '--shapes_size would do nothing here',
+     ['--data', 'shapes']),
+    ('mae', ['--cache', '--data', 'shapes'], '--cache would do nothing here: shapes are made in memory',
+     ['--data', 'folder', '--data_path', '.'])])
+def test_a_flag_that_would_do_nothing_is_refused(method, flags, message, needed):  # each was ignored without a word
+    with pytest.raises(SystemExit, match=message):
+        __import__(method).parse_args(flags)
+    __import__(method).parse_args(flags + needed)  # with what it acts on (later flags win), it is taken
+
+
 def test_lr_zero_is_taken_and_a_min_lr_above_the_peak_is_said(tmp_path, capsys):
     import mae
     assert mae.parse_args(['--lr', '0']).lr == 0  # was: 0 read as unset, the lr made from --blr instead
