@@ -94,3 +94,14 @@ def test_peers_without_transformers_says_how_to_install_it_and_exits_cleanly(mon
     out = capsys.readouterr().out
     assert 'transformers is not installed' in out and 'requirements.txt' in out
     assert 'pip install torch numpy pillow tqdm transformers' in out and 'benchmarks/peers.py' in out
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_gpu_check_sizes_parse_for_every_method(method, tmp_path):
+    """The GPU mode's step rows (ViT-B/16 or ResNet-50, 224 px: the imagenet recipes) get past each method's checks
+    (--smoke runs 16 px shapes only: a flag the imagenet recipe refuses, as --shapes_size once was, went unseen)."""
+    import throughput
+    opts = throughput.parse_options(['--methods', method, '--model', *gpu_check.GPU['models'], '--input_size', '224',
+                                     '--batch_size', '64', '--amp', 'bf16', '--device', 'cpu'])
+    args = throughput.method_args(method, opts, str(tmp_path))
+    assert args.data == 'imagenet' and args.input_size == 224 and args.model in gpu_check.GPU['models']
