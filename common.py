@@ -860,6 +860,8 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
             start_run(args)  # a new run: its arguments, an empty log
             if checkpoint is None and optimizer is None:
                 print('note: --eval_only without --resume: the "trained" weights are the random init')
+            elif checkpoint is None and args.resume == 'auto':  # a typo in --output_dir shows here
+                print(f'note: --resume auto: no checkpoint-last.pth in {args.output_dir}, so the run starts afresh')
         if checkpoint:
             load_pretrained(model, convert(checkpoint) if convert else checkpoint['model'], path, encoder)
         return 0

@@ -482,6 +482,15 @@ def test_a_flag_that_would_do_nothing_is_refused(method, flags, message, needed)
     __import__(method).parse_args(flags + needed)  # with what it acts on (later flags win), it is taken
 
 
+def test_resume_auto_with_nothing_to_resume_says_it_starts_afresh(tmp_path, capsys):
+    import mae
+    args = mae.parse_args(['--resume', 'auto', '--output_dir', str(tmp_path / 'typo')])
+    common.setup(args)
+    model = mae.build_model(args)
+    assert common.resume(args, model, common.adamw(model, args, betas=(0.9, 0.95))) == 0
+    assert f'no checkpoint-last.pth in {tmp_path / "typo"}, so the run starts afresh' in capsys.readouterr().out
+
+
 def test_lr_zero_is_taken_and_a_min_lr_above_the_peak_is_said(tmp_path, capsys):
     import mae
     assert mae.parse_args(['--lr', '0']).lr == 0  # was: 0 read as unset, the lr made from --blr instead
