@@ -366,6 +366,13 @@ def build_datasets(args, train_transform, draw_mask=None):
     eval_sets = [subsets[s].with_transform(evaluation) for s in subsets] if len(subsets) > 1 else None
     if not eval_sets and is_main():
         print('no labeled val/ (or test/) split: pretraining only, evaluation and fine-tuning skipped')
+    if eval_sets and getattr(args, 'finetune_epochs', 0):  # fine-tuning's first step, checked before pretraining
+        n, per_step = len(subsets['train']), args.batch_size * args.world_size
+        accum = max(1, (args.ft_batch or args.eff_batch_size) // per_step)  # as finetune's accumulation
+        if math.ceil(n / args.world_size) < args.batch_size * accum:
+            sys.exit(f'error: the training split has {n} images, fewer than one fine-tuning step needs (--ft_batch '
+                     f'{per_step * accum}: --batch_size {args.batch_size} x {accum} x {args.world_size} process(es)): '
+                     f'lower --ft_batch')
     return subsets['train'].with_transform(train_transform, draw_mask), eval_sets
 
 

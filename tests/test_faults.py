@@ -217,12 +217,17 @@ def test_dataset_smaller_than_one_batch_is_refused_before_training(tmp_path):
                 colour = (40 * i, 200 if label == 'a' else 0, 90)
                 Image.new('RGB', (24, 24), colour).save(data / split / label / f'{i}.png')
     i = FLAGS.index('--shapes_size')
-    shapes, folder = run_all(mae(tmp_path / 'shapes', '--shapes_size', '20', '--batch_size', '512'),
-                             ['mae.py', *FLAGS[:i], *FLAGS[i + 2:], '--output_dir', str(tmp_path / 'folder'),
-                              '--data', 'folder', '--data_path', str(data)])  # no --shapes_size: it sizes shapes
+    fine_tune, shapes, folder = run_all(
+        mae(tmp_path / 'ft', '--finetune_epochs', '1', '--ft_batch', '128'),
+        mae(tmp_path / 'shapes', '--shapes_size', '20', '--batch_size', '512'),
+        ['mae.py', *FLAGS[:i], *FLAGS[i + 2:], '--output_dir', str(tmp_path / 'folder'), '--data', 'folder',
+         '--data_path', str(data)])  # no --shapes_size: it sizes shapes
     for run, count, batch in ((shapes, 20, 512), (folder, 4, 8)):
         assert f'has {count} images' in run.error and f'--batch_size {batch}' in run.error, run
         assert 'epoch 0' not in run.stderr  # refused before training
+    assert 'has 64 images, fewer than one fine-tuning step needs (--ft_batch 128: --batch_size 8 x 16' in \
+        fine_tune.error and 'lower --ft_batch' in fine_tune.error  # was: after pretraining, advising --accum_iter
+    assert 'epoch 0' not in fine_tune.stderr
     assert not glob.glob(f'{tmp_path}/*/checkpoint*')
 
 
