@@ -356,23 +356,21 @@ def build_datasets(args, train_transform, draw_mask=None):
                      f"{val}/<class>/ (ImageNet's val comes flat), or move it away to pretrain only")
     subsets = {split: ImageDataset(*data, classes, seed=args.seed) for split, data in splits.items() if data}
     cache = args.cache and isinstance(splits['train'][0][0], str)
-    copies, n = int(os.environ.get('LOCAL_WORLD_SIZE', 1)), sum(map(len, subsets.values()))  # a copy per process
-    if cache and (need := copies * n * args.input_size ** 2 * 3) > (free := available_memory()):  # not an OOM kill
-        sys.exit(f'error: --cache needs {need / 1e9:.1f} GB ({copies} process(es) x {n} images at {args.input_size} '
-                 f'px), {free / 1e9:.1f} GB is available: leave --cache off')  # hours into the decoding
+    copies, images = int(os.environ.get('LOCAL_WORLD_SIZE', 1)), sum(map(len, subsets.values()))  # one per process
+    if cache and (need := copies * images * args.input_size ** 2 * 3) > (free := available_memory()):  # no OOM kill
+        sys.exit(f'error: --cache needs {need / 1e9:.1f} GB ({copies} process(es) x {images} images at '
+                 f'{args.input_size} px), {free / 1e9:.1f} GB is available: leave --cache off')  # hours into decoding
     for subset in subsets.values() if cache else ():
         subset.items = cache_images(subset, args.input_size, args.num_workers)
     evaluation = EvalTransform(args.input_size)
     eval_sets = [subsets[s].with_transform(evaluation) for s in subsets] if len(subsets) > 1 else None
     if not eval_sets and is_main():
         print('no labeled val/ (or test/) split: pretraining only, evaluation and fine-tuning skipped')
-    if eval_sets and getattr(args, 'finetune_epochs', 0):  # fine-tuning's first step, checked before pretraining
-        n, per_step = len(subsets['train']), args.batch_size * args.world_size
-        accum = max(1, (args.ft_batch or args.eff_batch_size) // per_step)  # as finetune's accumulation
-        if math.ceil(n / args.world_size) < args.batch_size * accum:
-            sys.exit(f'error: the training split has {n} images, fewer than one fine-tuning step needs (--ft_batch '
-                     f'{per_step * accum}: --batch_size {args.batch_size} x {accum} x {args.world_size} process(es)): '
-                     f'lower --ft_batch')
+    n, accum = len(subsets['train']), getattr(args, 'ft_accum_iter', 1)  # fine-tuning's step, checked at the start
+    if eval_sets and getattr(args, 'finetune_epochs', 0) and math.ceil(n / args.world_size) < args.batch_size * accum:
+        sys.exit(f'error: the training split has {n} images, fewer than one fine-tuning step needs (--ft_batch '
+                 f'{args.batch_size * accum * args.world_size}: --batch_size {args.batch_size} x {accum} x '
+                 f'{args.world_size} process(es)): lower --ft_batch')
     return subsets['train'].with_transform(train_transform, draw_mask), eval_sets
 
 
@@ -584,6 +582,8 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
     per_step, target = args.batch_size * args.world_size, getattr(args, 'target_batch', None)  # a preset's (MAE: 4096)
     args.accum_iter = args.accum_iter or accumulation(target, per_step, "the recipe's batch")
     args.eff_batch_size = per_step * args.accum_iter
+    args.ft_accum_iter = accumulation(args.ft_batch or args.eff_batch_size, per_step, '--ft_batch') \
+        if args.finetune_epochs else 1  # unset --ft_batch: pretraining's effective batch
     for warmup, epochs in (('warmup_epochs', 'epochs'), ('ft_warmup_epochs', 'finetune_epochs')):
         if 0 < getattr(args, epochs) <= getattr(args, warmup) and args.rank == 0:  # as the official code, but said
             print(f'note: --{warmup} {getattr(args, warmup):g} >= --{epochs} {getattr(args, epochs)}: the lr rises '
@@ -847,7 +847,7 @@ def clean_state_dict(state_dict):  # strip the `module.` (DDP) and `_orig_mod.` 
 NOT_IN_A_RESULT = {'resume', 'eval_only', 'output_dir', 'num_workers', 'device', 'save_freq', 'knn_k', 'probe_epochs',
                    'compile', 'rank'}  # settings that change how a run goes, not what it computes
 RESUME_FREE = NOT_IN_A_RESULT | {'epochs', 'data_path', 'global_pool', 'finetune_epochs', 'ft_batch', 'amp',
-                                 'batch_size', 'world_size', 'accum_iter', *FINETUNE}  # a resume may change unwarned
+                                 'batch_size', 'world_size', 'accum_iter', 'ft_accum_iter', *FINETUNE}  # unwarned
 # (batch_size, world_size, accum_iter: how the effective batch is split; a change of its size or of the lr is warned)
 
 
@@ -1140,8 +1140,7 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
     afresh, the earlier folder moved to finetune-<n>."""
     if not args.finetune_epochs or not eval_sets:
         return None
-    (train, val), per_step = eval_sets, args.batch_size * args.world_size
-    accum = accumulation(args.ft_batch or args.eff_batch_size, per_step, '--ft_batch')  # unset: pretraining's
+    (train, val), per_step, accum = eval_sets, args.batch_size * args.world_size, args.ft_accum_iter
     ft = argparse.Namespace(**{**vars(args), 'epochs': args.finetune_epochs, 'warmup_epochs': args.ft_warmup_epochs,
                                'min_lr': 1e-6, 'clip_grad': None, 'output_dir': f'{args.output_dir}/finetune',
                                'save_freq': sys.maxsize, 'accum_iter': accum, 'eff_batch_size': per_step * accum})
