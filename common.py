@@ -872,7 +872,7 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
         if checkpoint:
             load_pretrained(model, convert(checkpoint) if convert else checkpoint['model'], path, encoder)
         return 0
-    if not isinstance(checkpoint, dict) or not {'model', 'optimizer'} <= checkpoint.keys():
+    if not {'model', 'optimizer'} <= checkpoint.keys():
         sys.exit(f'error: {path} holds no model and optimizer state, so it cannot continue a run: evaluate it with '
                  f'--eval_only --resume {path}, or fine-tune from it (README, "Fine-tuning and released checkpoints")')
     saved, now, modules = checkpoint.get('args', {}), plain(args), {'model': model, **extra_modules}
@@ -906,11 +906,12 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
     elif is_main():  # the per-sample draws are (seed, epoch, index)'s, whatever the world size
         print(f"note: {path} holds the random state of {len(checkpoint.get('rng', ()))} process(es), this run has "
               f"{args.world_size}: data, crops and masks continue exactly, torch's draws (drop path) from --seed")
-    if is_main():  # the log as it was at that checkpoint: lines written after it go, but for evaluations of its
-        log, file = checkpoint.get('log') or [], os.path.join(args.output_dir, 'log.txt')  # weights (a finished run's)
-        now = open(file).read().splitlines() if os.path.isfile(file) else []
-        start_run(args, log + [line for line in now[len(log):] if now[:len(log)] == log and line.endswith('}') and
-                               '"evaluation": true' in line])
+    if is_main():  # the log as it was at that checkpoint (none saved: kept); lines written after it go, but for
+        log, file = checkpoint.get('log'), os.path.join(args.output_dir, 'log.txt')  # evaluations of its weights
+        written = open(file).read().splitlines() if log is not None and os.path.isfile(file) else []
+        if log is not None and written[:len(log)] == log:  # (a finished run's, evaluated again)
+            log = log + [line for line in written[len(log):] if '"evaluation": true' in line and line.endswith('}')]
+        start_run(args, log)
         print(f"resumed from {path} (epoch {checkpoint['epoch']})")
     return checkpoint['epoch'] + 1
 
