@@ -413,6 +413,8 @@ class EvalTransform:
 
 
 def on_device(values, device, made={}):  # a constant tensor made once per device: a host copy would wait for the GPU
+    if torch.compiler.is_compiling():  # a constant of the graph (reading the dict, a guard, recompiled the step once)
+        return torch.tensor(values, device=device)
     if (values, device) not in made:  # (a dict, not functools.cache, which torch.compile warns about)
         made[values, device] = torch.tensor(values, device=device)
     return made[values, device]

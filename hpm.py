@@ -124,17 +124,20 @@ def random_masking(x, mask_ratio, noise=None):
     return x_kept, torch.gather(mask, 1, ids_restore), ids_restore
 
 
-def hard_patches_order(predicted_loss, noise, mask_ratio, alpha):
-    """Sec. 3.3: mask the k = int(alpha * N_masked) patches with the highest predicted loss, and fill the rest of the
-    mask at random. Returns a score (B, L) whose argsort is that order: random visible first, then random masked,
-    then the k hardest; random_masking(x, mask_ratio, score) applies it. alpha = 0 gives MAE's random mask.
+def hard_count(num_patches, mask_ratio, alpha):
+    """Sec. 3.3: k = int(alpha * N_masked) of the masked patches are the hardest (a whole number, so that a compiled
+    step does not recompile for each epoch's alpha_t; it marks k dynamic instead)."""
+    return int((num_patches - int(num_patches * (1 - mask_ratio))) * alpha)
+
+
+def hard_patches_order(predicted_loss, noise, k):
+    """Mask the k patches with the highest predicted loss, and fill the rest of the mask at random. Returns a score
+    (B, L) whose argsort is that order: random visible first, then random masked, then the k hardest;
+    random_masking(x, mask_ratio, score) applies it. k = 0 gives MAE's random mask. Ranks, not topk(k), so that no
+    shape depends on k (ties, which the official argsort breaks as it may, go to the lower index).
     Passing a fixed 0/1 mask as the score reproduces that mask (its zeros sort first)."""
-    B, L = predicted_loss.shape
-    k = int((L - int(L * (1 - mask_ratio))) * alpha)
-    if k <= 0:
-        return noise
-    hardest = predicted_loss.topk(k, dim=1).indices  # (B, k)
-    return noise.scatter(1, hardest, 2.0)  # noise is in [0, 1): the hardest sort last, into the masked part
+    hardness = predicted_loss.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # (B, L): 0 for the hardest
+    return torch.where(hardness < k, 2.0, noise)  # noise is in [0, 1): the hardest sort last, into the masked part
 
 
 # ---- target -----------------------------------------------------------------------------------------------------
@@ -269,8 +272,8 @@ def draw_reconstructions(model, teacher, images, args, path):
     images, count = common.normalize(images), len(images)  # (B, 3, H, W) uint8 -> normalised
     noise = torch.rand(count, model.num_patches, generator=torch.Generator().manual_seed(0)).to(args.device)
     predicted = teacher.teacher_losses(images)  # (B, L)
-    (_, _), pred, mask = model(images, args.mask_ratio, hard_patches_order(predicted, noise, args.mask_ratio,
-                                                                            args.alpha_final))
+    k = hard_count(model.num_patches, args.mask_ratio, args.alpha_final)
+    (_, _), pred, mask = model(images, args.mask_ratio, hard_patches_order(predicted, noise, k))
     target, p, h = patchify(images, model.patch_size), model.patch_size, model.grid_size
     if model.norm_pix_loss:
         pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
@@ -308,16 +311,17 @@ def main(argv=None):
     if args.eval_only:  # the pictures' teacher: the evaluated weights
         teacher.load_state_dict(model.state_dict())
 
-    def loss_fn(model, images, labels, noise, alpha):  # one step of the objective, inside autocast
+    def loss_fn(model, images, labels, noise, k):  # one step of the objective, inside autocast
         imgs = common.normalize(images)
-        order = hard_patches_order(teacher.teacher_losses(imgs), noise, args.mask_ratio, alpha)
+        order = hard_patches_order(teacher.teacher_losses(imgs), noise, k)
         (loss, rank_loss), _, _ = model(imgs, args.mask_ratio, order)
         return loss + rank_loss, {'reconstruction': loss, 'relative': rank_loss}
 
     for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
         alpha = args.alpha_final * (epoch + 1) / args.epochs  # easy to hard: alpha_t, updated per epoch (Sec. 3.3)
         decay = teacher_decay(epoch, *args.ema_decay, args.ema_ramp_epochs)
-        stats = common.train_one_epoch(ddp_model, partial(loss_fn, alpha=alpha), loader, optimizer, epoch,
+        k = hard_count(model.num_patches, args.mask_ratio, alpha)  # the patches mined per image this epoch
+        stats = common.train_one_epoch(ddp_model, partial(loss_fn, k=k), loader, optimizer, epoch,
                                        schedule=partial(common.adjust_learning_rate, args=args),
                                        on_step=partial(common.update_ema, teacher, model, decay), **step)
         common.log_stats(args, {'epoch': epoch, 'alpha': alpha, 'teacher_decay': decay, **stats})

@@ -181,7 +181,7 @@ def build(method, args):
         teacher = copy.deepcopy(model).requires_grad_(False).eval()
         decay = hpm.teacher_decay(0, *args.ema_decay, args.ema_ramp_epochs)  # epoch 0's, as main() sets it per epoch
         on_step = partial(common.update_ema, teacher, model, decay)
-    alpha = args.alpha_final if method == 'hpm' else None  # alpha at its final value: the cost does not depend on it
+    k = hpm.hard_count(model.num_patches, args.mask_ratio, args.alpha_final) if method == 'hpm' else None  # alpha_T's
 
     def loss_fn(net, images, labels, mask_input):  # the body of each main()'s loss_fn closure, for one process
         if method == 'mae':
@@ -189,7 +189,7 @@ def build(method, args):
             return loss, {}
         if method == 'hpm':
             imgs = common.normalize(images)
-            order = hpm.hard_patches_order(teacher.teacher_losses(imgs), mask_input, args.mask_ratio, alpha)
+            order = hpm.hard_patches_order(teacher.teacher_losses(imgs), mask_input, k)
             (loss, rank_loss), _, _ = net(imgs, args.mask_ratio, order)
             return loss + rank_loss, {'reconstruction': loss, 'relative': rank_loss}
         if method == 'maskfeat':

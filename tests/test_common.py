@@ -1,5 +1,5 @@
 """Invariants of the shared pieces: patchify, position table, transforms, datasets, optimisation, checkpoints."""
-import copy, hashlib, io, json, math, os, pickle, subprocess, sys, tarfile, urllib.error, urllib.request, warnings
+import copy, hashlib, io, json, math, os, pickle, shutil, subprocess, sys, tarfile, urllib.error, urllib.request, warnings
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -78,6 +78,18 @@ def test_train_transform_is_a_function_of_the_generator():
 def test_normalize_roundtrip():
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     assert torch.allclose(common.denormalize(common.normalize(x)), x.float() / 255, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported() or not (shutil.which('g++') or shutil.which('c++')),
+                    reason='torch.compile is unavailable here (no dynamo support or no C++ compiler for inductor)')
+def test_normalize_compiles_once():  # its constants made once per device: read from a dict, a guard that recompiled
+    torch._dynamo.reset()  # every compiled step at its second call (minutes at ViT-B on a CPU)
+    torch._dynamo.utils.counters.clear()
+    step = torch.compile(lambda x: common.normalize(x) * 2)
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    for _ in range(3):
+        assert torch.equal(step(x), common.normalize(x) * 2)
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
 
 
 def fabricate_cifar(root):

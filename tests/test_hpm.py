@@ -1,6 +1,6 @@
 """HPM: the relative loss, the hard-patches mask, the teacher, sizes no preset uses, start-up checks; a run of hpm.py,
 the teacher's update per optimizer step, and resume restoring the teacher."""
-import json, math, os, subprocess, sys
+import json, math, os, shutil, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -55,18 +55,39 @@ def test_hard_patches_mask():
     predicted, noise = torch.randn(4, 16), torch.rand(4, 16)
     x = torch.zeros(4, 16, 1)
     # alpha = 0: exactly MAE's random mask for the same noise
-    assert torch.equal(mae.random_masking(x, 0.75, hpm.hard_patches_order(predicted, noise, 0.75, 0.0))[1],
+    assert hpm.hard_count(16, 0.75, 0.0) == 0
+    assert torch.equal(mae.random_masking(x, 0.75, hpm.hard_patches_order(predicted, noise, 0))[1],
                        mae.random_masking(x, 0.75, noise)[1])
-    for alpha in (0.25, 0.5, 1.0):
-        _, mask, _ = mae.random_masking(x, 0.75, hpm.hard_patches_order(predicted, noise, 0.75, alpha))
-        assert torch.equal(mask.sum(1), torch.full((4,), 12.0))  # MAE's count: 16 - int(16 * 0.25)
-        k = int(12 * alpha)
+    for alpha in (0.25, 0.4, 0.5, 1.0):
+        k = hpm.hard_count(16, 0.75, alpha)
+        assert k == int(12 * alpha) and isinstance(k, int)  # of MAE's 12 masked: 16 - int(16 * 0.25)
+        _, mask, _ = mae.random_masking(x, 0.75, hpm.hard_patches_order(predicted, noise, k))
+        assert torch.equal(mask.sum(1), torch.full((4,), 12.0))
         assert torch.all(mask.gather(1, predicted.topk(k, dim=1).indices) == 1)  # the k hardest are masked
+        others = torch.ones_like(mask).scatter(1, predicted.topk(k, dim=1).indices, 0.0)  # the rest: by the noise
+        masked_noise = torch.where((mask == 1) & (others == 1), noise, -1.0).max(1).values
+        visible_noise = torch.where(mask == 0, noise, 2.0).min(1).values
+        assert torch.all(masked_noise > visible_noise) if k < 12 else True
     fixed = (torch.rand(4, 16).argsort(1) < 12).float()  # a 0/1 mask passed as the score is reproduced
     assert torch.equal(mae.random_masking(x, 0.75, fixed)[1], fixed)
     # the random part is MAE's per-sample noise, drawn from the sample's generator in the data loader
     assert np.array_equal(hpm.mask_noise(16, np.random.default_rng([0, 2, 5])),
                           mae.mask_noise(16, np.random.default_rng([0, 2, 5])))
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported() or not (shutil.which('g++') or shutil.which('c++')),
+                    reason='torch.compile is unavailable here (no dynamo support or no C++ compiler for inductor)')
+def test_compiled_mask_does_not_recompile_each_epoch():
+    """alpha_t changes every epoch: the step takes k = hard_count(...), a whole number that torch.compile makes dynamic
+    after its first change (with a float alpha it recompiled every epoch, and after 8 gave up: eager from then on)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    order = torch.compile(lambda predicted, noise, k: hpm.hard_patches_order(predicted * 1, noise, k))
+    predicted, noise = torch.randn(4, 196), torch.rand(4, 196)
+    for epoch in range(12):
+        k = hpm.hard_count(196, 0.75, 0.5 * (epoch + 1) / 12)
+        assert torch.equal(order(predicted, noise, k), hpm.hard_patches_order(predicted, noise, k))
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] <= 3  # k in {0, 1} are specialised, then dynamic
 
 
 def test_teacher_update_and_no_gradient():
