@@ -206,6 +206,20 @@ def timm_layout(encoder_state):
     return state
 
 
+def mfm_layout(checkpoint):
+    """--eval_only's weights: ours or the official {'model'}, else a bare encoder in timm's layout (--export_encoder
+    writes it) -> MFM's: `encoder.` prefixed, attn.qkv.bias split into q_bias and v_bias. A k bias is dropped: it adds
+    the same amount to all of a query's scores, which softmax ignores (zero in timm_layout's output anyway)."""
+    state = checkpoint.get('model', checkpoint)
+    if any(k.startswith('encoder.') for k in state):
+        return state
+    state = dict(state)
+    for key in [k for k in state if k.endswith('attn.qkv.bias')]:
+        q, _, v = state.pop(key).chunk(3)
+        state[key.replace('qkv.bias', 'q_bias')], state[key.replace('qkv.bias', 'v_bias')] = q, v
+    return {'encoder.' + k: v for k, v in state.items()}
+
+
 class Bottleneck(nn.Module):
     """timm's ResNet Bottleneck (the stride on the 3x3 conv), with timm's module names."""
     def __init__(self, inplanes, planes, stride=1):
@@ -371,7 +385,7 @@ def main(argv=None):
     step = common.step_settings(args)
     ddp_model, loader = common.wrap_ddp(model, args), common.make_loader(train_set, args, not args.eval_only)
     start_epoch = common.resume(args, model, None if args.eval_only else optimizer, step['scaler'],
-                                encoder=lambda key: key.startswith('encoder.'))
+                                mfm_layout, encoder=lambda key: key.startswith('encoder.'))
 
     def loss_fn(model, images, labels, low_pass):  # one step of the objective, inside autocast
         removed = frequency_mask(args.input_size, args.mask_radius, low_pass[:, 0])  # (B, H, W)

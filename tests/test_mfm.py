@@ -167,6 +167,18 @@ def test_beit_attention_init_and_timm_layout():
             assert torch.allclose(plain.features(x), encoder.features(x), atol=1e-5), pool
 
 
+@pytest.mark.parametrize('model', ['vit_tiny_patch4', 'resnet_tiny'])
+def test_eval_only_reads_its_own_timm_export_back(model):  # --export_encoder's file: timm's layout (was refused)
+    torch.manual_seed(0)
+    state = mfm.MFM(build_encoder(model, 32)).state_dict()
+    for key in [k for k in state if k.endswith(('q_bias', 'v_bias'))]:
+        state[key] = torch.randn_like(state[key])  # zero at init: make the split visible
+    back = mfm.mfm_layout(mfm.timm_layout(state))  # the bare state dict, as --eval_only --resume passes it
+    encoder = {k: v for k, v in state.items() if k.startswith('encoder.')}
+    assert back.keys() == encoder.keys() and all(torch.equal(back[k], v) for k, v in encoder.items())
+    assert mfm.mfm_layout({'model': state}) is state  # ours and the official checkpoints: as they are
+
+
 def test_a_size_no_preset_uses_trains_and_impossible_sizes_are_refused():
     torch.manual_seed(0)
     imgs = torch.rand(2, 3, 24, 24)
