@@ -363,10 +363,14 @@ def build_datasets(args, train_transform, draw_mask=None):
     for subset in subsets.values() if cache else ():
         subset.items = cache_images(subset, args.input_size, args.num_workers)
     evaluation = EvalTransform(args.input_size)
-    eval_sets = [subsets[s].with_transform(evaluation) for s in subsets] if len(subsets) > 1 else None
+    n = len(subsets['train'])  # one class or one image: a top-1 of 100% by construction, a probe BN cannot train
+    few = len(subsets) > 1 and min(n, len(classes)) < 2
+    eval_sets = [subsets[s].with_transform(evaluation) for s in subsets] if len(subsets) > 1 and not few else None
     if not eval_sets and is_main():
-        print('no labeled val/ (or test/) split: pretraining only, evaluation and fine-tuning skipped')
-    n, accum = len(subsets['train']), getattr(args, 'ft_accum_iter', 1)  # fine-tuning's step, checked at the start
+        why = f'the training split has {n} image(s) of {len(classes)} class(es)' if few else \
+            'no labeled val/ (or test/) split'
+        print(f'{why}: pretraining only, evaluation and fine-tuning skipped')
+    accum = getattr(args, 'ft_accum_iter', 1)  # fine-tuning's step, checked at the start
     if eval_sets and getattr(args, 'finetune_epochs', 0) and math.ceil(n / args.world_size) < args.batch_size * accum:
         sys.exit(f'error: the training split has {n} images, fewer than one fine-tuning step needs (--ft_batch '
                  f'{args.batch_size * accum * args.world_size}: --batch_size {args.batch_size} x {accum} x '
@@ -747,7 +751,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, epoch, device, accum_iter
                 last = os.path.join(output_dir or '', 'checkpoint-last.pth')
                 sys.exit(f'error: non-finite loss at epoch {epoch}, step {first_bad.item()}: stopping; ' + (
                     f'{last} (the last finished epoch) is intact' if output_dir and os.path.isfile(last) else
-                    'no checkpoint was written yet') + ' (try a lower --blr, --amp none, or --clip_grad)')
+                    f'no checkpoint in {output_dir or "this run"} yet') + ' (try a lower lr: --blr, or --ft_blr '
+                    'when fine-tuning; --amp none; --clip_grad when pretraining)')
             bar.set_postfix(loss=f"{sums['loss'].item() / (step + 1):.4f}", img_s=f'{seen / (time.time() - start):.0f}',
                             lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
             bar.update(step + 1 - bar.n)
@@ -956,7 +961,9 @@ def load_pretrained(model, state, source, required=None):
     if required and (lacking := [k for k in own if required(k) and (k in missing or k in unused)]):
         sys.exit(f'error: {source} does not fit this network: {len(lacking)} of its {sum(map(required, own))} encoder '
                  f'tensors do not load ({mismatches(own, state, lacking)}); the file holds {len(state)} tensors: '
-                 f'{count(state) or "none"}: pass the --model (and sizes) it was made with')
+                 f'{count(state) or "none"}: ' + ('a fine-tuned classifier (it has a head), not a pretrained encoder: '
+                                                  'pass the checkpoint it was fine-tuned from' if 'head.weight' in
+                                                  state else 'pass the --model (and sizes) it was made with'))
     if is_main():  # keys counted by their first name: 'decoder_blocks (96)'
         print(f'loaded {source}: missing {count(missing) or "none"}; unused {count(unexpected + unused) or "none"}'
               + resized)

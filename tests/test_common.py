@@ -191,6 +191,18 @@ def test_unlabeled_folder_skips_evaluation(tmp_path, capsys):
     assert 'evaluation and fine-tuning skipped' in capsys.readouterr().out
 
 
+def test_one_class_or_one_image_skips_evaluation(tmp_path, capsys):  # was: 100% top-1, or the probe's BN crashed
+    images = lambda n: [(f'{i}.png', Image.new('RGB', (20, 20), (i, 0, 0))) for i in range(n)]
+    write_images(tmp_path / 'one' / 'train' / 'cat', images(3))
+    write_images(tmp_path / 'one' / 'val' / 'cat', images(2))
+    assert common.build_datasets(folder_args(tmp_path / 'one'), common.TrainTransform(16))[1] is None
+    assert 'has 3 image(s) of 1 class(es): pretraining only, evaluation and fine-tuning skipped' in \
+        capsys.readouterr().out
+    args = SimpleNamespace(data='shapes', shapes_size=1, input_size=16, seed=0, cache=False, world_size=1)
+    assert common.build_datasets(args, common.TrainTransform(16))[1] is None
+    assert 'has 1 image(s) of 10 class(es)' in capsys.readouterr().out
+
+
 def test_a_flat_val_folder_is_refused_before_training(tmp_path):
     write_images(tmp_path / 'train' / 'cat', [(f'{i}.png', Image.new('RGB', (20, 20), (i, 0, 0))) for i in range(2)])
     write_images(tmp_path / 'val', [('v.JPEG', Image.new('RGB', (20, 20)))])  # ImageNet's val as it is distributed
@@ -201,9 +213,10 @@ def test_a_flat_val_folder_is_refused_before_training(tmp_path):
 def test_cifar_as_an_image_folder_is_read_as_one(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(common, 'read_cifar', lambda *_: pytest.fail('would download the archive into data_path'))
     for split in ('train', 'test'):
-        write_images(tmp_path / split / 'cat', [(f'{i}.png', Image.new('RGB', (32, 32), (i, 0, 0))) for i in range(2)])
+        for name in ('cat', 'dog'):
+            write_images(tmp_path / split / name, [(f'{i}.png', Image.new('RGB', (32, 32), (i, 0, 0))) for i in range(2)])
     train_set, (_, val) = common.build_datasets(folder_args(tmp_path, data='cifar10'), common.TrainTransform(16))
-    assert len(train_set) == 2 and len(val) == 2 and 'read as an image folder' in capsys.readouterr().out
+    assert len(train_set) == 4 and len(val) == 4 and 'read as an image folder' in capsys.readouterr().out
 
 
 def test_cache_equals_decoding(tmp_path):

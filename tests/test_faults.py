@@ -389,8 +389,12 @@ def test_resuming_past_the_new_epochs_is_refused(tmp_path):
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(base, copy, tmp_path):
     folder, fresh_dir = copy(), tmp_path / 'fresh'
     huge = ['--epochs', '2', '--blr', '1e30', '--amp', 'none']  # fp32: the first step's lr of 3e28 overflows it
-    fresh, resumed = run_all(mae(fresh_dir, *huge), mae(folder, '--resume', 'auto', *huge))
-    assert 'non-finite loss at epoch 0' in fresh.error and 'no checkpoint was written yet' in fresh.error
+    tuned_dir = tmp_path / 'tuned'  # pretraining is fine; the fine-tune's lr overflows, before its first checkpoint
+    fresh, resumed, tuned = run_all(mae(fresh_dir, *huge), mae(folder, '--resume', 'auto', *huge),
+                                    mae(tuned_dir, '--finetune_epochs', '1', '--ft_blr', '1e30', '--amp', 'none'))
+    assert 'non-finite loss at epoch 0' in fresh.error and f'no checkpoint in {fresh_dir} yet' in fresh.error
+    assert f'no checkpoint in {tuned_dir}/finetune yet' in tuned.error and '--ft_blr' in tuned.error
+    assert os.path.isfile(tuned_dir / 'checkpoint-last.pth')  # the pretraining's, untouched
     assert not glob.glob(f'{fresh_dir}/checkpoint*')
     line = resumed.error
     assert 'non-finite loss at epoch 1' in line and 'checkpoint-last.pth' in line and 'is intact' in line, line
