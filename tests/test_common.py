@@ -516,13 +516,15 @@ def test_resume_auto_with_nothing_to_resume_says_it_starts_afresh(tmp_path, caps
     assert f'no checkpoint-last.pth in {tmp_path / "typo"}, so the run starts afresh' in capsys.readouterr().out
 
 
-def test_lr_zero_is_taken_and_a_min_lr_above_the_peak_is_said(tmp_path, capsys):
+def test_lr_zero_is_taken_and_a_min_lr_above_the_peak_or_fp16_on_a_cpu_is_said(tmp_path, capsys):
     import mae
     assert mae.parse_args(['--lr', '0']).lr == 0  # was: 0 read as unset, the lr made from --blr instead
     common.setup(mae.parse_args(['--min_lr', '1', '--output_dir', str(tmp_path / 'a')]))  # shapes: blr 1.5e-3, batch 64
     assert 'note: --min_lr 1 is above the peak lr 0.000375: after warmup the lr rises to it' in capsys.readouterr().out
     common.setup(mae.parse_args(['--min_lr', '1e-6', '--output_dir', str(tmp_path / 'b')]))
     assert 'note' not in capsys.readouterr().out
+    common.setup(mae.parse_args(['--amp', 'fp16', '--device', 'cpu', '--output_dir', str(tmp_path / 'c')]))
+    assert 'note: --amp fp16 has no fast CPU kernels' in capsys.readouterr().out  # a GPU command's flag, 23x slower
 
 
 def test_a_warmup_as_long_as_the_run_is_said(capsys):
