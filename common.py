@@ -307,7 +307,8 @@ def scan_folder(root, classes=None):
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir()) if classes is None else classes
     paths, labels = [], []
     for label, name in enumerate(classes or ['']):
-        found = sorted(os.path.join(folder, f) for folder, _, files in os.walk(os.path.join(root, name))
+        found = sorted(os.path.join(folder, f) for folder, _, files in os.walk(os.path.join(root, name),
+                                                                            followlinks=True)  # as ImageFolder
                        for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
         if not found and name:
             warnings.warn(f'class folder {os.path.join(root, name)} holds no images; its label is kept')
@@ -344,6 +345,9 @@ def build_datasets(args, train_transform, draw_mask=None):
             print(f'{args.data_path} holds train/: read as an image folder, not the {args.data} archive')
         root, val = os.path.join(args.data_path, 'train'), os.path.join(args.data_path, 'val')
         val = val if os.path.isdir(val) else os.path.join(args.data_path, 'test')
+        if os.path.isdir(val) and not os.path.isdir(root):  # as one unlabeled folder, val/ would be pretrained on
+            sys.exit(f'error: {args.data_path} has {os.path.basename(val)}/ but no train/: name its training folder '
+                     f'train/')
         *train, classes = scan_folder(root) if os.path.isdir(root) else scan_folder(args.data_path, classes=[])
         labeled = classes and os.path.isdir(val) and any(os.path.isdir(os.path.join(val, c)) for c in classes)
         splits = {'train': train, 'val': scan_folder(val, classes)[:2] if labeled else None}
@@ -855,9 +859,10 @@ def clean_state_dict(state_dict):  # strip the `module.` (DDP) and `_orig_mod.` 
 
 
 NOT_IN_A_RESULT = {'resume', 'eval_only', 'output_dir', 'num_workers', 'device', 'save_freq', 'knn_k', 'probe_epochs',
-                   'compile', 'rank'}  # settings that change how a run goes, not what it computes
-RESUME_FREE = NOT_IN_A_RESULT | {'epochs', 'data_path', 'global_pool', 'finetune_epochs', 'ft_batch', 'amp',
-                                 'batch_size', 'world_size', 'accum_iter', 'ft_accum_iter', *FINETUNE}  # unwarned
+                   'compile', 'rank', 'export_encoder', 'global_pool'}  # how a run goes or is evaluated, not what it
+# trains (global_pool: the kNN / probe feature; the fine-tuning ViT always pools)
+RESUME_FREE = NOT_IN_A_RESULT | {'epochs', 'data_path', 'finetune_epochs', 'ft_batch', 'amp', 'batch_size',
+                                 'world_size', 'accum_iter', 'ft_accum_iter', *FINETUNE}  # a resume may change unwarned
 # (batch_size, world_size, accum_iter: how the effective batch is split; a change of its size or of the lr is warned)
 
 
@@ -873,6 +878,10 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
     if checkpoint and not convert and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):  # a bare state
         checkpoint = {'model': checkpoint}  # dict, as --export_encoder writes (for --eval_only: it continues no run)
     if checkpoint is None or optimizer is None:
+        state = (convert(checkpoint) if convert else checkpoint['model']) if checkpoint else {}
+        if any(re.search(r'(^|\.)(head|fc)\.weight$', k) for k in state):  # its encoder may load whole: refused
+            sys.exit(f'error: {path} is a fine-tuned classifier (it has a head), not pretrained weights: pass the '
+                     f'checkpoint it was fine-tuned from')
         if is_main():
             start_run(args)  # a new run: its arguments, an empty log
             if checkpoint is None and optimizer is None:
@@ -880,7 +889,7 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
             elif checkpoint is None and args.resume == 'auto':  # a typo in --output_dir shows here
                 print(f'note: --resume auto: no checkpoint-last.pth in {args.output_dir}, so the run starts afresh')
         if checkpoint:
-            load_pretrained(model, convert(checkpoint) if convert else checkpoint['model'], path, encoder)
+            load_pretrained(model, state, path, encoder)
         return 0
     if not {'model', 'optimizer'} <= checkpoint.keys():
         sys.exit(f'error: {path} holds no model and optimizer state, so it cannot continue a run: evaluate it with '
@@ -888,7 +897,8 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
     saved, now, modules = checkpoint.get('args', {}), plain(args), {'model': model, **extra_modules}
     changed = [f"{'effective batch' if k == 'eff_batch_size' else '--' + k} {now[k]} (was {v})"
                for k, v in saved.items() if now.get(k, v) != v and k not in RESUME_FREE]
-    if (made := f"{saved.get('method', args.method)}.py --model {saved.get('model', args.model)}") != (
+    model = re.sub(r'^mae_(vit_)', r'\1', saved.get('model', args.model))  # the official code's 'mae_vit_base_patch16'
+    if (made := f"{saved.get('method', args.method)}.py --model {model}") != (
             run := f'{args.method}.py --model {args.model}'):  # another method's run, or another network
         sys.exit(f'error: {path} was made by {made}, this run is {run}: resume it with {made}, or start afresh with '
                  f'another --output_dir')
@@ -964,9 +974,7 @@ def load_pretrained(model, state, source, required=None):
     if required and (lacking := [k for k in own if required(k) and (k in missing or k in unused)]):
         sys.exit(f'error: {source} does not fit this network: {len(lacking)} of its {sum(map(required, own))} encoder '
                  f'tensors do not load ({mismatches(own, state, lacking)}); the file holds {len(state)} tensors: '
-                 f'{count(state) or "none"}: ' + ('a fine-tuned classifier (it has a head), not a pretrained encoder: '
-                                                  'pass the checkpoint it was fine-tuned from' if 'head.weight' in
-                                                  state else 'pass the --model (and sizes) it was made with'))
+                 f'{count(state) or "none"}: pass the --model (and sizes) it was made with')
     if is_main():  # keys counted by their first name: 'decoder_blocks (96)'
         print(f'loaded {source}: missing {count(missing) or "none"}; unused {count(unexpected + unused) or "none"}'
               + resized)

@@ -203,6 +203,20 @@ def test_one_class_or_one_image_skips_evaluation(tmp_path, capsys):  # was: 100%
     assert 'has 1 image(s) of 10 class(es)' in capsys.readouterr().out
 
 
+def test_linked_folders_inside_a_class_are_read_and_a_val_without_train_is_refused(tmp_path):
+    images = lambda n: [(f'{i}.png', Image.new('RGB', (20, 20), (i, 0, 0))) for i in range(n)]
+    write_images(tmp_path / 'elsewhere', images(3))
+    for name in ('cat', 'dog'):
+        write_images(tmp_path / 'data' / 'train' / name, images(1))
+        write_images(tmp_path / 'data' / 'val' / name, images(1))
+    os.symlink(tmp_path / 'elsewhere', tmp_path / 'data' / 'train' / 'dog' / 'linked')  # was: left out, unsaid
+    paths, labels, _ = common.scan_folder(str(tmp_path / 'data' / 'train'))
+    assert len(paths) == 5 and labels == [0, 1, 1, 1, 1]
+    os.rename(tmp_path / 'data' / 'train', tmp_path / 'data' / 'training')  # was: all pretrained on, val/ included
+    with pytest.raises(SystemExit, match=r'has val/ but no train/: name its training folder train/'):
+        common.build_datasets(folder_args(tmp_path / 'data'), common.TrainTransform(16))
+
+
 def test_a_flat_val_folder_is_refused_before_training(tmp_path):
     write_images(tmp_path / 'train' / 'cat', [(f'{i}.png', Image.new('RGB', (20, 20), (i, 0, 0))) for i in range(2)])
     write_images(tmp_path / 'val', [('v.JPEG', Image.new('RGB', (20, 20)))])  # ImageNet's val as it is distributed

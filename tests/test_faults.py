@@ -293,8 +293,9 @@ def test_resume_with_changed_settings_warns_stretches_or_refuses(base, copy):
     blr, longer, model, mae_layout = copy('blr'), copy('longer'), copy('model'), copy('mae_layout')
     own = torch.load(mae_layout / 'checkpoint-last.pth', weights_only=True)  # as MAE's misc.save_model writes it:
     torch.save({'model': own['model'], 'optimizer': own['optimizer'], 'epoch': own['epoch'], 'scaler': {},
-                'args': argparse.Namespace(**own['args'])}, mae_layout / 'checkpoint-last.pth')  # no RNG, no log
-    changed, extended, refused, official = run_all(mae(blr, '--resume', 'auto', '--blr', '3e-3'),
+                'args': argparse.Namespace(**{**own['args'], 'model': 'mae_vit_tiny_patch4'})},  # main_pretrain's
+               mae_layout / 'checkpoint-last.pth')  # no RNG, no log; its model name (was refused, advising that name)
+    changed, extended, refused, official = run_all(mae(blr, '--resume', 'auto', '--blr', '3e-3', '--export_encoder'),
                                                    mae(longer, '--resume', 'auto', '--epochs', '2'),
                                                    mae(model, '--resume', 'auto', '--model', 'vit_tiny_patch8'),
                                                    mae(mae_layout, '--resume', 'auto', '--epochs', '2'))
@@ -303,7 +304,7 @@ def test_resume_with_changed_settings_warns_stretches_or_refuses(base, copy):
     changed.ok()
     warnings = [line for line in changed.stdout.splitlines() + changed.stderr.splitlines()
                 if line.startswith('warning:')]
-    assert len(warnings) == 1 and '--blr 0.003 (was 0.0015)' in warnings[0], changed
+    assert len(warnings) == 1 and '--blr 0.003 (was 0.0015)' in warnings[0], changed  # not --export_encoder's
     extended.ok()
     notes = [line for line in extended.stdout.splitlines() if line.startswith('note:')]
     assert len(notes) == 1 and '2 epochs' in notes[0] and 'was 1' in notes[0], extended

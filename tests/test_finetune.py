@@ -107,9 +107,17 @@ def test_eval_only_load_stops_when_encoder_tensors_do_not_load(tmp_path, monkeyp
         assert re.search(expected, message), message
         assert message.endswith('pass the --model (and sizes) it was made with')
     classifier = common.ViTClassifier(5, 16, **common.vit_config('vit_tiny_patch4')).state_dict()  # finetuned.pth's
-    with pytest.raises(SystemExit, match=r'norm\.weight: none in the file.*head \(2\), fc_norm \(2\): a fine-tuned '
-                                         r'classifier \(it has a head\), not a pretrained encoder'):  # was: "pass the
-        resume_eval_only(seeded(2, tiny_mae), {'model': classifier}, tmp_path, monkeypatch)  # --model it was made with"
+    with pytest.raises(SystemExit, match=r'is a fine-tuned classifier \(it has a head\), not pretrained weights'):
+        resume_eval_only(seeded(2, tiny_mae), {'model': classifier}, tmp_path, monkeypatch)  # was: "pass the --model"
+    maskfeat_classifier = common.ViTClassifier(5, 16, **common.vit_config('vit_tiny_patch4'), pool_norm='norm')
+    mfm_classifier = mfm.ResNetClassifier(5, *mfm.RESNETS['resnet_tiny'], img_size=32)  # timm's `fc`, `encoder.`-ed
+    for model, classifier, convert in ((maskfeat.build_model(maskfeat.parse_args(['--model', 'vit_tiny_patch4',
+                                                                                  '--input_size', '16'])),
+                                        maskfeat_classifier, maskfeat.official_state),
+                                       (mfm.MFM(mfm.ResNet(*mfm.RESNETS['resnet_tiny'], img_size=32)), mfm_classifier,
+                                        mfm.mfm_layout)):  # their encoders load whole: were evaluated as 'trained'
+        with pytest.raises(SystemExit, match='is a fine-tuned classifier'):
+            resume_eval_only(model, {'model': classifier.state_dict()}, tmp_path, monkeypatch, convert)
 
 
 @pytest.mark.parametrize('teacher', [False, True])
