@@ -311,7 +311,8 @@ def scan_folder(root, classes=None):
                                                                             followlinks=True)  # as ImageFolder
                        for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
         if not found and name:
-            warnings.warn(f'class folder {os.path.join(root, name)} holds no images; its label is kept')
+            warnings.warn(f'class folder {os.path.join(root, name)} ' + ('holds no images' if os.path.isdir(
+                os.path.join(root, name)) else 'is missing') + '; its label is kept')  # (val/ may lack a class)
         paths, labels = paths + found, labels + [label if classes else -1] * len(found)
     return np.array(paths), labels, classes
 
@@ -446,6 +447,9 @@ def make_loader(dataset, args, train, sampler=None):
         sys.exit(f'error: the training split has {len(dataset)} images, fewer than one optimizer step needs '
                  f'(--batch_size {args.batch_size} x --accum_iter {args.accum_iter} x {args.world_size} process(es)): '
                  f'lower --accum_iter (a recipe\'s target batch sets it unless given), or --batch_size')
+    if train and (left := len(sampler) // args.batch_size % args.accum_iter) and is_main():
+        print(f'note: the last {left} batch(es) of each epoch fill no optimizer step of {args.accum_iter} accumulated '
+              'batches: skipped (the official loop computes them, then discards their gradients)')
     return torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers,
                                        pin_memory=args.device.type == 'cuda', drop_last=train)
 
@@ -485,7 +489,8 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--min_lr', dict(type=AMOUNT), 'lower bound of the cosine schedule'),
     ('--weight_decay', dict(type=AMOUNT), 'weight decay'),
     ('--warmup_epochs', dict(type=AMOUNT), 'epochs of linear warmup from 0'),
-    ('--clip_grad', dict(type=AMOUNT), 'clip the global gradient norm to this; unset: no clipping'),
+    ('--clip_grad', dict(type=AMOUNT), 'clip the global gradient norm of pretraining to this '
+     "(fine-tuning: unclipped, as MAE's); unset: no clipping"),
     ('--data', dict(default='shapes', choices=['shapes', 'cifar10', 'cifar100', 'imagenet', 'folder']),
      'shapes: built in; cifar: its archive (downloaded), or an image folder; imagenet/folder: '
      '<data_path>/train/<class>/*, val/ or test/'),
@@ -547,9 +552,10 @@ def show_values(parser, defaults, presets, recipe):
         action.help += f" ({'; '.join(parts).replace('default:', 'default')})".replace('%', '%%') if parts else ''
 
 
-def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model, data, input_size: {}):
+def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model, data, input_size: {}, pretraining=''):
     """Parse; fill each unset flag from recipe(model, data, input_size) (values that depend on the model: a row),
-    presets[data], then `defaults`; validate before any work starts; derive the run's settings -> args."""
+    presets[data], then `defaults`; validate before any work starts; derive the run's settings -> args. pretraining:
+    the method's flags that act on pretraining only (said to do nothing with --eval_only)."""
     show_values(parser, defaults, presets, recipe)
     args = parser.parse_args(argv)
     if args.lr is not None and args.blr is not None:  # else --blr would be ignored without a word
@@ -558,6 +564,9 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
             if v is not None and (k in FINETUNE or k.startswith('ft_')) and not args.finetune_epochs]
     idle += [('--shapes_size', 'it sizes --data shapes')] * (args.shapes_size is not None and args.data != 'shapes')
     idle += [('--cache', 'shapes are made in memory')] * (args.cache and args.data == 'shapes')
+    pretraining += ' epochs blr lr min_lr weight_decay warmup_epochs clip_grad crop_scale' + ' accum_iter' * (
+        not args.finetune_epochs or args.ft_batch is not None)  # (else it sets the fine-tuning batch)
+    skipped = [f'--{k}' for k in pretraining.split() if args.eval_only and getattr(args, k) is not None]
     if idle:  # a flag that changes nothing is refused, not ignored without a word
         parser.error(f'{idle[0][0]} would do nothing here: {idle[0][1]}')
     filled = {**FINETUNE, **defaults, **presets.get(args.data, {})}
@@ -599,6 +608,8 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
             print(f'note: --{warmup} {getattr(args, warmup):g} >= --{epochs} {getattr(args, epochs)}: the lr rises '
                   f'through the whole run and never reaches its peak')
     args.lr = args.blr * args.eff_batch_size / 256 if args.lr is None else args.lr  # --lr 0 too is taken as given
+    if skipped and args.rank == 0:  # said, not refused: a run's own command plus --eval_only --resume is common use
+        print(f"note: --eval_only skips pretraining, so {', '.join(skipped)} change(s) nothing")
     return args
 
 
@@ -859,8 +870,8 @@ def clean_state_dict(state_dict):  # strip the `module.` (DDP) and `_orig_mod.` 
 
 
 NOT_IN_A_RESULT = {'resume', 'eval_only', 'output_dir', 'num_workers', 'device', 'save_freq', 'knn_k', 'probe_epochs',
-                   'compile', 'rank', 'export_encoder', 'global_pool'}  # how a run goes or is evaluated, not what it
-# trains (global_pool: the kNN / probe feature; the fine-tuning ViT always pools)
+                   'compile', 'rank', 'export_encoder', 'global_pool', 'resumed'}  # how a run goes or is evaluated,
+# not what it trains (global_pool: the kNN / probe feature; the fine-tuning ViT always pools; resumed: a record)
 RESUME_FREE = NOT_IN_A_RESULT | {'epochs', 'data_path', 'finetune_epochs', 'ft_batch', 'amp', 'batch_size',
                                  'world_size', 'accum_iter', 'ft_accum_iter', *FINETUNE}  # a resume may change unwarned
 # (batch_size, world_size, accum_iter: how the effective batch is split; a change of its size or of the lr is warned)
@@ -912,8 +923,11 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
         sys.exit(f"error: {path} has trained {checkpoint['epoch'] + 1} epochs, more than --epochs {args.epochs}: "
                  f"resume with --epochs {saved.get('epochs', checkpoint['epoch'] + 1)} or evaluate it with --eval_only")
     if is_main() and saved.get('epochs') != args.epochs:
-        print(f"note: the run now lasts {args.epochs} epochs (was {saved.get('epochs')}): the lr schedule follows the "
-              f"new length from epoch {checkpoint['epoch'] + 1} on")
+        print(f"note: the run now lasts {args.epochs} epochs (was {saved.get('epochs')}): each schedule (the lr's, the "
+              f"method's) follows the new length from epoch {checkpoint['epoch'] + 1} on")
+    moved = [f'{k} {v} -> {now[k]}' for k, v in saved.items() if k not in NOT_IN_A_RESULT and now.get(k, v) != v]
+    args.resumed = saved.get('resumed', []) + [f"from epoch {checkpoint['epoch'] + 1}: " + ', '.join(moved)] * (
+        len(moved) > 0)  # args.json's record of the settings each epoch ran under
     for key, module in modules.items():
         module.load_state_dict(clean_state_dict(checkpoint[key]))
     optimizer.load_state_dict(checkpoint['optimizer'])
@@ -937,10 +951,17 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
 
 
 def start_run(args, log_lines=()):  # args.json, and log.txt with the lines of the run so far (None: kept)
-    with open(os.path.join(args.output_dir, 'args.json'), 'w') as f:
+    log, named = os.path.join(args.output_dir, 'log.txt'), os.path.join(args.output_dir, 'args.json')
+    if log_lines == () and os.path.isfile(log) and os.path.getsize(log):  # results of a run with no checkpoint
+        n = next(i for i in range(1, sys.maxsize) if not os.path.exists(f'{args.output_dir}/log-{i}.txt'))
+        for old, new in ((log, f'log-{n}.txt'), (named, f'args-{n}.json')):
+            os.replace(old, os.path.join(args.output_dir, new)) if os.path.isfile(old) else None
+        print(f'note: {args.output_dir} held the log of an earlier run (no checkpoint): kept as log-{n}.txt, '
+              f'its arguments as args-{n}.json')
+    with open(named, 'w') as f:
         json.dump(plain(args), f, indent=1)
     if log_lines is not None:
-        with open(os.path.join(args.output_dir, 'log.txt'), 'w') as f:
+        with open(log, 'w') as f:
             f.writelines(line + '\n' for line in log_lines)
 
 
@@ -1048,7 +1069,8 @@ def evaluate(args, trained, build_random, eval_sets):
         if args.probe_epochs and is_main():
             results[f'{name}_probe_top1'] = linear_probe_accuracy(train_f, train_y, val_f, val_y, num_classes,
                                                                   args.probe_epochs, args.seed)
-    for metric, title in (('knn', f'kNN (k={args.knn_k})'), ('probe', 'linear probe')):
+    k = min(args.knn_k, len(eval_sets[0]) if eval_sets else 0)  # as knn_accuracy: no more than the training images
+    for metric, title in (('knn', f'kNN (k={k})'), ('probe', 'linear probe')):
         if found := [f'{n} {results[key]:.2f}%' for n in encoders if (key := f'{n}_{metric}_top1') in results]:
             print(f'{title:>14} top-1: ' + ', '.join(found))  # only rank 0 has results
     done = {'checkpoint': args.resume or None} if args.eval_only else {'epoch': args.epochs - 1}  # what was evaluated

@@ -90,7 +90,7 @@ def get_args_parser():
 
 def parse_args(argv=None):
     parser = get_args_parser()
-    args = common.parse_args(parser, 'hpm', DEFAULTS, PRESETS, argv, recipe)
+    args = common.parse_args(parser, 'hpm', DEFAULTS, PRESETS, argv, recipe, pretraining='ema_decay ema_ramp_epochs')
     L = (args.input_size // common.vit_config(args.model)['patch_size']) ** 2
     common.check_mask_count(parser, args.mask_ratio, int(L * (1 - args.mask_ratio)), L)
     if args.decoder_embed_dim % args.decoder_num_heads:  # else the model's constructor stops with a traceback

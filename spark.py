@@ -107,7 +107,7 @@ def get_args_parser():
 
 def parse_args(argv=None):
     parser = get_args_parser()
-    args = common.parse_args(parser, 'spark', DEFAULTS, PRESETS, argv, recipe)
+    args = common.parse_args(parser, 'spark', DEFAULTS, PRESETS, argv, recipe, pretraining='drop_path weight_decay_end')
     if args.input_size % MODELS[args.model][3]:
         parser.error(f'--input_size {args.input_size} is not a multiple of the downsample ratio '
                      f'{MODELS[args.model][3]} of {args.model} (use a *_ds8 model for 32-64 px images)')

@@ -164,6 +164,7 @@ def test_image_folder_modes_corrupt_and_empty_class(tmp_path):
     with pytest.warns(UserWarning) as said:
         train_set, (train_eval, val) = common.build_datasets(folder_args(tmp_path), common.TrainTransform(16))
     assert any('emu holds no images' in str(w.message) for w in said)
+    assert any(f"{tmp_path / 'val' / 'cat'} is missing" in str(w.message) for w in said)  # was: "holds no images"
     assert any('lacks, their images not evaluated: yak' in str(w.message) for w in said)
     assert train_set.classes == ['cat', 'dog', 'emu'] and list(val.labels) == [1]
     assert len(train_set) == 7
@@ -521,6 +522,25 @@ def test_a_flag_that_would_do_nothing_is_refused(method, flags, message, needed)
     __import__(method).parse_args(flags + needed)  # with what it acts on (later flags win), it is taken
 
 
+def test_eval_only_says_the_flags_of_the_pretraining_it_skips(capsys):  # each was ignored without a word
+    import hpm, spark
+    for flag, value in (('--blr', '1e-3'), ('--clip_grad', '1'), ('--epochs', '5'), ('--ema_ramp_epochs', '3')):
+        hpm.parse_args(['--eval_only', flag, value, '--warmup_epochs', '1'])
+        note = capsys.readouterr().out.strip()
+        assert note.startswith('note: --eval_only skips pretraining, so') and note.endswith('change(s) nothing')
+        assert {flag, '--warmup_epochs'} <= set(note.replace(',', '').split()) and len(note.splitlines()) == 1, note
+        hpm.parse_args([flag, value])
+        assert 'skips pretraining' not in capsys.readouterr().out
+    spark.parse_args(['--eval_only', '--weight_decay_end', '0.1'])
+    assert 'so --weight_decay_end change(s) nothing' in capsys.readouterr().out
+    hpm.parse_args(['--eval_only', '--accum_iter', '2'])
+    assert 'so --accum_iter change(s) nothing' in capsys.readouterr().out
+    assert hpm.parse_args(['--eval_only', '--accum_iter', '2', '--finetune_epochs', '1']).ft_accum_iter == 2  # its
+    assert 'skips pretraining' not in capsys.readouterr().out  # batch, unless --ft_batch sets that
+    hpm.parse_args(['--eval_only', '--accum_iter', '2', '--finetune_epochs', '1', '--ft_batch', '128'])
+    assert 'so --accum_iter change(s) nothing' in capsys.readouterr().out
+
+
 def test_resume_auto_with_nothing_to_resume_says_it_starts_afresh(tmp_path, capsys):
     import mae
     args = mae.parse_args(['--resume', 'auto', '--output_dir', str(tmp_path / 'typo')])
@@ -586,6 +606,21 @@ def test_spark_refuses_a_decoder_too_narrow_to_halve():
         spark.SparK(spark.build_backbone('resnet_mini_ds8'), 32, 0.6, decoder_width=4)
 
 
+def test_knn_says_the_k_it_uses(tmp_path, capsys, monkeypatch):  # it said k=20 while voting with all 5 images
+    class Split(list):
+        classes = ['a', 'b']
+
+    class Encoder(torch.nn.Identity):
+        def features(self, images):
+            return images
+    features = torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 0])
+    monkeypatch.setattr(common, 'extract_features', lambda *_, **__: features)
+    args = SimpleNamespace(output_dir=str(tmp_path), epochs=1, seed=0, device=torch.device('cpu'), knn_k=20,
+                           probe_epochs=0, eval_only=False, resume='')
+    results = common.evaluate(args, Encoder(), Encoder, (Split(range(5)), Split(range(5))))
+    assert 'kNN (k=5) top-1' in capsys.readouterr().out and 'trained_knn_top1' in results
+
+
 def test_an_evaluation_logs_what_it_evaluated(tmp_path):
     settings = dict(output_dir=str(tmp_path), epochs=7, seed=0, device=torch.device('cpu'), knn_k=0, probe_epochs=0)
     common.evaluate(SimpleNamespace(**settings, eval_only=False, resume=''), None, torch.nn.Identity, None)
@@ -595,3 +630,14 @@ def test_an_evaluation_logs_what_it_evaluated(tmp_path):
         trained, evaluated = [json.loads(line) for line in f]
     assert trained == {'epoch': 6, 'evaluation': True}  # the last epoch of this run
     assert evaluated == {'checkpoint': 'run/checkpoint-last.pth', 'evaluation': True}  # was 'epoch': 6, whatever
+
+
+def test_batches_left_over_by_accumulation_are_said(capsys):  # each epoch skips them, as the official loop discards
+    args = SimpleNamespace(world_size=1, rank=0, seed=0, batch_size=2, accum_iter=2, num_workers=0,
+                           device=torch.device('cpu'))
+    assert len(common.make_loader(list(range(10)), args, train=True)) == 5
+    said = capsys.readouterr().out
+    assert 'the last 1 batch(es) of each epoch fill no optimizer step of 2 accumulated batches' in said
+    common.make_loader(list(range(8)), args, train=True)
+    common.make_loader(list(range(10)), args, train=False)  # evaluation accumulates nothing
+    assert capsys.readouterr().out == ''

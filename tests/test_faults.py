@@ -143,6 +143,8 @@ def test_second_run_into_a_folder_is_refused_and_resume_auto_continues_it(base, 
     assert snapshot(folder) == before  # checkpoints, log.txt, args.json: byte for byte
     fresh.ok()
     lines = [json.loads(line) for line in log_lines(died)]  # the new start's lines only: one run in log.txt
+    assert 'kept as log-1.txt' in fresh.stdout and (died / 'log-1.txt').read_text() == json.dumps(stale) + '\n'
+    assert (died / 'args-1.json').read_bytes() == (base[0] / 'args.json').read_bytes()  # the earlier run's: not lost
     assert [line.get('evaluation', False) for line in lines] == [False, True], lines
     assert lines[0]['train_loss'] != 123.0 and lines[0]['epoch'] == 0
     resumed.ok()  # --resume auto continues it (nothing left to train: it evaluates again, here without kNN / probe)
@@ -305,6 +307,8 @@ def test_resume_with_changed_settings_warns_stretches_or_refuses(base, copy):
     warnings = [line for line in changed.stdout.splitlines() + changed.stderr.splitlines()
                 if line.startswith('warning:')]
     assert len(warnings) == 1 and '--blr 0.003 (was 0.0015)' in warnings[0], changed  # not --export_encoder's
+    record = json.loads((blr / 'args.json').read_text())  # which settings the epochs ran under: kept in args.json
+    assert record['blr'] == 0.003 and record['resumed'][0].startswith('from epoch 1: blr 0.0015 -> 0.003, lr '), record
     extended.ok()
     notes = [line for line in extended.stdout.splitlines() if line.startswith('note:')]
     assert len(notes) == 1 and '2 epochs' in notes[0] and 'was 1' in notes[0], extended
@@ -313,6 +317,8 @@ def test_resume_with_changed_settings_warns_stretches_or_refuses(base, copy):
     assert lines[0] == log_lines(base[0])[0]
     assert [json.loads(line)['epoch'] for line in lines if 'evaluation' not in line] == [0, 1]
     assert torch.load(longer / 'checkpoint-last.pth', weights_only=True)['epoch'] == 1
+    assert torch.load(longer / 'checkpoint-last.pth', weights_only=True)['args']['resumed'] == [
+        'from epoch 1: epochs 1 -> 2']  # saved with the run, so a later resume adds to it
     assert digest(longer / 'checkpoint-0.pth') == base[2]['checkpoint-0.pth']
     assert 'made by mae.py --model vit_tiny_patch4' in refused.error and 'vit_tiny_patch8' in refused.error
     assert snapshot(model) == base[2]  # args.json too: a refused run writes nothing
