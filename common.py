@@ -879,8 +879,9 @@ RESUME_FREE = NOT_IN_A_RESULT | {'epochs', 'data_path', 'finetune_epochs', 'ft_b
 
 def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCODER_KEYS, **extra_modules):
     """Load --resume into model, extra modules, optimizer, scaler, RNG, log.txt -> the epoch to start at (a fresh start
-    empties log.txt); changed settings are printed, another network refused. With no optimizer (--eval_only) the
-    weights convert(checkpoint) (default its 'model') load leniently, but every tensor with encoder(key) must load."""
+    empties log.txt, an earlier one kept); changed settings are printed and recorded, another network refused. With
+    no optimizer (--eval_only) the weights convert(checkpoint) (default its 'model') load leniently, but every tensor
+    with encoder(key) must load."""
     path = checkpoint_path(args)
     checkpoint = load_checkpoint(path) if path and os.path.isfile(path) else None
     if checkpoint is not None and not (isinstance(checkpoint, dict) and checkpoint):  # a tensor, a list, {}
