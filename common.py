@@ -306,13 +306,12 @@ def scan_folder(root, classes=None):
     """-> (paths, labels by class sub-folder, classes); classes=[] reads every image below root as unlabeled (-1)."""
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir()) if classes is None else classes
     paths, labels = [], []
-    for label, name in enumerate(classes or ['']):
-        found = sorted(os.path.join(folder, f) for folder, _, files in os.walk(os.path.join(root, name),
-                                                                            followlinks=True)  # as ImageFolder
+    for label, folder in enumerate(os.path.join(root, name) for name in classes or ['']):
+        found = sorted(os.path.join(sub, f) for sub, _, files in os.walk(folder, followlinks=True)  # as ImageFolder
                        for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not found and name:
-            warnings.warn(f'class folder {os.path.join(root, name)} ' + ('holds no images' if os.path.isdir(
-                os.path.join(root, name)) else 'is missing') + '; its label is kept')  # (val/ may lack a class)
+        if not found and classes:  # (val/ may lack a class)
+            warnings.warn(f"class folder {folder} {'holds no images' if os.path.isdir(folder) else 'is missing'}; "
+                          f"its label is kept")
         paths, labels = paths + found, labels + [label if classes else -1] * len(found)
     return np.array(paths), labels, classes
 
@@ -907,8 +906,9 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
         sys.exit(f'error: {path} holds no model and optimizer state, so it cannot continue a run: evaluate it with '
                  f'--eval_only --resume {path}, or fine-tune from it (README, "Fine-tuning and released checkpoints")')
     saved, now, modules = checkpoint.get('args', {}), plain(args), {'model': model, **extra_modules}
+    moved = {k: v for k, v in saved.items() if k not in NOT_IN_A_RESULT and now.get(k, v) != v}  # v: the saved value
     changed = [f"{'effective batch' if k == 'eff_batch_size' else '--' + k} {now[k]} (was {v})"
-               for k, v in saved.items() if now.get(k, v) != v and k not in RESUME_FREE]
+               for k, v in moved.items() if k not in RESUME_FREE]
     model = re.sub(r'^mae_(vit_)', r'\1', saved.get('model', args.model))  # the official code's 'mae_vit_base_patch16'
     if (made := f"{saved.get('method', args.method)}.py --model {model}") != (
             run := f'{args.method}.py --model {args.model}'):  # another method's run, or another network
@@ -926,9 +926,8 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
     if is_main() and saved.get('epochs') != args.epochs:
         print(f"note: the run now lasts {args.epochs} epochs (was {saved.get('epochs')}): each schedule (the lr's, the "
               f"method's) follows the new length from epoch {checkpoint['epoch'] + 1} on")
-    moved = [f'{k} {v} -> {now[k]}' for k, v in saved.items() if k not in NOT_IN_A_RESULT and now.get(k, v) != v]
-    args.resumed = saved.get('resumed', []) + [f"from epoch {checkpoint['epoch'] + 1}: " + ', '.join(moved)] * (
-        len(moved) > 0)  # args.json's record of the settings each epoch ran under
+    args.resumed = saved.get('resumed', []) + [f"from epoch {checkpoint['epoch'] + 1}: " + ', '.join(
+        f'{k} {v} -> {now[k]}' for k, v in moved.items())] * bool(moved)  # args.json: what each epoch ran under
     for key, module in modules.items():
         module.load_state_dict(clean_state_dict(checkpoint[key]))
     optimizer.load_state_dict(checkpoint['optimizer'])
@@ -955,8 +954,8 @@ def start_run(args, log_lines=()):  # args.json, and log.txt with the lines of t
     log, named = os.path.join(args.output_dir, 'log.txt'), os.path.join(args.output_dir, 'args.json')
     if log_lines == () and os.path.isfile(log) and os.path.getsize(log):  # results of a run with no checkpoint
         n = next(i for i in range(1, sys.maxsize) if not os.path.exists(f'{args.output_dir}/log-{i}.txt'))
-        for old, new in ((log, f'log-{n}.txt'), (named, f'args-{n}.json')):
-            os.replace(old, os.path.join(args.output_dir, new)) if os.path.isfile(old) else None
+        for old, new in [(log, f'log-{n}.txt')] + [(named, f'args-{n}.json')] * os.path.isfile(named):
+            os.replace(old, os.path.join(args.output_dir, new))
         print(f'note: {args.output_dir} held the log of an earlier run (no checkpoint): kept as log-{n}.txt, '
               f'its arguments as args-{n}.json')
     with open(named, 'w') as f:
