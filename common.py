@@ -283,7 +283,7 @@ class ImageDataset(torch.utils.data.Dataset):
             if not isinstance(self.items[j], str):
                 return Image.fromarray(np.asarray(self.items[j])), self.labels[j]
             try:
-                with Image.open(self.items[j]) as img:
+                with Image.open(str(self.items[j])) as img:  # str, not numpy's: its repr is in PIL's messages
                     return to_rgb(img), self.labels[j]
             except Exception as e:  # noqa: BLE001 (whatever the decoder raises, the file is unusable)
                 with self.num_skipped.get_lock():
@@ -303,12 +303,14 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def scan_folder(root, classes=None):
-    """-> (paths, labels by class sub-folder, classes); classes=[] reads every image below root as unlabeled (-1)."""
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir()) if classes is None else classes
+    """-> (paths, labels by class sub-folder, classes); classes=[] reads every image below root as unlabeled (-1).
+    Hidden names (.ipynb_checkpoints/, macOS's ._x.jpg) are neither classes nor images."""
+    if classes is None:
+        classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith('.'))
     paths, labels = [], []
     for label, folder in enumerate(os.path.join(root, name) for name in classes or ['']):
         found = sorted(os.path.join(sub, f) for sub, _, files in os.walk(folder, followlinks=True)  # as ImageFolder
-                       for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+                       for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))
         if not found and classes:  # (val/ may lack a class)
             warnings.warn(f"class folder {folder} {'holds no images' if os.path.isdir(folder) else 'is missing'}; "
                           f"its label is kept")
@@ -497,7 +499,8 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--shapes_size', dict(type=COUNT), 'training images generated for --data shapes'),
     ('--cache', dict(action='store_true'),
      'decode images once into memory (resized, centre-cropped), a copy per process: small datasets'),
-    ('--num_workers', dict(type=NATURAL), 'data loader processes per training process'),
+    ('--num_workers', dict(type=NATURAL), "data loader processes per training process (unset: the preset's, at most "
+     'its share of the cores)'),
     ('--output_dir', dict(), 'one run per folder (default: output/<method>_<data>, or <...>_eval with --eval_only)'),
     ('--resume', dict(default=''), "a checkpoint to continue from, or 'auto' for output_dir/checkpoint-last.pth"),
     ('--save_freq', dict(type=COUNT, default=20), 'keep a numbered checkpoint every this many epochs'),
@@ -568,11 +571,11 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
     skipped = [f'--{k}' for k in pretraining.split() if args.eval_only and getattr(args, k) is not None]
     if idle:  # a flag that changes nothing is refused, not ignored without a word
         parser.error(f'{idle[0][0]} would do nothing here: {idle[0][1]}')
-    filled = {**FINETUNE, **defaults, **presets.get(args.data, {})}
+    filled, workers = {**FINETUNE, **defaults, **presets.get(args.data, {})}, args.num_workers
     for key, value in {**filled, **recipe(args.model or filled['model'], args.data,
                                           args.input_size or filled['input_size'])}.items():
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
-    args.method = method
+    args.method, args.num_workers = method, min(args.num_workers, cpu_share()) if workers is None else workers
     args.output_dir = args.output_dir or os.path.join('output', f'{method}_{args.data}' + '_eval' * args.eval_only)
     patch, ratio = int(m[2]) if (m := VIT_NAME.fullmatch(args.model)) else 1, getattr(args, 'mask_ratio', 0.5)
     for ok, message in [
@@ -629,6 +632,11 @@ def check_mask_count(parser, ratio, kept, cells):  # one masked and one visible 
                                     'cells)'))
 
 
+def cpu_share():  # the cores this process may use, shared with torchrun's other processes on this machine
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+
+
 def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -641,9 +649,8 @@ def setup(args):
         dist.init_process_group('nccl' if args.device.type == 'cuda' else 'gloo')
     if args.device.type == 'cpu':  # freed memory kept for the next step; the cores this process may use
         keep_freed_memory()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-        share = max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # torchrun's processes on this machine
-        torch.set_num_threads(min(torch.get_num_threads(), share)) if 'OMP_NUM_THREADS' not in os.environ else None
+        if 'OMP_NUM_THREADS' not in os.environ:
+            torch.set_num_threads(min(torch.get_num_threads(), cpu_share()))
     torch.manual_seed(args.seed + args.rank)  # the model init is broadcast from rank 0 by DDP anyway
     last = os.path.join(args.output_dir, 'checkpoint-last.pth')
     if is_main() and os.path.isfile(last) and (args.eval_only or os.path.abspath(checkpoint_path(args)) !=

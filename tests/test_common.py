@@ -204,15 +204,17 @@ def test_one_class_or_one_image_skips_evaluation(tmp_path, capsys):  # was: 100%
     assert 'has 1 image(s) of 10 class(es)' in capsys.readouterr().out
 
 
-def test_linked_folders_inside_a_class_are_read_and_a_val_without_train_is_refused(tmp_path):
+def test_linked_folders_are_read_hidden_names_skipped_and_a_val_without_train_is_refused(tmp_path):
     images = lambda n: [(f'{i}.png', Image.new('RGB', (20, 20), (i, 0, 0))) for i in range(n)]
     write_images(tmp_path / 'elsewhere', images(3))
     for name in ('cat', 'dog'):
         write_images(tmp_path / 'data' / 'train' / name, images(1))
         write_images(tmp_path / 'data' / 'val' / name, images(1))
     os.symlink(tmp_path / 'elsewhere', tmp_path / 'data' / 'train' / 'dog' / 'linked')  # was: left out, unsaid
-    paths, labels, _ = common.scan_folder(str(tmp_path / 'data' / 'train'))
-    assert len(paths) == 5 and labels == [0, 1, 1, 1, 1]
+    write_images(tmp_path / 'data' / 'train' / '.ipynb_checkpoints', images(1))  # hidden: was a class of its own
+    (tmp_path / 'data' / 'train' / 'cat' / '._0.png').write_bytes(b'macOS metadata')  # was: a warning per read
+    paths, labels, classes = common.scan_folder(str(tmp_path / 'data' / 'train'))
+    assert len(paths) == 5 and labels == [0, 1, 1, 1, 1] and classes == ['cat', 'dog']
     os.rename(tmp_path / 'data' / 'train', tmp_path / 'data' / 'training')  # was: all pretrained on, val/ included
     with pytest.raises(SystemExit, match=r'has val/ but no train/: name its training folder train/'):
         common.build_datasets(folder_args(tmp_path / 'data'), common.TrainTransform(16))
@@ -641,3 +643,11 @@ def test_batches_left_over_by_accumulation_are_said(capsys):  # each epoch skips
     common.make_loader(list(range(8)), args, train=True)
     common.make_loader(list(range(10)), args, train=False)  # evaluation accumulates nothing
     assert capsys.readouterr().out == ''
+
+
+def test_a_presets_loader_workers_are_at_most_the_cores_a_given_number_is_kept(monkeypatch):  # was: 8 workers on 2
+    import mae  # cores, and torch's warning about it on the first `--data folder` run
+    monkeypatch.setattr(common, 'cpu_share', lambda: 3)
+    assert mae.parse_args(['--data', 'folder', '--data_path', '.']).num_workers == 3  # the preset's 8
+    assert mae.parse_args(['--data', 'folder', '--data_path', '.', '--num_workers', '6']).num_workers == 6
+    assert mae.parse_args([]).num_workers == 0  # shapes: in memory, no workers
