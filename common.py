@@ -656,8 +656,9 @@ def setup(args):
     if is_main() and os.path.isfile(last) and (args.eval_only or os.path.abspath(checkpoint_path(args)) !=
                                                os.path.abspath(last)):
         sys.exit(f'error: {args.output_dir} holds a training run (checkpoint-last.pth): ' + (
-            'give --eval_only its own --output_dir' if args.eval_only else 'continue it with --resume auto, or start '
-            'afresh with another --output_dir (or delete that folder)'))
+            'give --eval_only its own --output_dir' if args.eval_only else 'continue it with --resume auto, or give '
+            'another --output_dir ' + (f'to continue from {args.resume} there' if args.resume else
+                                       'to start afresh (or delete that folder)')))
     try:  # nothing of this run is written yet (resume writes args.json once a checkpoint is accepted): a probe
         if is_main():
             os.makedirs(args.output_dir, exist_ok=True)

@@ -138,8 +138,11 @@ def test_second_run_into_a_folder_is_refused_and_resume_auto_continues_it(base, 
     for name in ('checkpoint-0.pth', 'checkpoint-last.pth'):
         os.remove(died / name)
     (died / 'log.txt').write_text(json.dumps(stale) + '\n')
-    second, fresh, resumed = run_all(mae(folder), mae(died), mae(again, '--resume', 'auto'))
-    assert '--resume auto' in second.error
+    branch = folder / 'checkpoint-0.pth'  # an earlier epoch's checkpoint into the same folder: its later epochs kept
+    second, fresh, resumed, branched = run_all(mae(folder), mae(died), mae(again, '--resume', 'auto'),
+                                               mae(folder, '--resume', str(branch)))
+    assert '--resume auto' in second.error and 'to start afresh' in second.error
+    assert f'give another --output_dir to continue from {branch} there' in branched.error
     assert snapshot(folder) == before  # checkpoints, log.txt, args.json: byte for byte
     fresh.ok()
     lines = [json.loads(line) for line in log_lines(died)]  # the new start's lines only: one run in log.txt
