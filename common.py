@@ -304,7 +304,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def scan_folder(root, classes=None):
     """-> (paths, labels by class sub-folder, classes); classes=[] reads every image below root as unlabeled (-1).
-    Hidden names (.ipynb_checkpoints/, macOS's ._x.jpg) are neither classes nor images."""
+    Hidden class folders (.ipynb_checkpoints) and hidden files (macOS's ._x.jpg) are left out."""
     if classes is None:
         classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith('.'))
     paths, labels = [], []
