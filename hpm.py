@@ -29,7 +29,9 @@ Differences from the official code (each deliberate):
     100 epochs, then 0.9999, whatever --epochs (`--ema_decay 0.999 0.9999 --ema_ramp_epochs 100`). The `shapes`
     preset sets a faster teacher, 0.84 -> 0.984 over 2.5 epochs (its whole run is 780 steps, where the official
     constants would leave the teacher near its random initialisation); it prints the values in its settings line.
- 5. bf16 autocast by default where supported (official: fp16); kNN and linear probe as in mae.py.
+ 5. bf16 autocast by default where supported (official: fp16); the loss predictor's P outputs are averaged in fp32,
+    as bf16 ties a fifth of a 224-px image's predicted losses, which the hard-patch ranking breaks by index. kNN and
+    linear probe as in mae.py.
  6. Fine-tuning is common.finetune with scripts/finetune_base.sh's values (layer decay 0.8, blr 5e-4, batch 384;
     finetune_large.sh's batch 512 for ViT-L); --teacher evaluates, fine-tunes and exports the EMA teacher instead of
     the student (finetune --teacher). The teacher's EMA covers every float tensor of the state dict, as timm's
@@ -55,6 +57,7 @@ DEFAULTS = dict(model='vit_base_patch16', input_size=224, crop_scale=0.2, batch_
                 decoder_embed_dim=512, decoder_depth=8, num_workers=8, probe_epochs=90, shapes_size=10000,
                 decoder_num_heads=16, alpha_final=0.5, ema_decay=(0.999, 0.9999), ema_ramp_epochs=100,  # engine_
                 # pretrain.py; the official scripts do not pass --norm_pix_loss: plain pixels
+                clip_grad=5.0,  # util/misc.py's loss scaler clips at 5 unless told otherwise (MAE's: no clipping)
                 ft_blr=5e-4, layer_decay=0.8)  # scripts/finetune_base.sh and _large.sh (common.FINETUNE: the rest)
 PRESETS = {  # flags given on the command line win over these
     'shapes': dict(model='vit_tiny_patch4', input_size=32, batch_size=64, epochs=5, warmup_epochs=1, blr=1.5e-3,
@@ -215,7 +218,8 @@ class HPM(VisionTransformer):
     def predict_loss(self, x):  # decoder input (B, 1 + L, Dd) -> predicted loss (B, L), the mean of P outputs
         for block in self.decoder_blocks_losspred:
             x = block(x)
-        return self.decoder_pred_losspred(self.decoder_norm_losspred(x))[:, 1:].mean(dim=-1)
+        out = self.decoder_pred_losspred(self.decoder_norm_losspred(x))[:, 1:]  # (B, L, P)
+        return out.float().mean(dim=-1)  # in fp32: a bf16 mean would tie often in hard_patches_order's ranking
 
     @torch.no_grad()
     def teacher_losses(self, imgs):
