@@ -391,7 +391,7 @@ def to_uint8_tensor(img):  # PIL RGB -> (3, H, W) uint8; the float conversion ha
 class TrainTransform:
     """RandomResizedCrop(size, scale, ratio (3/4, 4/3), bicubic), drawn as torchvision does, then a horizontal flip."""
     def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=True):
-        self.size, self.scale, self.log_ratio, self.flip = size, scale, (math.log(ratio[0]), math.log(ratio[1])), flip
+        self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
 
     def __call__(self, img, rng):
         return to_uint8_tensor(self.crop_flip(img, rng))
@@ -399,13 +399,15 @@ class TrainTransform:
     def crop_flip(self, img, rng):
         W, H = img.size
         for _ in range(10):
-            area, aspect = W * H * rng.uniform(*self.scale), math.exp(rng.uniform(*self.log_ratio))
+            area, aspect = W * H * rng.uniform(*self.scale), math.exp(rng.uniform(*map(math.log, self.ratio)))
             w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
             if 0 < w <= W and 0 < h <= H:
                 left, top = rng.integers(0, W - w + 1), rng.integers(0, H - h + 1)
                 break
-        else:  # 10 misses (extreme aspect ratios only): the whole image (torchvision clamps it to the ratio range)
-            left, top, w, h = 0, 0, W, H
+        else:  # 10 misses (a 3:2 image at scale (0.67, 1): 18%): torchvision's central crop at the nearest ratio
+            w, h = (W, round(W / self.ratio[0])) if W / H < self.ratio[0] else \
+                (round(H * self.ratio[1]), H) if W / H > self.ratio[1] else (W, H)
+            left, top = (W - w) // 2, (H - h) // 2
         img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
         return img.transpose(Image.FLIP_LEFT_RIGHT) if self.flip and rng.random() < 0.5 else img
 

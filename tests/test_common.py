@@ -1,5 +1,6 @@
 """Invariants of the shared pieces: patchify, position table, transforms, datasets, optimisation, checkpoints."""
-import copy, hashlib, io, json, math, os, pickle, shutil, subprocess, sys, tarfile, urllib.error, urllib.request, warnings
+import copy, hashlib, io, json, math, os, pickle, shutil, subprocess, sys, tarfile, warnings
+import urllib.error, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -73,6 +74,14 @@ def test_train_transform_is_a_function_of_the_generator():
     others = [transform(img, np.random.default_rng([0, 1, i])) for i in range(3, 8)]
     assert not all(torch.equal(a, o) for o in others)
     assert common.EvalTransform(16)(img).shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize('width, height, box', [(300, 100, (83, 0, 216, 100)), (100, 300, (0, 83, 100, 216))])
+def test_a_crop_that_misses_ten_times_is_torchvisions_central_crop_at_the_nearest_ratio(width, height, box):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    transform = common.TrainTransform(16, scale=(0.99, 1.0), flip=False)  # 3:1 never fits a ratio in [3/4, 4/3]
+    expected = common.to_uint8_tensor(img.resize((16, 16), Image.BICUBIC, box=box))  # 133 x 100: 4/3
+    assert torch.equal(transform(img, np.random.default_rng(1)), expected)
 
 
 def test_normalize_roundtrip():
@@ -231,7 +240,8 @@ def test_cifar_as_an_image_folder_is_read_as_one(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(common, 'read_cifar', lambda *_: pytest.fail('would download the archive into data_path'))
     for split in ('train', 'test'):
         for name in ('cat', 'dog'):
-            write_images(tmp_path / split / name, [(f'{i}.png', Image.new('RGB', (32, 32), (i, 0, 0))) for i in range(2)])
+            write_images(tmp_path / split / name,
+                         [(f'{i}.png', Image.new('RGB', (32, 32), (i, 0, 0))) for i in range(2)])
     train_set, (_, val) = common.build_datasets(folder_args(tmp_path, data='cifar10'), common.TrainTransform(16))
     assert len(train_set) == 4 and len(val) == 4 and 'read as an image folder' in capsys.readouterr().out
 
