@@ -29,7 +29,8 @@ Differences from the official code (each deliberate):
  4. Schedule: lr = blr * effective batch / 256 with blr 2e-4 (SOLVER.BASE_LR 2e-4 at the config's TRAIN.BATCH_SIZE
     256, scaled by the number of shards). WARMUP_START_LR = COSINE_END_LR = 1e-6 are scaled alike (defaults.py
     scales all three by NUM_SHARDS): --min_lr defaults to 1e-6 * effective batch / 256, 8e-6 at the preset's 2048.
- 5. bf16 autocast by default where supported (SlowFast pretrains in fp32: TRAIN.MIXED_PRECISION False; --amp none).
+ 5. bf16 autocast by default where supported, fine-tuning too (SlowFast pretrains and fine-tunes in fp32:
+    TRAIN.MIXED_PRECISION False; --amp none).
     The HOG target and the loss are always computed in fp32.
  6. `--data imagenet` runs 1600 epochs, the length of the released checkpoints behind the README's 84.0; the PT config
     file says MAX_EPOCH 300 (pass --epochs 300 for it).
@@ -43,9 +44,9 @@ Differences from the official code (each deliberate):
     (1e-3 per 256; ViT-L 1e-3 at 256), layer decay 0.65 (0.75), warmup 20 (5) epochs from WARMUP_START_LR 1e-8 to a
     half-cosine ending at 1e-6 (both scaled as the lr, and by each layer's decay, as SlowFast's set_lr), weight decay
     on pos_embed and cls_token too (ZERO_DECAY_POS_CLS False); mean pooling, `norm`, then `head` (SlowFast's
-    `head.projection`, renamed on load), whose init is trunc-normal(2e-5) here, trunc-normal(0.02) x 0.001 there.
-    mmpretrain files load renamed (official_state); the order of their 108 HOG outputs, which only the pretraining
-    head uses, is not checked against SlowFast's.
+    `head.projection`, renamed on load), whose init is trunc-normal(2e-5) and bias 0 here, trunc-normal(0.02) x 0.001
+    and bias 2e-5 there (the fresh `norm`'s bias: 0 here, 0.02 there). mmpretrain files load renamed
+    (official_state); their 108 HOG outputs come in SlowFast's order (HOGGenerator._reshape unfolds as masked.py).
 
 State-dict keys equal SlowFast's for the ViT-B image model (patch_embed.proj, cls_token, pos_embed (1, 197, D),
 blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, mask_token (1, 1, D), pred_head.transforms.0.0 (the

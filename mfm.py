@@ -12,7 +12,8 @@ Differences from the paper and the official code (each deliberate):
  1. The low/high-pass choice is drawn by the data loader from each sample's own generator (`low_pass_choice`), not
     by torch.bernoulli, so that resume is exact and N processes equal one; the mask is rebuilt from it on the device.
  2. The radius scales with the input, r = 16 * input_size / 224 (MASK_RADIUS1 = 16 at 224): the circle keeps the same
-    ~2% of the spectrum at any size. MASK_RADIUS2 (999: no effect below 1400 px) is left out.
+    share of the spectrum (1.6% at 224 and 96 px; 2.1% at 32 px, on its coarser grid). MASK_RADIUS2 (999: no effect
+    below 1400 px) is left out.
  3. ViT: common's ViT with the BEiT attention of the official code (`attn.qkv` without bias, `attn.q_bias`,
     `attn.v_bias`, no k bias), so our state dict is the official one key for key (`encoder.*`, `decoder.*`) and
     `model.load_state_dict(checkpoint['model'])` loads released pretraining files (they also pickle a yacs config:

@@ -10,7 +10,8 @@ weights load into the ordinary dense network unchanged.
 
 Differences from the official code (each deliberate):
  1. Mask noise comes from the data loader (per-sample generator, see common.py), not torch.rand, so resume is exact and
-    N processes equal one; the masking itself (argsort, keep round(L * 0.4) cells) is the official one.
+    N processes equal one; the masking itself (argsort, keep round(L * 0.4) cells) is the official one. An epoch drops
+    its last partial batch (the official sampler tops it up from the start: ImageNet at 4096, 313 steps, not 312).
  2. No global `_cur_active`: `SparK.forward(imgs, mask)` takes the mask, and sparse layers read its visible grid only
     inside `with visible_sites(model, visible)`. ConvNeXt re-masks after each pointwise Linear instead of after the
     branch: the same values (GELU(0) = 0, gamma * 0 = 0). No timm: ResNet and ConvNeXt are written here with timm /
@@ -94,9 +95,11 @@ def recipe(model, data, input_size):  # the model's row; the small-image models 
 def get_args_parser():
     parser = common.get_args_parser('SparK pretraining of a convnet, then kNN / linear-probe evaluation', MODELS,
                                     vit=False, min_lr='unset: 0.001 x the peak lr',
-                                    clip_grad="LAMB clips to 5 inside its step in any case")
+                                    clip_grad="LAMB clips to 5 inside its step in any case",
+                                    warmup_epochs='here it starts at 0.005 x the peak lr, not 0 (lr_control.py)')
     parser.add_argument('--mask_ratio', type=float, help='fraction of mask-grid cells removed (official `mask`)')
-    parser.add_argument('--weight_decay_end', type=common.AMOUNT, help='weight decay at the end of the cosine (`wde`)')
+    parser.add_argument('--weight_decay_end', type=common.AMOUNT, help='weight decay at the end of the cosine (`wde`; '
+                        'its 0, a constant wd there, is 0 here: give --weight_decay\'s value instead)')
     parser.add_argument('--decoder_width', type=common.COUNT, help='width of the first decoder block, halved per block')
     parser.add_argument('--drop_path', type=common.DROP, help="backbone's drop path (default: its own; `dp`)")
     parser.add_argument('--ft_repeated_aug', type=common.NATURAL,
