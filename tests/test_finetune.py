@@ -1,7 +1,7 @@
 """Fine-tuning: official checkpoint layouts load with only the expected missing / unused keys, position tables are
 resized, the encoder export round-trips, layer-decay groups, mixup / cutmix, the fine-tuning transform, and runs of
 mae.py that fine-tune as a user would start them."""
-import inspect, json, os, re, shutil, signal, subprocess, sys, time
+import json, os, re, shutil, signal, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from types import SimpleNamespace
@@ -317,9 +317,6 @@ def test_spark_resnet50_layer_decay_follows_the_official_grouping():
 
 
 # ---- mixup / cutmix --------------------------------------------------------------------------------------------------
-STUB = 'STUB' in inspect.getsource(common.mix)
-
-
 def batch(seed=0, size=16):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(6, 3, size, size, generator=generator), torch.tensor([0, 1, 2, 3, 4, 5])
@@ -342,7 +339,6 @@ def test_mix_soft_targets_sum_to_one(mixup, cutmix):
             assert torch.allclose(target, expected, atol=1e-7)
 
 
-@pytest.mark.skipif(STUB, reason='common.mix is still the stub')
 def test_cutmix_pastes_one_rectangle_of_the_flipped_batch():
     """Cutmix only: each image is itself outside one box shared by the batch and the flipped batch inside it; the
     flipped label weighs the box's share of the area."""
@@ -363,7 +359,6 @@ def test_cutmix_pastes_one_rectangle_of_the_flipped_batch():
     assert boxes >= 5  # Beta(1, 1): most draws cut a proper box
 
 
-@pytest.mark.skipif(STUB, reason='common.mix is still the stub')
 def test_mixup_blends_with_the_flipped_batch():
     """Mixup only: lam * images + (1 - lam) * flipped images, and the same lam mixes the labels."""
     images, labels = batch()

@@ -94,6 +94,8 @@ def test_resume_may_change_the_precision(tmp_path, uninterrupted):
     resumed = run_script('mae.py', RUN + ['--epochs', '3', '--amp', 'fp16', '--output_dir', out, '--resume', 'auto'])
     assert 'resumed from' in resumed.stdout and 'warning' not in resumed.stdout  # --amp is free to change
     assert read_log(out)[-1]['epoch'] == 2
+    saved = torch.load(f'{out}/checkpoint-last.pth', map_location='cpu', weights_only=True)
+    assert saved['args']['amp'] == 'fp16' and saved['scaler'].get('scale')  # the last epoch ran with a loss scaler
 
 
 def test_torchrun_two_processes_equal_one_with_the_same_effective_batch(tmp_path):
