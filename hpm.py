@@ -30,8 +30,8 @@ Differences from the official code (each deliberate):
     preset sets a faster teacher, 0.84 -> 0.984 over 2.5 epochs (its whole run is 780 steps, where the official
     constants would leave the teacher near its random initialisation); it prints the values in its settings line.
  5. bf16 autocast by default where supported (official: fp16); the loss predictor's P outputs are averaged in fp32,
-    as bf16 ties up to a sixth of a 224-px image's predicted losses, which the hard-patch ranking breaks by index. kNN and
-    linear probe as in mae.py.
+    as bf16 ties up to a sixth of a 224-px image's predicted losses, which the hard-patch ranking breaks by index.
+    kNN and linear probe as in mae.py.
  6. Fine-tuning is common.finetune with scripts/finetune_base.sh's values (layer decay 0.8, blr 5e-4, batch 384;
     finetune_large.sh's batch 512 for ViT-L); --teacher evaluates, fine-tunes and exports the EMA teacher instead of
     the student (finetune --teacher). The teacher's EMA covers every float tensor of the state dict, as timm's
