@@ -405,8 +405,7 @@ class TrainTransform:
                 left, top = rng.integers(0, W - w + 1), rng.integers(0, H - h + 1)
                 break
         else:  # 10 misses (a 3:2 image at scale (0.67, 1): 18%): torchvision's central crop at the nearest ratio
-            w, h = (W, round(W / self.ratio[0])) if W / H < self.ratio[0] else \
-                (round(H * self.ratio[1]), H) if W / H > self.ratio[1] else (W, H)
+            w, h = min(W, round(H * self.ratio[1])), min(H, round(W / self.ratio[0]))  # the whole side, one clamped
             left, top = (W - w) // 2, (H - h) // 2
         img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
         return img.transpose(Image.FLIP_LEFT_RIGHT) if self.flip and rng.random() < 0.5 else img
