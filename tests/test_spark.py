@@ -683,17 +683,40 @@ def test_sync_batchnorm_over_two_processes_equals_one_process_forward_and_backwa
     assert forward < 1e-5 and backward < 1e-5
 
 
+EVERY_RANK = """import sys, torch
+sys.path.insert(0, {root!r})
+import common, spark
+save_checkpoint = common.save_checkpoint
+def save_every_rank(args, epoch, model, *rest, **extra):  # each process's own weights, not rank 0's alone
+    torch.save(model.state_dict(), f'{{args.output_dir}}/rank{{args.rank}}.pth')
+    return save_checkpoint(args, epoch, model, *rest, **extra)
+common.save_checkpoint = save_every_rank
+spark.main()
+"""
+
+
 def test_torchrun_two_processes_on_cpus_run_and_say_their_batchnorm_is_per_process(tmp_path):
     """PyTorch's SyncBatchNorm is GPU-only, so two CPU processes of batch 8 equal one of 16 only approximately
-    (difference 4): the run says so in one line, and its loss stays close to the one-process run's."""
+    (difference 4): the run says so in one line, and its loss stays close to the one-process run's. That closeness
+    cannot tell a run whose processes never share their gradients (measured: the weights of such a run were as far
+    from the one-process run's as a synchronised run's), so the two processes' own weights must be equal: DDP keeps
+    the replicas identical (every parameter; the BN running statistics are each process's own)."""
     flags = TINY + ['--model', 'resnet_mini_ds8', '--input_size', '32', '--decoder_width', '32', '--amp', 'none',
                     '--probe_epochs', '0', '--knn_k', '0']
     run_script('spark.py', flags + ['--batch_size', '16', '--output_dir', str(tmp_path / 'one')])
+    (wrapper := tmp_path / 'spark_every_rank.py').write_text(EVERY_RANK.format(root=ROOT))
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                             'spark.py', *flags, '--batch_size', '8', '--output_dir', str(tmp_path / 'two')], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+                             str(wrapper), *flags, '--batch_size', '8', '--output_dir', str(tmp_path / 'two')],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("note: PyTorch's SyncBatchNorm needs GPUs") == 1, result.stdout
     assert 'effective batch 16' in result.stdout
     one, two = (read_log(tmp_path / name)[0]['train_loss'] for name in ('one', 'two'))
     assert abs(one - two) < 1e-2 * one
+    rank0, rank1 = (torch.load(tmp_path / 'two' / f'rank{r}.pth', weights_only=True) for r in (0, 1))
+    spark_model = spark.SparK(spark.build_backbone('resnet_mini_ds8', 0.0), 32, 0.6, 32)
+    parameters = [name for name, _ in spark_model.named_parameters()]
+    assert parameters and set(parameters) <= set(rank0)
+    assert all(torch.equal(rank0[name], rank1[name]) for name in parameters), \
+        [name for name in parameters if not torch.equal(rank0[name], rank1[name])][:5]
