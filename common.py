@@ -697,6 +697,15 @@ def wrap_ddp(model, args):
     return nn.parallel.DistributedDataParallel(model, [args.device] if cuda else None) if args.world_size > 1 else model
 
 
+def mean_over_processes(loss, count):
+    """A loss averaged over this process's `count` items (masked patches, removed frequencies), counts differing between
+    processes -> the loss whose gradient, as DDP averages it, is that of the mean over all processes' items."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return loss
+    count = count.detach().float()
+    return loss * count * dist.get_world_size() / sum_over_processes(count.clone())  # (in place: a copy)
+
+
 # ---- optimisation: AdamW with MAE's weight-decay groups, warmup + half-cosine per iteration, the epoch loop --
 def param_groups(model, weight_decay, no_decay_names=(), layer_id=None, layer_decay=1.0):
     """timm 0.3.2's add_weight_decay (MAE): no decay on 1-D tensors and biases (the 3-D cls / mask tokens ARE decayed),

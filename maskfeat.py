@@ -47,6 +47,10 @@ Differences from the official code (each deliberate):
     `head.projection`, renamed on load), whose init is trunc-normal(2e-5) and bias 0 here, trunc-normal(0.02) x 0.001
     and bias 2e-5 there (the fresh `norm`'s bias: 0 here, 0.02 there). mmpretrain files load renamed
     (official_state); their 108 HOG outputs come in SlowFast's order (HOGGenerator._reshape unfolds as masked.py).
+10. With several processes the loss is divided by the masked count of the whole batch over all processes, not by
+    each GPU's own (a block mask masks num_mask patches or fewer: at 14 x 14 and 40%, 29% of them fewer than 78), so
+    N processes equal one; SlowFast's per-GPU mean weighs each patch of a GPU with fewer masked patches a little more.
+    One process: the same loss either way.
 
 State-dict keys equal SlowFast's for the ViT-B image model (patch_embed.proj, cls_token, pos_embed (1, 197, D),
 blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, mask_token (1, 1, D), pred_head.transforms.0.0 (the
@@ -381,7 +385,7 @@ def main(argv=None):
 
     def loss_fn(model, images, labels, mask):  # one step of the objective, inside autocast
         loss, _, _ = model(common.normalize(images), mask.float())
-        return loss, {}
+        return common.mean_over_processes(loss, mask.sum()), {}  # difference 10: the whole batch's masked count
 
     for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
         stats = common.train_one_epoch(ddp_model, loss_fn, loader, optimizer, epoch,

@@ -391,12 +391,7 @@ def main(argv=None):
     def loss_fn(model, images, labels, low_pass):  # one step of the objective, inside autocast
         removed = frequency_mask(args.input_size, args.mask_radius, low_pass[:, 0])  # (B, H, W)
         loss, _, _ = model(images.float() / 255, removed)  # corruption on the device, before normalisation
-        if args.world_size > 1:  # difference 8: divide by the removed count of the whole batch, all processes
-            count = removed.sum()
-            total = count.clone()
-            torch.distributed.all_reduce(total)
-            loss = loss * count * args.world_size / total  # DDP's gradient average then gives sum / total
-        return loss, {}
+        return common.mean_over_processes(loss, removed.sum()), {}  # difference 8: the whole batch's count
 
     for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
         stats = common.train_one_epoch(ddp_model, loss_fn, loader, optimizer, epoch,

@@ -1,6 +1,6 @@
 """MaskFeat: HOG target (orientation bins, cells, normalisation, per-patch layout), block masking, loss, key names,
 sizes no preset uses, start-up checks; one run of maskfeat.py as a user would start it."""
-import math, os
+import math, os, subprocess, sys
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 import common
 import maskfeat
-from conftest import TINY, read_log, run_script
+from conftest import ROOT, TINY, load_weights, read_log, run_script
 
 
 def edge_image(kind, size=32):
@@ -177,3 +177,20 @@ def test_end_to_end_run(tmp_path):
     assert os.path.exists(f'{out}/checkpoint-last.pth') and os.path.exists(f'{out}/checkpoint-0.pth')
     assert os.path.getsize(f'{out}/hog.png') > 1000
     assert 'linear probe top-1' in result.stdout
+
+
+def test_torchrun_two_processes_equal_one_with_the_same_effective_batch(tmp_path):
+    """A block mask masks num_mask patches or fewer, so two processes' halves of a batch hold different counts of
+    masked patches: the loss is divided by the count of the whole batch over all processes (difference 10), and two
+    processes of 8 images give the weights of one process of 16 (each dividing by its own count, they did not)."""
+    flags = TINY + ['--input_size', '32', '--hog_cell_size', '2', '--probe_epochs', '0', '--knn_k', '0', '--amp',
+                    'none']  # an 8 x 8 grid: 7% of its masks hold 24 or 25 patches, not 26 (a 4 x 4 grid's, all 6)
+    run_script('maskfeat.py', flags + ['--batch_size', '16', '--output_dir', str(tmp_path / 'one')])
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'maskfeat.py', *flags, '--batch_size', '8', '--output_dir', str(tmp_path / 'two')],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (load_weights(f'{tmp_path}/{run}/checkpoint-last.pth') for run in ('one', 'two'))
+    for key in one:
+        assert torch.allclose(one[key], two[key], rtol=0, atol=1e-5), f'{key}: {(one[key] - two[key]).abs().max()}'
