@@ -23,10 +23,12 @@ row; a round's value is the median of its steps, a row's the median of its round
 The allocator setting (common.keep_freed_memory, as common.setup makes it on CPUs) is process-wide, so HF's rows run
 with it too; --malloc_default runs every row without it.
 It prints images/s per row, the ratio ours / HF, and the fraction of the bf16 matmul peak each row reaches: the peak is
-measured here (a 4096^3 bf16 matmul, the best of 5 before and 5 after the timing: it moves by up to 15% over minutes on
-a VM, and the higher one gives the lower fraction), GFLOP per image by torch.utils.flop_counter.FlopCounterMode over one
-forward + backward of 2 images (halved) under bf16 autocast with attention on the math kernel, counting matrix products,
-convolutions and attention (benchmarks/throughput.py's convention), for both models as a cross-check.
+measured here, a 4096^3 bf16 matmul, best of 3, right after each round: on a VM it moves by 15% or more within
+minutes, so each round's speed is set against its own round's peak, and a row's fraction is the median over rounds
+(the peak is also measured once before the timing, best of 5, and printed). GFLOP per image by
+torch.utils.flop_counter.FlopCounterMode over one forward + backward of 2 images (halved) under bf16 autocast with
+attention on the math kernel, counting matrix products, convolutions and attention (benchmarks/throughput.py's
+convention), for both models as a cross-check.
 There is no timm row: timm >= 1.0 imports torchvision, and a timm encoder inside an MAE is glue code, not a peer's step.
 
 Command (transformers is not a dependency of this project: install it in a scratch venv, never in requirements.txt):
@@ -297,14 +299,15 @@ def main(argv=None):
     for _, run, _ in rows:  # one untimed step each (and the compilation)
         run()
     times = {name: [[] for _ in range(opts.repeats)] for name, _, _ in rows}
+    peaks = []  # each round's bf16 matmul peak, measured right after it
     for r in range(opts.repeats):
         for _ in range(opts.steps):
             for name, run, _ in rows:  # interleaved: A B C D A B C D ...
                 times[name][r].append(timed(run))
-    peak_after = matmul_peak()
-    peak = max(peak_before, peak_after)
-    print(f'bf16 matmul peak (4096^3, best of 5): {peak_before:.0f} GFLOP/s before the timing, {peak_after:.0f} after; '
-          f'the fractions below are of {peak:.0f}')
+        peaks.append(matmul_peak(tries=3))
+    print(f'bf16 matmul peak (4096^3): {peak_before:.0f} GFLOP/s before the timing (best of 5), after each round '
+          f"(best of 3) {', '.join(f'{p:.0f}' for p in peaks)}; a row's fraction of peak: the median over rounds of "
+          f"the round's speed against its round's peak")
     print(f'training step (forward + backward + AdamW), batch {opts.batch_size}, {SIZE} px, synthetic images; '
           f'{opts.repeats} rounds of {opts.steps} interleaved steps after 1 untimed; median of the round medians')
     speed = {}
@@ -313,9 +316,9 @@ def main(argv=None):
     for name, _, who in rows:
         rounds = [len(images) / statistics.median(t) for t in times[name]]
         speed[name] = statistics.median(rounds)
-        achieved = (gflop if who == 'ours' else gflop_hf) * speed[name]
+        fraction = statistics.median((gflop if who == 'ours' else gflop_hf) * v / p for v, p in zip(rounds, peaks))
         print(f'{name:26}{speed[name]:8.2f}{f"{min(rounds):.2f}-{max(rounds):.2f}":>14}'
-              f'{len(images) / speed[name]:8.2f}{achieved / peak:14.1%}')
+              f'{len(images) / speed[name]:8.2f}{fraction:14.1%}')
     names = [n for n, _, _ in rows if 'compiled' not in n]
     for a, b in zip(names[0::2], names[1::2]):
         print(f'ratio {a.split(" (")[0]} / {b.split(" (")[0]}: {speed[a] / speed[b]:.2f}x')
