@@ -105,3 +105,12 @@ def test_gpu_check_sizes_parse_for_every_method(method, tmp_path):
                                      '--batch_size', '64', '--amp', 'bf16', '--device', 'cpu'])
     args = throughput.method_args(method, opts, str(tmp_path))
     assert args.data == 'imagenet' and args.input_size == 224 and args.model in gpu_check.GPU['models']
+
+
+def test_step_breakdown_smoke_lists_every_part_and_the_profiler_rows():
+    result = run_script('benchmarks/step_breakdown.py', ['--smoke', '--repeats', '2'])
+    rows = [line for line in result.stdout.splitlines() if line.startswith('| ') and not line.startswith('| part')]
+    assert [row.split(' | ')[0][2:].split(' ')[0] for row in rows] == ['matrix', 'attention', "autocast's", 'GELU,',
+                                                                         'fused', 'the']
+    assert 'smoke' in result.stdout and result.stdout.count('one step ') == 5
+    assert re.search(r'one step unprofiled: \d+ ms, \d+ minor page faults', result.stdout)
