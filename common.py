@@ -700,10 +700,8 @@ def wrap_ddp(model, args):
 def mean_over_processes(loss, count):
     """A loss averaged over this process's `count` items (masked patches, removed frequencies), counts differing between
     processes -> the loss whose gradient, as DDP averages it, is that of the mean over all processes' items."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return loss
-    count = count.detach().float()
-    return loss * count * dist.get_world_size() / sum_over_processes(count.clone())  # (in place: a copy)
+    world, count = dist.get_world_size() if dist.is_initialized() else 1, count.detach().float()
+    return loss if world == 1 else loss * count * world / sum_over_processes(count.clone())  # (in place: a copy)
 
 
 # ---- optimisation: AdamW with MAE's weight-decay groups, warmup + half-cosine per iteration, the epoch loop --

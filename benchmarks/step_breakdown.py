@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import common, mae  # noqa: E402
+from peers import matmul_peak  # noqa: E402  (peers.py imports transformers only in its main)
 
 VIT_B = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
              decoder_depth=8, decoder_num_heads=16, peak_side=4096)
@@ -155,8 +156,7 @@ def main(argv=None):
     optimizer.zero_grad(set_to_none=True)
     after = median_ms(step, opts.repeats)
     side = sizes['peak_side']
-    a, b = torch.randn(side, side, dtype=BF16), torch.randn(side, side, dtype=BF16)
-    peak = 2 * side ** 3 / min(median_ms(lambda: a @ b, 1) for _ in range(5)) / 1e6  # GFLOP/s
+    peak = matmul_peak(side)  # GFLOP/s, best of 5
     full, total_gflop = min(before, after), gemm_gflop + attention_gflop
     print(f"MAE {'(smoke: tiny sizes, measures nothing)' if opts.smoke else 'ViT-B/16'}, batch {opts.batch_size}, "
           f'bf16, {torch.get_num_threads()} threads, torch {torch.__version__}')
