@@ -76,6 +76,16 @@ def test_train_transform_is_a_function_of_the_generator():
     assert common.EvalTransform(16)(img).shape == (3, 16, 16)
 
 
+@pytest.mark.parametrize('size, shape, window', [(224, (256, 320), (16, 48)), (32, (40, 32), (4, 0))])
+def test_eval_transform_is_the_resize_then_centre_crop_of_timm(size, shape, window):
+    """MAE's eval transform: shorter side to size / 0.875 (256 for 224), centre crop; at 64 px and below (CIFAR) no
+    resize. Chosen shapes make the resize an identity, so the output is the image's centre window, pixel for pixel."""
+    pixels = np.random.default_rng(0).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    out = common.EvalTransform(size)(Image.fromarray(pixels))
+    top, left = window
+    assert torch.equal(out, torch.from_numpy(pixels[top:top + size, left:left + size]).permute(2, 0, 1))
+
+
 @pytest.mark.parametrize('width, height, box', [(300, 100, (83, 0, 216, 100)), (100, 300, (0, 83, 100, 216))])
 def test_a_crop_that_misses_ten_times_is_torchvisions_central_crop_at_the_nearest_ratio(width, height, box):
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
@@ -287,7 +297,22 @@ def test_learning_rate_schedule():
     assert common.adjust_learning_rate(optimizer, 1, args) == pytest.approx(0.5)
     assert common.adjust_learning_rate(optimizer, 2, args) == pytest.approx(1.0)
     assert common.adjust_learning_rate(optimizer, 6, args) == pytest.approx(0.55)
+    for epoch in (3.5, 4, 9.25):  # off the midpoint a straight line would pass too: MAE's lr_sched.py half-cosine
+        cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (epoch - 2) / 8))
+        assert common.adjust_learning_rate(optimizer, epoch, args) == pytest.approx(cosine)
+        assert optimizer.param_groups[0]['lr'] == pytest.approx(cosine)
     assert common.adjust_learning_rate(optimizer, 10, args) == pytest.approx(0.1)
+
+
+def test_attention_equals_the_softmax_formula_on_every_path():
+    """common.attention's paths (SDPA; the three ops for bf16 on CPUs) against softmax(q k^T / sqrt(d)) v in float64:
+    the scale and the softmax axis, at bf16's precision where the inputs are bf16 (the scale 1 / d^(1/4): 0.16 off)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    expected = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1) @ v
+    assert torch.allclose(common.attention(q.float(), k.float(), v.float()).double(), expected, atol=1e-5)
+    found = common.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert found.dtype == torch.bfloat16 and torch.allclose(found.double(), expected, atol=3e-2)
 
 
 def own_dataset(n=32, extra=False):
@@ -421,6 +446,27 @@ def test_knn_and_probe_on_separable_features():
     features = centers[labels] + torch.randn(200, 8, generator=generator)
     assert common.knn_accuracy(features[:150], labels[:150], features[150:], labels[150:], 4) == 100.0
     assert common.linear_probe_accuracy(features[:150], labels[:150], features[150:], labels[150:], 4, 20) > 95
+
+
+def test_knn_votes_are_weighted_by_exp_similarity_over_temperature():
+    """DINO's eval_knn.py: each of the k nearest votes exp(cos / 0.07). One neighbour of class 0 at cosine 0.9 beats two
+    of class 1 at 0.841 only through that weighting (at T 0.1, by a count or by a sum of cosines, class 1 wins)."""
+    angle = lambda cos: torch.tensor([cos, math.sqrt(1 - cos ** 2)])
+    train = torch.stack([angle(0.9), angle(0.841), angle(0.841) * torch.tensor([1, -1]), angle(0.5), angle(0.5)])
+    train_labels, query = torch.tensor([0, 1, 1, 1, 1]), torch.tensor([[2.0, 0.0]])  # (norms do not matter)
+    assert common.knn_accuracy(train * 3, train_labels, query, torch.tensor([0]), 2, k=3) == 100.0
+    assert common.knn_accuracy(train, train_labels, query, torch.tensor([1]), 2, k=3, temperature=0.1) == 100.0
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
+    """timm's DropPath: per sample, the branch is 0 or scaled by 1 / (1 - p); in evaluation, or at p 0, unchanged."""
+    torch.manual_seed(0)
+    x = torch.randn(4000, 3, 2) + 2
+    out = common.drop_path(x, 0.25, training=True)
+    kept = (out != 0).flatten(1).any(1)
+    assert torch.equal((out == 0).flatten(1).all(1), ~kept)  # whole samples dropped, never parts
+    assert torch.allclose(out[kept], x[kept] / 0.75) and abs(kept.float().mean().item() - 0.75) < 0.03
+    assert common.drop_path(x, 0.25, training=False) is x and common.drop_path(x, 0.0, training=True) is x
 
 
 class Payload:

@@ -268,6 +268,17 @@ def test_exported_encoder_round_trips_into_the_classifier_with_timm_keys():
     assert all(tuple(base[k].shape) == v for k, v in shapes.items())
 
 
+def test_classifier_is_built_as_models_vit():
+    """models_vit.py + main_finetune.py: every LayerNorm eps 1e-6 (timm's partial(nn.LayerNorm, eps=1e-6); PyTorch's
+    default is 1e-5), the head trunc-normal with std 2e-5 and a zero bias, drop path rising linearly to its rate."""
+    torch.manual_seed(0)
+    classifier = vit_classifier(10, drop_path=0.2)
+    norms = [m for m in classifier.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 12 + 1 and all(m.eps == 1e-6 for m in norms)  # two per block and fc_norm
+    assert 1e-5 < classifier.head.weight.std().item() < 3e-5 and not classifier.head.bias.any()
+    assert [b.drop_path for b in classifier.blocks] == pytest.approx([0.2 * i / 11 for i in range(12)])
+
+
 # ---- layer decay -----------------------------------------------------------------------------------------------------
 def lr_scales(model, groups):
     """-> {parameter name: (lr_scale, weight_decay)}, asserting every trainable parameter is in exactly one group."""

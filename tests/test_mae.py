@@ -54,6 +54,61 @@ def test_loss_ignores_visible_patches():
     assert not torch.equal(model.forward_loss(imgs, pred + 5.0 * mask[..., None], mask), loss)
 
 
+def official_forward(model, imgs, mask_ratio, noise):
+    """models_mae.py's forward, step by step, over the model's own layers: positions added to the patches before
+    masking, cls + its position prepended, the mask tokens appended and unshuffled, the decoder's positions added,
+    the cls prediction dropped, the norm-pix MSE over masked patches."""
+    x = model.patch_embed(imgs) + model.pos_embed[:, 1:]
+    B, L, D = x.shape
+    keep = int(L * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    x = torch.gather(x, 1, ids_shuffle[:, :keep, None].repeat(1, 1, D))
+    mask = torch.gather(torch.cat([torch.zeros(B, keep), torch.ones(B, L - keep)], 1), 1, ids_restore)
+    x = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(B, -1, -1), x], dim=1)
+    for block in model.blocks:
+        x = block(x)
+    x = model.decoder_embed(model.norm(x))
+    x_ = torch.cat([x[:, 1:], model.mask_token.repeat(B, L + 1 - x.shape[1], 1)], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore[..., None].repeat(1, 1, x.shape[2]))
+    x = torch.cat([x[:, :1], x_], dim=1) + model.decoder_pos_embed
+    for block in model.decoder_blocks:
+        x = block(x)
+    pred = model.decoder_pred(model.decoder_norm(x))[:, 1:]
+    target = common.patchify(imgs, model.patch_size)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum(), pred, mask
+
+
+def test_forward_is_the_official_data_flow():
+    torch.manual_seed(0)
+    model = mae.MAE(16, **TINY_VIT, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True)
+    imgs, noise = torch.randn(3, 3, 16, 16), torch.rand(3, 16)
+    with torch.no_grad():
+        for found, expected in zip(model(imgs, 0.75, noise), official_forward(model, imgs, 0.75, noise)):
+            assert torch.allclose(found, expected, atol=1e-5)
+
+
+def test_initialisation_is_the_official_one():
+    """models_mae.py initialize_weights: patch_embed's weight Xavier-uniform on its (D, P) view, every Linear
+    Xavier-uniform with zero bias, LayerNorm 1 / 0 (eps 1e-6), cls and mask tokens N(0, 0.02); both position tables
+    the fixed sin-cos one."""
+    torch.manual_seed(0)
+    model = mae.MAE(16, **TINY_VIT, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2)
+    xavier = lambda w: math.sqrt(6 / (w.shape[0] + w[0].numel()))  # fan_out + fan_in of the (out, in) view
+    for name, m in [('patch_embed', model.patch_embed.proj), *[(n, m) for n, m in model.named_modules()
+                                                                if isinstance(m, torch.nn.Linear)]]:
+        bound = xavier(m.weight)  # (PyTorch's default bound, 1 / sqrt(fan_in), is at most 0.91 of it here)
+        assert 0.98 * bound < m.weight.abs().max() <= bound, name
+        assert not m.bias.any() or name == 'patch_embed', name  # (the conv's bias keeps PyTorch's init, as there)
+    for m in (m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)):
+        assert (m.weight == 1).all() and not m.bias.any() and m.eps == 1e-6  # norm_layer=partial(nn.LayerNorm, 1e-6)
+    for token in (model.cls_token, model.mask_token):
+        assert 0.013 < token.std().item() < 0.027 and token.abs().max() < 0.02 * 5
+    for table, dim in ((model.pos_embed, 192), (model.decoder_pos_embed, 64)):
+        assert torch.equal(table[0], common.sincos_pos_embed(dim, 4)) and not table.requires_grad
+
+
 def official_keys(depth, decoder_depth):
     block = ['norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.qkv.bias', 'attn.proj.weight', 'attn.proj.bias',
              'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight', 'mlp.fc2.bias']

@@ -284,3 +284,62 @@ def test_mfm_finetune_lr_at_iterations(tmp_path, monkeypatch):
     assert groups['head.weight']['lr'] < base
     schedule(optimizer, float(ft.epochs) + 1 / n)
     assert all(g['lr'] == pytest.approx(floor) for g in optimizer.param_groups)  # MIN_LR for every layer
+
+
+# ---- the pretraining optimizer, through the method's main ------------------------------------------------------
+def pretrain_start(module, tmp_path, monkeypatch, *flags):
+    """Run `module.main` on the built-in shapes until pretraining starts its first epoch -> (model, optimizer,
+    schedule)."""
+    seen = {}
+
+    def first_epoch(model, loss_fn, loader, optimizer, epoch, schedule=None, **kwargs):
+        seen.update(model=model, optimizer=optimizer, schedule=schedule)
+        raise Stop
+
+    monkeypatch.setattr(common, 'train_one_epoch', first_epoch)
+    argv = ['--data', 'shapes', '--shapes_size', '16', '--input_size', '16', '--model', 'vit_tiny_patch4',
+            '--batch_size', '8', '--num_workers', '0', '--output_dir', str(tmp_path / 'out'), *flags]
+    with pytest.raises(Stop):
+        module.main(argv)
+    return seen['model'], seen['optimizer'], seen['schedule']
+
+
+# (method, flags, optimizer, betas, tensors decayed besides those of ndim > 1 that are no biases / left undecayed):
+# MAE main_pretrain.py (timm 0.3.2's add_weight_decay, no skip list: cls_token and mask_token decayed) and HPM's copy
+# of it; SlowFast optimizer.py with SOLVER.BETAS' default (0.9, 0.999) and the PT config's ZERO_DECAY_POS_CLS False;
+# MFM's AdamW (0.9, 0.95) skipping the ViT's no_weight_decay() {pos_embed, cls_token}; SparK main.py's LAMB, nowd_keys
+# with mask_token, `ada` 0.95 for ResNets and 0.999 for ConvNeXts, max_grad_norm 5
+PRETRAINING_OPTIMIZERS = [
+    ('mae', [], 'AdamW', (0.9, 0.95), dict(decayed=['cls_token', 'mask_token'])),
+    ('hpm', [], 'AdamW', (0.9, 0.95), dict(decayed=['cls_token', 'mask_token'])),
+    ('maskfeat', ['--hog_cell_size', '2'], 'AdamW', (0.9, 0.999), dict(decayed=['cls_token', 'pos_embed',
+                                                                                'mask_token'])),
+    ('mfm', [], 'AdamW', (0.9, 0.95), dict(undecayed=['encoder.cls_token', 'encoder.pos_embed'])),
+    ('spark', ['--model', 'resnet_mini_ds8', '--input_size', '32'], 'LAMB', (0.9, 0.95),
+     dict(undecayed='mask_token')),
+    ('spark', ['--model', 'convnext_atto_ds8', '--input_size', '32'], 'LAMB', (0.9, 0.999),
+     dict(undecayed='mask_token'))]
+
+
+@pytest.mark.parametrize('method, flags, kind, betas, special', PRETRAINING_OPTIMIZERS,
+                         ids=[row[0] + ('-' + row[1][1] if row[1] else '') for row in PRETRAINING_OPTIMIZERS])
+def test_pretraining_optimizer_of_each_method(method, flags, kind, betas, special, tmp_path, monkeypatch):
+    """Each method's pretraining optimizer as its official main builds it: its kind, betas and eps, and which tensors
+    are decayed (wd 0.05; SparK's starts at 0.04 and is scheduled, read after its first schedule call)."""
+    module = {'mae': mae, 'hpm': hpm, 'maskfeat': maskfeat, 'mfm': mfm, 'spark': spark}[method]
+    model, optimizer, schedule = pretrain_start(module, tmp_path, monkeypatch, *flags)
+    assert type(optimizer).__name__ == kind and all(g['betas'] == betas for g in optimizer.param_groups)
+    if kind == 'AdamW':
+        assert optimizer.defaults['eps'] == 1e-8 and not optimizer.defaults['amsgrad']
+    else:
+        assert (optimizer.max_grad_norm, optimizer.bias_correction, optimizer.always_adapt) == (5.0, True, False)
+        schedule(optimizer, 0.0)
+    groups = groups_by_name(model, optimizer)
+    names = dict(model.named_parameters())
+    special_names = [n for n in names if n in special.get('decayed', ()) or n in special.get('undecayed', ()) or
+                     isinstance(special.get('undecayed'), str) and special['undecayed'] in n]
+    assert special_names, 'the special tensors exist'
+    for name, group in groups.items():
+        plain_skip = names[name].ndim <= 1 or name.endswith('.bias')
+        skip = plain_skip or name in special_names and 'undecayed' in special
+        assert group['weight_decay'] == pytest.approx(0.0 if skip else 0.04 if method == 'spark' else 0.05), name

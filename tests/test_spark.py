@@ -391,6 +391,135 @@ def test_loss_ignores_visible_patches():
     assert torch.allclose(target.var(-1), torch.ones(2, 16), atol=1e-4)
 
 
+def official_forward(model, imgs, mask):
+    """The official SparK.forward (pretrain/spark.py) written out with plain ops on the model's weights: zero the
+    masked 8-px cells, the sparse encoder, then per scale (smallest first) a norm whose statistics come from the active
+    sites only, the mask token in the inactive ones, the projection, the active map upsampled x2 for the next scale;
+    the decoder's UNet blocks (ConvTranspose2d, conv, BN, ReLU6, conv, BN) adding one densified map before each block
+    while there is one, the 1x1 conv to RGB; the loss on per-patch normalised pixels over the masked patches only."""
+    B, p, h = imgs.shape[0], model.patch_size, model.grid_size
+    active = (mask == 0).view(B, 1, h, h)  # official: True = visible
+    inp = imgs * active.repeat_interleave(p, 2).repeat_interleave(p, 3)
+    with visible_sites(model.sparse_encoder.sp_cnn, active):
+        features = model.sparse_encoder.sp_cnn(inp)[::-1][:len(model.mask_tokens)]
+    cur_active, to_dec = active, []
+    for i, feature in enumerate(features):
+        norm, channel = model.densify_norms[i], (lambda t: t[:, None, None])
+        if isinstance(norm, nn.BatchNorm2d):  # BN1d on the active sites' vectors (train mode: their statistics)
+            vectors = feature.permute(0, 2, 3, 1)[cur_active[:, 0]]  # (N, C)
+            normed = (feature - channel(vectors.mean(0))) / channel(vectors.var(0, unbiased=False) + norm.eps).sqrt()
+            normed = normed * channel(norm.weight) + channel(norm.bias)
+        else:  # channels-first LayerNorm, per site
+            normed = F.layer_norm(feature.permute(0, 2, 3, 1), feature.shape[1:2], norm.weight, norm.bias, norm.eps)
+            normed = normed.permute(0, 3, 1, 2)
+        filled = torch.where(cur_active, normed, model.mask_tokens[i].expand_as(feature))
+        proj = model.densify_projs[i]
+        to_dec.append(filled if isinstance(proj, nn.Identity) else F.conv2d(filled, proj.weight, proj.bias,
+                                                                           padding=proj.kernel_size[0] // 2))
+        cur_active = cur_active.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    batch_norm = lambda x, bn: F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    x = 0
+    for i, block in enumerate(model.dense_decoder.dec):
+        x = x + to_dec[i] if i < len(to_dec) else x
+        x = F.conv_transpose2d(x, block.up_sample.weight, block.up_sample.bias, stride=2, padding=1)
+        conv1, bn1, _, conv2, bn2 = block.conv
+        x = batch_norm(F.conv2d(x, conv1.weight, padding=1), bn1).clamp(0, 6)
+        x = batch_norm(F.conv2d(x, conv2.weight, padding=1), bn2)
+    rec = F.conv2d(x, model.dense_decoder.proj.weight, model.dense_decoder.proj.bias)
+    patches = lambda t: t.reshape(B, 3, h, p, h, p).permute(0, 2, 4, 3, 5, 1).reshape(B, h * h, p * p * 3)
+    target = patches(imgs)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    loss = ((patches(rec) - target) ** 2).mean(-1)  # (B, L)
+    non_active = (~active).flatten(1).float()
+    return (loss * non_active).sum() / (non_active.sum() + 1e-8), rec
+
+
+@pytest.mark.parametrize('model_name,size', [('resnet_mini_ds8', 32), ('convnext_atto_ds8', 16)])
+def test_forward_equals_the_official_forward_written_out(model_name, size):
+    """Guards the wiring of SparK.forward against official_forward: masked input zeroed, which cells are visible, the
+    densify step (norm statistics from active sites, a mask token per scale, projection), the decoder's skips and
+    ReLU6, the target and the loss's normalisation over masked patches."""
+    torch.manual_seed(0)
+    model = spark.SparK(spark.build_backbone(model_name), size, 0.6, 16)
+    for m in model.modules():  # away from the init, so that every part shows: the residual branches, large decoder
+        if isinstance(m, spark.Bottleneck):  # gains (activations past ReLU6's cap), mask tokens of order 1
+            nn.init.normal_(m.bn3.weight)
+        elif isinstance(m, spark.ConvNeXtBlock):
+            nn.init.normal_(m.gamma)
+    for block in model.dense_decoder.dec:
+        nn.init.uniform_(block.conv[1].weight, 5, 10)
+    for token in model.mask_tokens:
+        nn.init.normal_(token)
+    imgs = torch.randn(3, 3, size, size)
+    mask = spark.mask_from_noise(torch.rand(3, model.num_patches), model.keep)
+    loss, rec = model(imgs, mask)
+    with torch.no_grad():
+        expected_loss, expected_rec = official_forward(model, imgs, mask)
+    assert rec.shape == imgs.shape
+    assert torch.allclose(rec, expected_rec, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(loss, expected_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_initialisation_is_the_official_one():
+    """timm's ResNet init (convs Kaiming-normal fan_out, zero_init_last_bn: every Bottleneck's bn3 gain 0), the
+    official ConvNeXt's (trunc-normal 0.02 weights, zero biases, layer scale 1e-6), decoder.py's (Conv2d trunc-normal
+    0.02 with zero bias, ConvTranspose2d Kaiming-normal fan_out) and the mask tokens' (trunc-normal std 0.02 cut at
+    +-0.02, i.e. at one std: std 0.02 x 0.5396)."""
+    torch.manual_seed(0)
+    model = spark.SparK(spark.build_backbone('resnet_mini_ds8'), 32, 0.6, 64)
+    resnet = model.sparse_encoder.sp_cnn
+    blocks = [m for m in resnet.modules() if isinstance(m, spark.Bottleneck)]
+    assert blocks and all(torch.all(b.bn3.weight == 0) and torch.all(b.bn1.weight == 1) for b in blocks)
+    conv = resnet.layer4[0].conv2  # 128 -> 128, 3x3: fan_out 1152
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (128 * 9)), rel=0.05)
+    tokens = torch.cat([t.flatten() for t in model.mask_tokens])  # 512 + 256 + 128 values
+    assert tokens.abs().max() <= 0.02 and tokens.std().item() == pytest.approx(0.02 * 0.5396, rel=0.15)
+    for block in model.dense_decoder.dec:
+        up = block.up_sample  # (cin, cin, 4, 4): fan_out = cin x 16
+        assert up.weight.std().item() == pytest.approx(math.sqrt(2 / (up.weight.shape[0] * 16)), rel=0.1)
+        assert torch.all(up.bias == 0) and block.conv[0].weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert all(type(norm) is SparseBatchNorm2d for norm in model.densify_norms)  # densify_norm 'bn' for ResNets
+    sparse_convnext = spark.SparK(spark.build_backbone('convnext_atto_ds8'), 16, 0.6, 16)  # 'ln', eps 1e-6
+    assert all(type(norm) is common.SparseLayerNorm2d and norm.eps == 1e-6 for norm in sparse_convnext.densify_norms)
+    convnext = spark.build_backbone('convnext_atto_ds8')
+    blocks = [m for m in convnext.modules() if isinstance(m, spark.ConvNeXtBlock)]
+    assert blocks and all(torch.all(b.gamma == 1e-6) for b in blocks)
+    linear = blocks[-1].pwconv1  # 320 -> 1280
+    assert linear.weight.std().item() == pytest.approx(0.02, rel=0.05) and torch.all(linear.bias == 0)
+
+
+def test_pretraining_defaults_are_the_official_ones(tmp_path):
+    """pretrain/utils/arg_util.py's defaults (base lr 2e-4, weight decay 0.04 -> 0.2, 40 warmup epochs of 1600, mask
+    0.6, crop scale 0.67, decoder width 768, ResNet-50 at 224 px) and models/__init__.py's pretraining drop path."""
+    os.makedirs(tmp_path / 'imagenet')
+    args = spark.parse_args(['--data', 'imagenet', '--data_path', str(tmp_path / 'imagenet')])
+    official = dict(model='resnet50', input_size=224, blr=2e-4, weight_decay=0.04, weight_decay_end=0.2,
+                    warmup_epochs=40, epochs=1600, mask_ratio=0.6, crop_scale=0.67, decoder_width=768)
+    assert {k: getattr(args, k) for k in official} == official
+    drop_path = {'resnet50': 0.05, 'resnet101': 0.08, 'resnet152': 0.10, 'resnet200': 0.15,
+                 'convnext_small': 0.2, 'convnext_base': 0.3, 'convnext_large': 0.4}
+    assert {name: spark.MODELS[name][4] for name in drop_path} == drop_path
+    assert args.drop_path is None  # so the model's own rate applies (build_backbone)
+
+
+def test_sync_batchnorm_swaps_every_batchnorm_and_keeps_the_sparse_ones_sparse():
+    """The official `sbn`: the encoder's and the densify step's sparse BNs become sparse SyncBNs (statistics still over
+    visible sites only), the decoder's dense BNs nn.SyncBatchNorm; nothing else changes, nor any state-dict name."""
+    torch.manual_seed(0)
+    model = spark.SparK(spark.build_backbone('resnet_mini_ds8'), 32, 0.6, 16)
+    before, keys = {name: type(m) for name, m in model.named_modules()}, list(model.state_dict())
+    assert spark.sync_batchnorm(model) is model and list(model.state_dict()) == keys
+    swapped = collections.Counter()
+    for name, m in model.named_modules():
+        expected = {SparseBatchNorm2d: common.SparseSyncBatchNorm2d, nn.BatchNorm2d: nn.SyncBatchNorm}.get(
+            before[name], before[name])
+        assert type(m) is expected, name
+        swapped[name.split('.')[0], expected] += expected is not before[name]
+    assert swapped['sparse_encoder', common.SparseSyncBatchNorm2d] > 0
+    assert swapped['densify_norms', common.SparseSyncBatchNorm2d] == 3
+    assert swapped['dense_decoder', nn.SyncBatchNorm] == 6  # 3 UNet blocks, 2 BNs each
+
+
 def test_lamb_step_by_hand():
     w, b = nn.Parameter(torch.tensor([3.0, 4.0])), nn.Parameter(torch.tensor([1.0]))
     optimizer = spark.LAMB([{'params': [b], 'weight_decay': 0.0}, {'params': [w], 'weight_decay': 0.1}], 0.01,
