@@ -164,19 +164,25 @@ def finetune_start(module, tmp_path, monkeypatch, *flags):
             for i in range(count):
                 pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(data / split / name / f'{i}.png')
-    seen = {}
-
-    def first_epoch(model, loss_fn, loader, optimizer, epoch, schedule=None, **kwargs):
-        seen.update(model=model, optimizer=optimizer, schedule=schedule, ft=schedule.keywords['args'])
-        raise Stop
-
-    monkeypatch.setattr(common, 'train_one_epoch', first_epoch)
     argv = ['--data', 'imagenet', '--data_path', str(data), '--model', 'vit_tiny_patch4', '--input_size', '16',
             '--batch_size', '8', '--accum_iter', '1', '--num_workers', '0', '--probe_epochs', '0', '--knn_k', '0',
             '--eval_only', '--output_dir', str(tmp_path / 'out'), '--finetune_epochs', '100', *flags]
+    model, optimizer, schedule = first_epoch_of(module, monkeypatch, argv)
+    return model, optimizer, schedule, schedule.keywords['args']
+
+
+def first_epoch_of(module, monkeypatch, argv):
+    """Run `module.main(argv)` until common.train_one_epoch is first called -> (its model, optimizer, schedule)."""
+    seen = {}
+
+    def first_epoch(model, loss_fn, loader, optimizer, epoch, schedule=None, **kwargs):
+        seen.update(model=model, optimizer=optimizer, schedule=schedule)
+        raise Stop
+
+    monkeypatch.setattr(common, 'train_one_epoch', first_epoch)
     with pytest.raises(Stop):
         module.main(argv)
-    return seen['model'], seen['optimizer'], seen['schedule'], seen['ft']
+    return seen['model'], seen['optimizer'], seen['schedule']
 
 
 def groups_by_name(model, optimizer):  # -> {parameter name: its optimizer group}
@@ -288,20 +294,10 @@ def test_mfm_finetune_lr_at_iterations(tmp_path, monkeypatch):
 
 # ---- the pretraining optimizer, through the method's main ------------------------------------------------------
 def pretrain_start(module, tmp_path, monkeypatch, *flags):
-    """Run `module.main` on the built-in shapes until pretraining starts its first epoch -> (model, optimizer,
-    schedule)."""
-    seen = {}
-
-    def first_epoch(model, loss_fn, loader, optimizer, epoch, schedule=None, **kwargs):
-        seen.update(model=model, optimizer=optimizer, schedule=schedule)
-        raise Stop
-
-    monkeypatch.setattr(common, 'train_one_epoch', first_epoch)
-    argv = ['--data', 'shapes', '--shapes_size', '16', '--input_size', '16', '--model', 'vit_tiny_patch4',
-            '--batch_size', '8', '--num_workers', '0', '--output_dir', str(tmp_path / 'out'), *flags]
-    with pytest.raises(Stop):
-        module.main(argv)
-    return seen['model'], seen['optimizer'], seen['schedule']
+    """Run `module.main` on the built-in shapes until pretraining starts -> (model, optimizer, schedule)."""
+    return first_epoch_of(module, monkeypatch, ['--data', 'shapes', '--shapes_size', '16', '--input_size', '16',
+                                                '--model', 'vit_tiny_patch4', '--batch_size', '8', '--num_workers',
+                                                '0', '--output_dir', str(tmp_path / 'out'), *flags])
 
 
 # (method, flags, optimizer, betas, tensors decayed besides those of ndim > 1 that are no biases / left undecayed):

@@ -402,9 +402,9 @@ def official_forward(model, imgs, mask):
     inp = imgs * active.repeat_interleave(p, 2).repeat_interleave(p, 3)
     with visible_sites(model.sparse_encoder.sp_cnn, active):
         features = model.sparse_encoder.sp_cnn(inp)[::-1][:len(model.mask_tokens)]
-    cur_active, to_dec = active, []
+    cur_active, to_dec, channel = active, [], lambda t: t[:, None, None]  # (C,) -> (C, 1, 1)
     for i, feature in enumerate(features):
-        norm, channel = model.densify_norms[i], (lambda t: t[:, None, None])
+        norm = model.densify_norms[i]
         if isinstance(norm, nn.BatchNorm2d):  # BN1d on the active sites' vectors (train mode: their statistics)
             vectors = feature.permute(0, 2, 3, 1)[cur_active[:, 0]]  # (N, C)
             normed = (feature - channel(vectors.mean(0))) / channel(vectors.var(0, unbiased=False) + norm.eps).sqrt()
