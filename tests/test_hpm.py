@@ -1,6 +1,6 @@
 """HPM: the relative loss, the hard-patches mask, the teacher, sizes no preset uses, start-up checks; a run of hpm.py,
 the teacher's update per optimizer step, and resume restoring the teacher."""
-import json, math, os, shutil, subprocess, sys
+import copy, json, math, os, shutil, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -131,6 +131,119 @@ def test_teacher_decay_matches_the_official_recipe():
         hpm.parse_args(['--ema_decay', '0.9', '1.0'])
 
 
+# ---- the official forward, written out: models_mae_learn_loss.py + engine_pretrain.py, read at c15ae90 ------------
+def small_hpm(norm_pix_loss):
+    torch.manual_seed(0)
+    return hpm.HPM(16, patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=2,
+                   decoder_num_heads=2, norm_pix_loss=norm_pix_loss)
+
+
+def official_decoders(model, imgs, mask):
+    """forward_encoder + forward_decoder for a boolean mask (B, L), True = masked, the same count in every image: the
+    visible tokens in index order, then one mask token per masked patch, each with its own decoder position; no
+    unshuffle. -> pixels (B, 1 + L - 1, P) and predicted losses (B, L) in that order, and the masked count."""
+    B = len(imgs)
+    x = model.patch_embed(imgs) + model.pos_embed[:, 1:]  # (B, L, D)
+    x = x[~mask].reshape(B, -1, x.shape[-1])
+    x = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(B, -1, -1), x], dim=1)
+    for block in model.blocks:
+        x = block(x)
+    x = model.decoder_embed(model.norm(x))
+    positions = model.decoder_pos_embed[:, 1:].expand(B, -1, -1)  # (B, L, Dd)
+    visible = positions[~mask].reshape(B, -1, x.shape[-1])
+    masked = positions[mask].reshape(B, -1, x.shape[-1])
+    x = torch.cat([x[:, :1] + model.decoder_pos_embed[:, :1], x[:, 1:] + visible, model.mask_token + masked], dim=1)
+    pixels, losses = x, x
+    for block in model.decoder_blocks:
+        pixels = block(pixels)
+    for block in model.decoder_blocks_losspred:
+        losses = block(losses)
+    pixels = model.decoder_pred(model.decoder_norm(pixels))[:, 1:]
+    losses = model.decoder_pred_losspred(model.decoder_norm_losspred(losses))[:, 1:].mean(dim=-1)
+    return pixels, losses, masked.shape[1]
+
+
+def official_losses(model, imgs, mask):
+    """engine_pretrain.py's step after the mask: forward_loss on pix_pred[:, -mask_num:] against the masked patches'
+    targets (norm-pix: per patch, unbiased variance), then forward_learning_loss(relative=True) on loss_pred[:,
+    -mask_num:] with the detached per-patch errors. -> (reconstruction, relative, predicted pixels of the masked)."""
+    pixels, losses, count = official_decoders(model, imgs, mask)
+    B, p, h = len(imgs), model.patch_size, imgs.shape[2] // model.patch_size
+    target = torch.einsum('nchpwq->nhwpqc', imgs.reshape(B, 3, h, p, h, p)).reshape(B, h * h, p * p * 3)
+    target = target[mask].reshape(B, -1, p * p * 3)
+    if model.norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** .5
+    errors = ((pixels[:, -count:] - target) ** 2).mean(dim=-1)  # (B, N_m), the masked patches in index order
+    predicted = losses[:, -count:]
+    above = errors.unsqueeze(1) > errors.unsqueeze(2)
+    below = errors.unsqueeze(1) < errors.unsqueeze(2)
+    logit = predicted.unsqueeze(1) - predicted.unsqueeze(2)
+    rank = -above.int() * torch.log(torch.sigmoid(logit) + 1e-6) - below.int() * torch.log(1 - torch.sigmoid(logit)
+                                                                                           + 1e-6)
+    return errors.mean(), rank.sum() / (above + below).sum(), pixels[:, -count:]
+
+
+@pytest.mark.parametrize('norm_pix_loss', [False, True])
+def test_losses_equal_the_official_forward_written_out(norm_pix_loss):
+    """Guards the masked-only sums of both losses, the unshuffle, the loss head's cls slot and mean, and norm-pix's
+    unbiased variance: the official step computes each differently (index order, mask tokens last)."""
+    model = small_hpm(norm_pix_loss)
+    imgs = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        k = hpm.hard_count(16, 0.75, 0.5)
+        score = hpm.hard_patches_order(model.teacher_losses(imgs), torch.rand(3, 16), k)
+        (loss, rank_loss), pred, mask = model(imgs, 0.75, score)
+        expected_loss, expected_rank, expected_pred = official_losses(model, imgs, mask.bool())
+    assert torch.allclose(pred[mask.bool()].reshape(3, 12, 48), expected_pred, atol=1e-5)
+    assert torch.allclose(loss, expected_loss, atol=1e-6) and torch.allclose(rank_loss, expected_rank, atol=1e-5)
+
+
+def test_teacher_losses_are_the_official_ema_view_of_the_full_image():
+    """engine_pretrain.py: model_ema.ema(samples, mask=all False), so every patch is visible, no mask token, and
+    loss_pred is in index order."""
+    model = small_hpm(False)
+    imgs = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = official_decoders(model, imgs, torch.zeros(2, 16, dtype=torch.bool))[1]
+    assert torch.allclose(model.teacher_losses(imgs), expected, atol=1e-5)
+
+
+def test_relative_loss_keeps_the_official_epsilon():
+    """log(sigmoid(z) + 1e-6), not logsigmoid(z): a pair ranked backwards with logit 40 costs -log(1e-6 + e^-40) =
+    13.8, where logsigmoid would give 40."""
+    predicted, errors = torch.tensor([[40.0, 0.0]]), torch.tensor([[1.0, 2.0]])  # patch 1 is harder, predicted easier
+    expected = -math.log(1 / (1 + math.exp(40)) + 1e-6)  # both orders (i, j) of the pair cost the same
+    assert hpm.relative_loss(predicted, errors, torch.ones(1, 2)).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_initialisation_is_the_official_one():
+    """initialize_weights: patch_embed Xavier-uniform on its (D, 3 p p) view, Linears Xavier-uniform with zero bias,
+    LayerNorms 1 / 0, cls and mask tokens normal(0, 0.02)."""
+    torch.manual_seed(0)
+    model = hpm.HPM(16, **TINY_VIT, decoder_embed_dim=256, decoder_depth=1, decoder_num_heads=2)
+    for name, weight in [('patch_embed.proj', model.patch_embed.proj.weight.flatten(1)),
+                         ('decoder_pred_losspred', model.decoder_pred_losspred.weight),
+                         ('blocks.0.attn.qkv', model.blocks[0].attn.qkv.weight)]:
+        bound = math.sqrt(6 / sum(weight.shape))  # U(-b, b), b = sqrt(6 / (fan_in + fan_out))
+        assert 0.97 * bound < weight.abs().max() <= bound, name
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            assert torch.all(module.bias == 0)
+        elif isinstance(module, torch.nn.LayerNorm):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
+    assert 0.017 < model.mask_token.std() < 0.023 and 0.017 < model.cls_token.std() < 0.023
+
+
+def test_pretraining_defaults_are_the_official_recipe():
+    """scripts/pretrain_base.sh + main_pretrain.py: mask 0.75, blr 1.5e-4, wd 0.05, warmup 40, plain pixels, decoders
+    512 x 8 x 16 heads, crop scale 0.2; generate_mask's 0.5 at the last epoch; the loss scaler's clip at 5;
+    PRETRAIN.md's 200 epochs for ImageNet."""
+    args = hpm.parse_args(['--data', 'imagenet', '--data_path', '.'])
+    assert (args.mask_ratio, args.alpha_final, args.norm_pix_loss, args.epochs) == (0.75, 0.5, False, 200)
+    assert (args.blr, args.weight_decay, args.warmup_epochs, args.min_lr, args.clip_grad) == (1.5e-4, 0.05, 40, 0, 5)
+    assert (args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads, args.crop_scale) == (512, 8, 16, 0.2)
+
+
 def test_a_size_no_preset_uses_trains_and_impossible_sizes_are_refused():
     torch.manual_seed(0)
     sizes = dict(img_size=24, patch_size=6, embed_dim=40, depth=2, num_heads=5, decoder_embed_dim=24,
@@ -187,6 +300,38 @@ def test_teacher_is_updated_once_per_optimizer_step(tmp_path, monkeypatch):
     assert calls == pytest.approx([0.84, 0.84])
     with open(tmp_path / 'run' / 'args.json') as f:
         assert json.load(f)['accum_iter'] == 2
+
+
+def test_main_mines_with_the_teacher_and_moves_it_towards_the_student(tmp_path, monkeypatch):
+    """hpm.main over 4 epochs, each epoch's training stubbed: k = int(N_m * 0.5 * (epoch + 1) / epochs) hard patches
+    (generate_mask), mined by the EMA teacher, not the student; loss = reconstruction + relative (weight 1); after a
+    step the teacher = d * teacher + (1 - d) * student (timm's ModelEma), the student left alone."""
+    seen, miners = [], []
+    teacher_losses = hpm.HPM.teacher_losses
+    monkeypatch.setattr(hpm.HPM, 'teacher_losses', lambda self, imgs: miners.append(self) or teacher_losses(self, imgs))
+
+    def one_epoch(model, loss_fn, loader, optimizer, epoch, on_step, **_):
+        seen.append(loss_fn.keywords['k'])
+        if epoch == 0:
+            total, logs = loss_fn(model, *next(iter(loader)))
+            assert torch.allclose(total, logs['reconstruction'] + logs['relative'])
+            teacher = miners[-1]
+            assert teacher is not model and not any(p.requires_grad for p in teacher.parameters())
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+            before, student = copy.deepcopy(teacher.state_dict()), copy.deepcopy(model.state_dict())
+            on_step()
+            for name, value in teacher.state_dict().items():  # the shapes preset's decay at epoch 0: 0.84
+                assert torch.allclose(value, 0.84 * before[name] + 0.16 * student[name], atol=1e-6), name
+                assert torch.equal(model.state_dict()[name], student[name]), name
+        return {}
+
+    monkeypatch.setattr(common, 'train_one_epoch', one_epoch)
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    hpm.main(FLAGS + ['--shapes_size', '32', '--epochs', '4', '--probe_epochs', '0', '--knn_k', '0',
+                      '--finetune_epochs', '0', '--output_dir', str(tmp_path / 'run')])
+    assert seen == [int(12 * 0.5 * (epoch + 1) / 4) for epoch in range(4)] == [1, 3, 4, 6]  # N_m = 16 - int(16 / 4)
 
 
 def test_teacher_flag_evaluates_the_teacher_after_training(tmp_path, monkeypatch):
