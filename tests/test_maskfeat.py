@@ -9,6 +9,7 @@ import torch
 import common
 import maskfeat
 from conftest import ROOT, TINY, load_weights, read_log, run_script
+from test_recipes import first_epoch_of
 
 
 def edge_image(kind, size=32):
@@ -102,6 +103,138 @@ def test_loss_ignores_visible_tokens_and_encoder_never_sees_masked_pixels():
     pixel_mask = mask.reshape(2, 1, 4, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)
     _, pred2, target2 = model(imgs + 3.0 * pixel_mask * torch.randn_like(imgs), mask)
     assert torch.equal(pred2, pred) and not torch.equal(target2, target)
+
+
+# ---- the official code written out: SlowFast operators.py HOGLayerC, masked.py, transform.py MaskingGenerator -----
+def official_hog_label(imgs, cell):
+    """HOGLayerC(nbins=9, pool=cell) then masked.py _get_hog_label_2d, for a 2 x 2-cell patch: (B, 3, H, W) -> (B, L,
+    108). Reflect pad 1, Sobel cross-correlation per channel, orientation atan2(gx, gy) into 9 bins with hard votes of
+    the magnitude, cell sums, L2 over the bins; then the (channel, bin) index slowest, cell row, cell column."""
+    B = len(imgs)
+    x = torch.nn.functional.pad(imgs, (1, 1, 1, 1), mode='reflect')
+    weight_x = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    gx = torch.nn.functional.conv2d(x, weight_x, groups=3)
+    gy = torch.nn.functional.conv2d(x, weight_x.transpose(2, 3), groups=3)
+    norm = torch.stack([gx, gy], dim=-1).norm(dim=-1)  # (B, 3, H, W)
+    phase = torch.atan2(gx, gy) / math.pi * 9
+    b, c, h, w = norm.shape
+    bins = phase.view(b, c, 1, h, w).floor().long() % 9
+    out = torch.zeros(b, c, 9, h, w).scatter_add_(2, bins, norm.view(b, c, 1, h, w))
+    out = out.unfold(3, cell, cell).unfold(4, cell, cell).sum(dim=[-1, -2])
+    out = torch.nn.functional.normalize(out, p=2, dim=2).flatten(1, 2)  # (B, 27, H / cell, W / cell)
+    return out.permute(0, 2, 3, 1).unfold(1, 2, 2).unfold(2, 2, 2).flatten(1, 2).flatten(2).reshape(B, -1, 108)
+
+
+@pytest.mark.parametrize('size, patch', [(32, 16), (16, 8)])
+def test_hog_target_equals_the_official_hog_layer_written_out(size, patch):
+    """Guards the Sobel weights, the reflect padding, no Gaussian window (masked.py builds HOGLayerC without one) and
+    no normalisation beyond each cell's histogram, on images with texture everywhere."""
+    imgs = torch.randn(2, 3, size, size)
+    assert torch.allclose(maskfeat.hog_target(imgs, patch, patch // 2), official_hog_label(imgs, patch // 2),
+                          atol=1e-6)
+
+
+def official_block_masking(grid, num_mask, rng):
+    """MaskingGenerator(grid, num_mask, min_num_patches=num_mask // 5, min_aspect 0.3) as imagenet.py builds it, with
+    random.uniform(a, b) and random.randint(a, b) drawn from a numpy generator: a + (b - a) U and integers(a, b + 1)."""
+    mask, count = np.zeros((grid, grid), int), 0
+    log_aspect = (math.log(0.3), math.log(1 / 0.3))
+    while count < num_mask:
+        budget, delta = num_mask - count, 0
+        for _ in range(10):
+            area = num_mask // 5 + (budget - num_mask // 5) * rng.random()
+            aspect = math.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * rng.random())
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if w < grid and h < grid:
+                top, left = rng.integers(0, grid - h + 1), rng.integers(0, grid - w + 1)
+                if 0 < h * w - mask[top:top + h, left:left + w].sum() <= budget:
+                    for i in range(top, top + h):
+                        for j in range(left, left + w):
+                            if mask[i, j] == 0:
+                                mask[i, j], delta = 1, delta + 1
+            if delta > 0:
+                break
+        if delta == 0:
+            break
+        count += delta
+    return mask.reshape(-1)
+
+
+def test_block_masking_equals_the_official_generator_draw_for_draw():
+    """The same random draws give the same mask: the minimum block of num_mask // 5, the aspect log-uniform on both
+    sides of 1, the rounded sides, the ten tries and the early stop."""
+    for grid, num_mask in [(14, 78), (4, 6), (8, 26)]:
+        for seed in range(40):
+            expected = official_block_masking(grid, num_mask, np.random.default_rng(seed))
+            got = maskfeat.block_masking(grid, num_mask, np.random.default_rng(seed))
+            assert np.array_equal(got, expected), (grid, num_mask, seed)
+
+
+def official_forward(model, imgs, mask):
+    """masked.py _maskfeat_forward + MSSeparateHead.forward for the image path: patch embed, masked embeddings
+    replaced by the mask token, cls prepended, then the whole (1 + L, D) pos_embed added; every block; the head's
+    LayerNorm and Linear, cls dropped. -> predictions (B, L, 108)."""
+    x = model.patch_embed.proj(imgs).flatten(2).transpose(1, 2)  # (B, L, D)
+    m = mask[..., None]
+    x = x * (1 - m) + model.mask_token.expand_as(x) * m
+    x = torch.cat([model.cls_token.expand(len(x), -1, -1), x], dim=1) + model.pos_embed
+    for block in model.blocks:
+        x = block(x)
+    return model.pred_head.projections[0](model.pred_head.transforms[0][0](x))[:, 1:]
+
+
+def test_forward_equals_the_official_forward_written_out():
+    model = tiny_model()
+    with torch.no_grad():
+        model.mask_token.normal_()  # far from the patch embeddings, so that a position lost on it shows
+        imgs, mask = torch.randn(2, 3, 16, 16), torch.zeros(2, 16)
+        mask[:, [0, 1, 4, 5, 10]] = 1
+        loss, pred, target = model(imgs, mask)
+        expected = official_forward(model, imgs, mask)
+    assert torch.allclose(pred, expected, atol=1e-5)
+    assert torch.allclose(loss, ((expected - official_hog_label(imgs, 2)) ** 2)[mask.bool()].mean(), atol=1e-6)
+
+
+def test_initialisation_is_the_official_one():
+    """MViT._init_weights on the encoder: Linear / Conv weights trunc-normal(0.02), Linear and LayerNorm biases 0.02,
+    pos_embed / cls_token / mask_token trunc-normal(0.02); MSSeparateHead._init_weights on the head: zero biases."""
+    torch.manual_seed(0)
+    model = maskfeat.MaskFeat(32, **common.vit_config('vit_small_patch8'), hog_cell_size=4)
+    for name in ('pos_embed', 'cls_token', 'mask_token', 'patch_embed.proj.weight', 'blocks.0.attn.qkv.weight',
+                 'pred_head.projections.0.weight'):
+        value = model.get_parameter(name)
+        assert 0.015 < value.std() < 0.025, name  # timm's trunc_normal_ cuts at +-2 (absolute): a plain normal
+    for name, module in model.blocks.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)):
+            assert torch.all(module.bias == 0.02), name
+    head_norm = model.pred_head.transforms[0][0]
+    assert torch.all(model.pred_head.projections[0].bias == 0) and torch.all(head_norm.bias == 0)
+    assert torch.all(head_norm.weight == 1) and torch.all(model.blocks[0].norm1.weight == 1)
+
+
+def test_pretraining_defaults_are_the_official_recipe(monkeypatch):
+    """in1k_VIT_B_MaskFeat_PT.yaml: BASE_LR 2e-4 per 256, warmup 30 epochs from WARMUP_START_LR 1e-6 (x shards),
+    cosine to COSINE_END_LR 1e-6 (x shards), CLIP_GRAD_L2NORM 0.02, MASK_RATIO 0.4 with round(L * ratio) patches,
+    scale (0.5, 1); MAX_EPOCH 300 by default, and 1600 (the released checkpoints) for the ImageNet preset."""
+    assert maskfeat.parse_args(['--data', 'cifar10', '--data_path', '.', '--epochs', '5']).crop_scale == 0.5
+    args = maskfeat.parse_args(['--data', 'imagenet', '--data_path', '.'])
+    assert (args.blr, args.warmup_epochs, args.clip_grad, args.mask_ratio) == (2e-4, 30, 0.02, 0.4)
+    assert (args.weight_decay, args.epochs, args.eff_batch_size, args.crop_scale) == (0.05, 1600, 2048, 0.5)
+    assert args.min_lr == pytest.approx(1e-6 * 2048 / 256)
+    assert maskfeat.DEFAULTS['epochs'] == 300
+    masks, build = [], common.build_datasets
+
+    def recorded(args, crop, draw_mask):  # main's mask function, partial(block_masking, grid, num_mask)
+        masks.append(draw_mask)
+        return build(args, crop, draw_mask)
+
+    monkeypatch.setattr(common, 'build_datasets', recorded)
+    argv = TINY + ['--model', 'vit_tiny_patch4', '--hog_cell_size', '2', '--mask_ratio', '0.3', '--warmup_epochs', '1']
+    model, optimizer, schedule = first_epoch_of(maskfeat, monkeypatch, argv)
+    assert masks[0].args == (4, round(16 * 0.3)) == (4, 5)  # round: int() would mask 4
+    run = maskfeat.parse_args(argv)
+    assert schedule(optimizer, 0.0) == pytest.approx(run.min_lr) == pytest.approx(1e-6 * 8 / 256)  # warmup's start
+    assert schedule(optimizer, 1.0) == pytest.approx(run.lr)
 
 
 def test_state_dict_keys_equal_official_slowfast_vit_base():
