@@ -766,7 +766,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, epoch, device, accum_iter
     bar = tqdm(total=steps, desc=f'epoch {epoch}', disable=not is_main(), mininterval=1, dynamic_ncols=True)
     for step, (images, labels, *mask_input) in zip(range(steps), loader):
         if step % accum_iter == 0 and schedule:
-            schedule(optimizer, epoch + step / steps)
+            schedule(optimizer, epoch + step / len(loader))  # engine_pretrain.py: data_iter_step / len(loader)
         images, labels, *mask_input = [t.to(device, non_blocking=True) for t in (images, labels, *mask_input)]
         seen, update = seen + len(images) * world, (step + 1) % accum_iter == 0
         with model.no_sync() if hasattr(model, 'no_sync') and not update else nullcontext():

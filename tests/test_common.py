@@ -94,6 +94,22 @@ def test_a_crop_that_misses_ten_times_is_torchvisions_central_crop_at_the_neares
     assert torch.equal(transform(img, np.random.default_rng(1)), expected)
 
 
+def test_train_transform_flips_horizontally_half_the_time():
+    """MAE's RandomHorizontalFlip (p 0.5) after the crop: with the crop made the whole image, each draw gives the image
+    or its left-right mirror, the mirror about half the time (200 draws: 100 expected, sd 7); flip=False never."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    flipping = common.TrainTransform(16, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    plain = common.TrainTransform(16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
+    unflipped = common.to_uint8_tensor(img)
+    flips = 0
+    for i in range(200):
+        out = flipping(img, np.random.default_rng([0, 0, i]))
+        assert torch.equal(plain(img, np.random.default_rng([0, 0, i])), unflipped)
+        assert torch.equal(out, unflipped) or torch.equal(out, unflipped.flip(-1)), i
+        flips += torch.equal(out, unflipped.flip(-1))
+    assert 70 <= flips <= 130, flips
+
+
 def test_normalize_roundtrip():
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     assert torch.allclose(common.denormalize(common.normalize(x)), x.float() / 255, atol=1e-6)
@@ -363,6 +379,38 @@ def test_train_one_epoch_with_a_plain_dataloader(extra):
         assert all(m is None for m in seen)
 
 
+def test_accumulation_sets_the_lr_once_per_optimizer_step():
+    """engine_pretrain.py / engine_finetune.py: with accum_iter 2 the lr is set only on the first micro-batch of each
+    accumulation (data_iter_step % accum_iter == 0), at epoch + data_iter_step / len(loader); one step per 2 batches."""
+    loader = torch.utils.data.DataLoader(own_dataset(), batch_size=4)  # 8 batches: 4 optimizer steps
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    fractions, steps = [], []
+    loss_fn = lambda model, images, labels, _: (torch.nn.functional.cross_entropy(
+        model(common.normalize(images)), labels), {})
+    common.train_one_epoch(model, loss_fn, loader, optimizer, 3, torch.device('cpu'), accum_iter=2,
+                           schedule=lambda optimizer, epoch: fractions.append(epoch), on_step=lambda: steps.append(1))
+    assert fractions == [3.0, 3.25, 3.5, 3.75] and len(steps) == 4
+    fractions.clear()  # 11 batches of 3: the 11th fills no step, is skipped, but still counts in len(loader)
+    common.train_one_epoch(model, loss_fn, torch.utils.data.DataLoader(own_dataset(), batch_size=3), optimizer, 3,
+                           torch.device('cpu'), accum_iter=2, schedule=lambda optimizer, epoch: fractions.append(epoch))
+    assert fractions == pytest.approx([3 + i / 11 for i in (0, 2, 4, 6, 8)])
+
+
+def test_clipping_scales_the_gradient_to_the_global_norm_given():
+    """util/misc.py's NativeScalerWithGradNormCount: clip_grad_norm_(parameters, clip_grad) over all parameters at
+    once, so a gradient of norm 5 clipped at 1 is divided by 5 (and one below the limit is left as it is)."""
+    for clip, scale in ((1.0, 1 / 5), (10.0, 1.0)):
+        model = torch.nn.Linear(1, 2)
+        start = [p.detach().clone() for p in model.parameters()]
+        model.weight.grad, model.bias.grad = torch.tensor([[3.0], [0.0]]), torch.tensor([0.0, 4.0])  # norm 5 in all
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        common.optimizer_step(model, optimizer, torch.amp.GradScaler('cpu', enabled=False), clip)
+        assert torch.allclose(model.weight.detach(), start[0] - scale * torch.tensor([[3.0], [0.0]]), atol=1e-5)
+        assert torch.allclose(model.bias.detach(), start[1] - scale * torch.tensor([0.0, 4.0]), atol=1e-5)
+        assert model.weight.grad is None and model.bias.grad is None  # zeroed for the next accumulation
+
+
 def test_fused_adamw_equals_the_for_loop_one():
     torch.manual_seed(0)
     model = common.VisionTransformer(16, 4, 32, 1, 2)
@@ -467,6 +515,21 @@ def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
     assert torch.equal((out == 0).flatten(1).all(1), ~kept)  # whole samples dropped, never parts
     assert torch.allclose(out[kept], x[kept] / 0.75) and abs(kept.float().mean().item() - 0.75) < 0.03
     assert common.drop_path(x, 0.25, training=False) is x and common.drop_path(x, 0.0, training=True) is x
+
+
+def test_linear_probe_trains_only_a_linear_layer_behind_a_batchnorm_without_affine(monkeypatch):
+    """main_linprobe.py's head: BatchNorm1d(D, affine=False, eps=1e-6) then Linear(D, classes); the optimizer gets
+    the head's parameters, which are then the Linear's weight and bias only (the BN has none to learn)."""
+    given, sgd = [], torch.optim.SGD
+
+    def spy(params, **kwargs):  # the real SGD, over the parameters given, recorded
+        given.extend(params)
+        return sgd(given, **kwargs)
+    monkeypatch.setattr(torch.optim, 'SGD', spy)
+    generator = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(40, 6, generator=generator), torch.arange(40) % 3
+    assert 0 <= common.linear_probe_accuracy(features, labels, features, labels, 3, 1) <= 100
+    assert sorted(tuple(p.shape) for p in given) == [(3,), (3, 6)]
 
 
 class Payload:
@@ -707,3 +770,17 @@ def test_a_presets_loader_workers_are_at_most_the_cores_a_given_number_is_kept(m
     assert mae.parse_args(['--data', 'folder', '--data_path', '.']).num_workers == 3  # the preset's 8
     assert mae.parse_args(['--data', 'folder', '--data_path', '.', '--num_workers', '6']).num_workers == 6
     assert mae.parse_args([]).num_workers == 0  # shapes: in memory, no workers
+
+
+def test_an_evaluation_loader_keeps_every_image():
+    """main_finetune.py / main_linprobe.py's val loader: drop_last=False, in order, so a top-1 counts each val image
+    once; the training loader drops the last partial batch (drop_last=True)."""
+    args = SimpleNamespace(world_size=1, rank=0, seed=0, batch_size=4, accum_iter=1, num_workers=0,
+                           device=torch.device('cpu'), amp='none')
+    assert [len(b) for b in common.make_loader(list(range(10)), args, train=False)] == [4, 4, 2]
+    assert torch.equal(torch.cat(list(common.make_loader(list(range(10)), args, train=False))), torch.arange(10))
+    assert len(common.make_loader(list(range(10)), args, train=True)) == 2
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2)
+    dataset = torch.utils.data.TensorDataset(images, torch.arange(10))
+    features, labels = common.extract_features(lambda x: x.mean((2, 3)), dataset, args)
+    assert features.shape == (10, 3) and torch.equal(labels, torch.arange(10))

@@ -1,7 +1,7 @@
 """Fine-tuning: official checkpoint layouts load with only the expected missing / unused keys, position tables are
 resized, the encoder export round-trips, layer-decay groups, mixup / cutmix, the fine-tuning transform, and runs of
 mae.py that fine-tune as a user would start them."""
-import json, os, re, shutil, signal, subprocess, sys, time
+import copy, json, math, os, re, shutil, signal, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from types import SimpleNamespace
@@ -247,6 +247,32 @@ def test_pos_embed_of_a_smaller_grid_is_resized(capsys):
     assert (grid[0, 1:, 0] - grid[0, :-1, 0]).min() >= -1e-6 and grid[0, -1, 0] - grid[0, 0, 0] > 2.5
 
 
+def bicubic_weights(old, new, a=-0.75):
+    """(new, old) weights of a 1-D bicubic resize as F.interpolate(mode='bicubic', align_corners=False) makes it:
+    source x = (i + 0.5) * old / new - 0.5, Keys' cubic kernel with a = -0.75 on the 4 nearest taps, taps past the
+    border clamped to it."""
+    def kernel(d):
+        return ((a + 2) * d - (a + 3)) * d * d + 1 if d <= 1 else a * (((d - 5) * d + 8) * d - 4)
+    weights = np.zeros((new, old))
+    for i in range(new):
+        x = (i + 0.5) * old / new - 0.5
+        for tap in range(math.floor(x) - 1, math.floor(x) + 3):
+            weights[i, min(max(tap, 0), old - 1)] += kernel(abs(x - tap))
+    return weights
+
+
+@pytest.mark.parametrize('old, new', [(3, 5), (4, 2)])
+def test_pos_embed_is_resized_bicubically_on_the_patch_grid(old, new):
+    """util/pos_embed.py's interpolate_pos_embed: the cls slot kept as it is, the patch tokens as an (old, old) grid
+    of D channels resized bicubically (align_corners=False) to (new, new), row-major, up or down."""
+    table = torch.randn(1, 1 + old * old, 4, generator=torch.Generator().manual_seed(0))
+    resized = common.resize_pos_embed(table, new * new)
+    assert resized.shape == (1, 1 + new * new, 4) and torch.equal(resized[0, 0], table[0, 0])
+    weights, grid = bicubic_weights(old, new), table[0, 1:].double().numpy().reshape(old, old, 4)  # (row, col, D)
+    expected = np.einsum('ir,rcd,jc->ijd', weights, grid, weights).reshape(new * new, 4)  # rows, then columns
+    assert np.allclose(resized[0, 1:].numpy(), expected, atol=1e-5)
+
+
 # ---- export ----------------------------------------------------------------------------------------------------------
 def test_exported_encoder_round_trips_into_the_classifier_with_timm_keys():
     """vit_encoder_state of a (DDP-named) MAE fills the classifier's encoder exactly; its keys are timm's minus head."""
@@ -384,6 +410,19 @@ def test_mixup_blends_with_the_flipped_batch():
     assert blended >= 3
 
 
+def test_mixup_and_cutmix_together_switch_between_them_half_the_time():
+    """timm's Mixup with both on (MAE: mixup 0.8, cutmix 1.0, switch_prob 0.5): each batch is either cut (every pixel
+    its own image's or its partner's) or blended (no pixel either), cutmix about half of the 40 batches."""
+    images, labels = batch()
+    flipped, rng, cuts = images.flip(0), np.random.default_rng(0), 0
+    for _ in range(40):
+        mixed, _ = common.mix(images.clone(), labels, 10, 0.8, 1.0, 0.1, rng)
+        cut = bool(((mixed == images) | (mixed == flipped)).all())
+        assert cut or not ((mixed == images) | (mixed == flipped)).any()  # blended: every pixel a mixture
+        cuts += cut
+    assert 10 <= cuts <= 30, cuts
+
+
 # ---- the fine-tuning transform ---------------------------------------------------------------------------------
 def test_finetune_transform_is_deterministic_and_erases_one_box():
     """uint8 (3, size, size), a function of the generator; reprob=1 changes pixels inside one box only."""
@@ -405,6 +444,39 @@ def test_finetune_transform_is_deterministic_and_erases_one_box():
 
 
 # ---- fine-tuning runs ---------------------------------------------------------------------------------------
+def test_ema_moves_a_one_minus_decay_share_towards_the_model():
+    """timm's ModelEma (SparK's fine-tuning EMA): ema = decay * ema + (1 - decay) * model for every float tensor of
+    the state, BN's running statistics too; the model itself is left as it is."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+            if e.is_floating_point():
+                e.fill_(0.0)
+                m.fill_(1.0)
+    for expected in (0.1, 0.19):  # 0.9 * 0 + 0.1 * 1, then 0.9 * 0.1 + 0.1 * 1
+        common.update_ema(ema, model, 0.9)
+        floats = [v for v in ema.state_dict().values() if v.is_floating_point()]  # weight, bias, BN's 4
+        assert len(floats) == 6 and all(torch.allclose(v, torch.tensor(expected)) for v in floats)
+    assert all(torch.equal(v, torch.ones_like(v)) for v in model.state_dict().values() if v.is_floating_point())
+
+
+def test_finetune_anneals_the_lr_to_min_lr_1e_6(tmp_path):
+    """main_finetune.py's schedule: (no warmup here) half-cosine from ft_blr * batch / 256 down to min_lr 1e-6, not
+    pretraining's 0, set per iteration: the logged lr is the last of the epoch's 8 steps', at epoch 7/8 of 1."""
+    args = mae.parse_args(TINY + ['--finetune_epochs', '1', '--ft_warmup_epochs', '0', '--ft_batch', '8', '--amp',
+                                  'none', '--num_workers', '0', '--output_dir', str(tmp_path)])
+    _, eval_sets = common.build_datasets(args, common.TrainTransform(16))  # 64 training images: 8 steps of 8
+    torch.manual_seed(0)
+    encoder = common.VisionTransformer(16, 4, 32, 1, 2, learned_pos=True).state_dict()  # a small ViT: fast
+    build = lambda classes: common.ViTClassifier(classes, img_size=16, patch_size=4, embed_dim=32, depth=1,
+                                                 num_heads=2)
+    assert common.finetune(args, build, encoder, eval_sets) is not None
+    (line,) = read_log(f'{tmp_path}/finetune')
+    peak = args.ft_blr * 8 / 256
+    assert line['lr'] == pytest.approx(1e-6 + (peak - 1e-6) * 0.5 * (1 + math.cos(math.pi * 7 / 8)), rel=1e-9)
+
+
 def colour_folder(root, seed=0):
     """A folder dataset of 16 px noise images whose class is a +40 tint of one channel (red, green, blue): 32
     training and 10 val images a class, learnable in a few fine-tuning epochs, unlike 16 px shapes."""
