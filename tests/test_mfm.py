@@ -7,6 +7,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import mfm
@@ -207,6 +208,185 @@ def test_a_size_no_preset_uses_trains_and_impossible_sizes_are_refused():
         mfm.ViTEncoder(24, 6, 40, 2, 6)
     with pytest.raises(ValueError, match='image side 26 is not divisible by the patch size 6'):
         mfm.ViTEncoder(26, 6, 40, 2, 5)
+
+
+IMAGENET_DEFAULT = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's IMAGENET_DEFAULT_MEAN / _STD
+
+
+def official_keep_mask(size, radius, low_pass):
+    """data/data_mfm.py FreqMaskGenerator, 1 = KEPT: ones, zeroed where radius^2 <= d^2 < 999^2 from (size // 2,
+    size // 2); a low-pass draw returns it, a high-pass draw 1 - it. low_pass: list of bools -> (B, size, size)."""
+    keep = torch.ones(size, size)
+    for y in range(size):
+        for x in range(size):
+            if radius ** 2 <= (x - size // 2) ** 2 + (y - size // 2) ** 2 < 999 ** 2:
+                keep[y, x] = 0
+    return torch.stack([keep if low else 1 - keep for low in low_pass])
+
+
+def official_mfm_forward(model, encoder_forward, stride, x, keep):
+    """models/mfm.py MFM.forward with FILTER_TYPE 'mfm' and RECOVER_TARGET_TYPE 'masked', and models/frequency_loss.py
+    FrequencyLoss at the official settings (patch_factor 1, loss_gamma 1, no matrix), over the model's own weights:
+    frequency_transform of the UNnormalised image (FFT, shift, * mask, unshift, iFFT, real part, clamp), then both it
+    and the original normalised; the encoder is handed (x, x_fft) and runs on x_fft; 1x1 conv + PixelShuffle(stride);
+    the loss sums |F(x_rec) - F(x)| over the removed frequencies (1 - mask) of the NORMALISED ORIGINAL x and divides
+    by their count, in_chans and the patch count. -> (loss, x_rec, normalised x_corrupted)."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in IMAGENET_DEFAULT)
+    mask = keep.unsqueeze(1)  # (B, 1, H, W), as forward unsqueezes it
+    freq = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1)) * mask
+    x_corrupted = torch.fft.ifft2(torch.fft.ifftshift(freq, dim=(-2, -1))).real.clamp(min=0.0, max=1.0)
+    x_corrupted = (x_corrupted - mean) / std
+    x = (x - mean) / std
+    z = encoder_forward(model.encoder, x_corrupted)
+    x_rec = F.pixel_shuffle(F.conv2d(z, model.decoder[0].weight, model.decoder[0].bias), stride)
+
+    def tensor2freq(t):  # (B, C, H, W) -> (B, 1 patch, C, H, W, real / imag)
+        freq = torch.fft.fftshift(torch.fft.fft2(t[:, None].float(), norm='ortho'), dim=(-2, -1))
+        return torch.stack([freq.real, freq.imag], -1)
+
+    tmp = (tensor2freq(x_rec) - tensor2freq(x)) ** 2
+    loss_recon = torch.sqrt(tmp[..., 0] + tmp[..., 1] + 1e-12) ** 1.0  # (B, 1, C, H, W)
+    loss = (loss_recon * (1 - mask.unsqueeze(1))).sum() / (1 - mask).sum() / 3 / loss_recon.shape[1]
+    return loss, x_rec, x_corrupted
+
+
+def official_vit_forward(encoder, x, num_heads):
+    """models/mfm.py VisionTransformerForMFM.forward (DECODER.DEPTH 0) over models/vision_transformer.py's BEiT Block
+    and Attention: patch_embed, cls prepended, pos_embed added to all 1 + L tokens, blocks (pre-norm, LayerNorm eps
+    1e-6, qkv bias [q_bias | 0 | v_bias], q scaled before q k^T, exact GELU), final norm (USE_MEAN_POOLING False), the
+    cls token removed (x[:, 1:]), (B, L, C) -> (B, C, H, W)."""
+    proj = encoder.patch_embed.proj
+    x = F.conv2d(x, proj.weight, proj.bias, stride=proj.kernel_size).flatten(2).transpose(1, 2)
+    x = torch.cat([encoder.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + encoder.pos_embed
+    B, N, C = x.shape
+    norm = lambda t, m: F.layer_norm(t, (C,), m.weight, m.bias, eps=1e-6)
+    for blk in encoder.blocks:
+        attn, mlp = blk.attn, blk.mlp
+        qkv_bias = torch.cat([attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias])
+        qkv = F.linear(norm(x, blk.norm1), attn.qkv.weight, qkv_bias).reshape(B, N, 3, num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        weights = ((q * (C // num_heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = x + F.linear((weights @ v).transpose(1, 2).reshape(B, N, -1), attn.proj.weight, attn.proj.bias)
+        hidden = F.gelu(F.linear(norm(x, blk.norm2), mlp.fc1.weight, mlp.fc1.bias))
+        x = x + F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias)
+    x = norm(x, encoder.norm)[:, 1:]
+    side = int(x.shape[1] ** 0.5)
+    return x.permute(0, 2, 1).reshape(B, C, side, side)
+
+
+def official_resnet_forward(encoder, x):
+    """ResNetForMFM.forward = timm's ResNet.forward_features with its Bottleneck (timm 0.4.12, requirements.txt; BN in
+    eval here): 7x7 stride-2 conv, BN, ReLU, MaxPool2d(3, 2, padding 1); in every stage but the first, block 0 strides
+    by 2 on its 3x3 conv2 (conv1 and conv3 are 1x1, stride 1) and on its 1x1 downsample conv; ReLU after the sum."""
+    bn = lambda t, m: F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, 1e-5)
+    x = F.max_pool2d(F.relu(bn(F.conv2d(x, encoder.conv1.weight, stride=2, padding=3), encoder.bn1)), 3, 2, 1)
+    for i, stage in enumerate([encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4]):
+        for j, blk in enumerate(stage):
+            stride = 2 if i > 0 and j == 0 else 1
+            out = F.relu(bn(F.conv2d(x, blk.conv1.weight), blk.bn1))
+            out = F.relu(bn(F.conv2d(out, blk.conv2.weight, stride=stride, padding=1), blk.bn2))
+            out = bn(F.conv2d(out, blk.conv3.weight), blk.bn3)
+            shortcut = x if blk.downsample is None else \
+                bn(F.conv2d(x, blk.downsample[0].weight, stride=stride), blk.downsample[1])
+            x = F.relu(out + shortcut)
+    return x
+
+
+def test_vit_pretraining_step_is_the_official_forward_written_out():
+    """models/mfm.py MFM.forward + VisionTransformerForMFM.forward + frequency_loss.py, written out above: guards
+    that the encoder sees the corrupted image (not the original), that the positions are added to the patches, that
+    the cls token (not the last patch) is dropped, and that the loss target is the normalised, uncorrupted image."""
+    torch.manual_seed(0)
+    model = mfm.MFM(mfm.ViTEncoder(16, 4, 32, 2, 2, mlp_ratio=2.0)).eval()
+    with torch.no_grad():  # make every official term visible: the init leaves biases at 0 and positions tiny
+        for name, p in model.named_parameters():
+            if name.endswith(('bias', 'pos_embed', 'cls_token')) or 'norm' in name:
+                p.add_(0.5 * torch.randn_like(p))
+    imgs, low_pass = torch.rand(3, 3, 16, 16), [True, False, True]
+    keep = official_keep_mask(16, 3, low_pass)
+    with torch.no_grad():
+        loss, pred, corrupted = model(imgs, 1 - keep)  # ours takes the removed frequencies
+        expected = official_mfm_forward(model, partial(official_vit_forward, num_heads=2), 4, imgs, keep)
+    assert torch.allclose(corrupted, expected[2], atol=1e-5)
+    assert torch.allclose(pred, expected[1], atol=1e-5)
+    assert loss.item() == pytest.approx(expected[0].item(), rel=1e-5)
+
+
+def test_resnet_pretraining_step_is_the_official_forward_written_out():
+    """The same step on ResNetForMFM (timm's forward_features, written out above; the official stem at 96 px, above
+    difference 4's 64): guards the 3x3 / 2 max-pool with padding 1, the stride on each first block's 3x3 conv2 (not
+    on the 1x1 conv1), and that the encoder sees the corrupted image. BN is randomised (zero_init_last_bn would hide
+    every residual branch)."""
+    torch.manual_seed(0)
+    model = mfm.MFM(mfm.ResNet(*mfm.RESNETS['resnet_tiny'], img_size=96)).eval()
+    with torch.no_grad():
+        for m in model.encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2)
+                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0)
+    imgs = torch.rand(2, 3, 96, 96)
+    keep = official_keep_mask(96, 16 * 96 / 224, [True, False])
+    with torch.no_grad():
+        loss, pred, corrupted = model(imgs, 1 - keep)
+        expected = official_mfm_forward(model, official_resnet_forward, 32, imgs, keep)
+    assert pred.shape == (2, 3, 96, 96) and torch.allclose(corrupted, expected[2], atol=1e-5)
+    assert torch.allclose(pred, expected[1], atol=1e-4)
+    assert loss.item() == pytest.approx(expected[0].item(), rel=1e-5)
+
+
+def test_vit_initialisation_is_the_official_beit_one():
+    """models/vision_transformer.py VisionTransformer.__init__ as VisionTransformerForMFM runs it: pos_embed,
+    cls_token, every Linear and Conv2d weight trunc_normal_(std 0.02) through MFM's `_trunc_normal_` override (a=-std,
+    b=std: cut at +-0.02), zero biases (q_bias / v_bias start at 0), LayerNorm 1 / 0 eps 1e-6; then fix_init_weight:
+    attn.proj and mlp.fc2 weights of layer_id + 1 = i divided by sqrt(2 i). models/mfm.py MFM.__init__'s decoder
+    conv keeps PyTorch's default init (uniform, bound 1 / sqrt(fan_in))."""
+    torch.manual_seed(0)
+    model = mfm.MFM(mfm.ViTEncoder(16, 4, 192, 3, 3))
+    encoder = model.encoder
+    phi, inside = math.exp(-0.5) / math.sqrt(2 * math.pi), math.erf(1 / math.sqrt(2))  # N(0, 1) cut at +-1
+    cut_std = math.sqrt(1 - 2 * phi / inside)  # std of N(0, 1) truncated to [-1, 1]: 0.540
+    bounds = {'pos_embed': 0.02, 'cls_token': 0.02, 'patch_embed.proj.weight': 0.02}
+    for i, block in enumerate(encoder.blocks, start=1):
+        bounds.update({f'blocks.{i - 1}.attn.qkv.weight': 0.02, f'blocks.{i - 1}.mlp.fc1.weight': 0.02,
+                       f'blocks.{i - 1}.attn.proj.weight': 0.02 / math.sqrt(2 * i),
+                       f'blocks.{i - 1}.mlp.fc2.weight': 0.02 / math.sqrt(2 * i)})
+    params = dict(encoder.named_parameters())
+    for name, bound in bounds.items():
+        w = params[name]
+        assert w.abs().max() <= bound * (1 + 1e-6), name
+        assert w.std().item() == pytest.approx(cut_std * bound, rel=0.1), name
+        assert w.numel() < 1000 or w.abs().max() > 0.97 * bound, name  # the cut is reached: not a smaller scale
+    for name, p in params.items():
+        if name.endswith(('.bias', 'q_bias', 'v_bias')) and 'norm' not in name:
+            assert not p.any(), name
+    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 3 + 1 and all((m.weight == 1).all() and not m.bias.any() and m.eps == 1e-6 for m in norms)
+    conv = model.decoder[0]
+    assert 0.97 / math.sqrt(192) < conv.weight.abs().max() <= 1 / math.sqrt(192)
+
+
+def test_resnet_initialisation_is_timms():
+    """timm 0.4.12 ResNet.__init__ (requirements.txt): every Conv2d kaiming_normal_(mode='fan_out', nonlinearity=
+    'relu'), i.e. N(0, 2 / (out_channels * kh * kw)); BatchNorm 1 / 0; zero_init_last_bn: each Bottleneck's bn3 0."""
+    torch.manual_seed(0)
+    encoder = mfm.ResNet(*mfm.RESNETS['resnet_tiny'], img_size=96)
+    convs = [(n, m) for n, m in encoder.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 1 + 4 * 4  # the stem, and conv1-3 + downsample in each stage's one block
+    for name, m in convs:
+        fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+        assert m.weight.mean().abs() < 0.2 * math.sqrt(2 / fan_out), name
+        assert m.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.15), name
+    for name, m in encoder.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert (m.weight == (0 if name.endswith('bn3') else 1)).all() and not m.bias.any(), name
+
+
+def test_pretraining_crop_scale_is_the_official_min_crop_scale():
+    """config.py _C.DATA.MIN_CROP_SCALE = 0.2 (no mfm_pretrain yaml overrides it), which data/data_mfm.py MFMTransform
+    passes to RandomResizedCrop(IMG_SIZE, scale=(MIN_CROP_SCALE, 1.)), for the ViT and the ResNet-50 alike."""
+    for model in ('vit_base_patch16', 'resnet50'):
+        assert mfm.parse_args(['--data', 'imagenet', '--data_path', '.', '--model', model]).crop_scale == 0.2
+    assert mfm.DEFAULTS['crop_scale'] == 0.2
 
 
 def test_schedule_warms_up_then_follows_the_whole_run_cosine():
