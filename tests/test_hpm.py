@@ -141,7 +141,7 @@ def small_hpm(norm_pix_loss):
 def official_decoders(model, imgs, mask):
     """forward_encoder + forward_decoder for a boolean mask (B, L), True = masked, the same count in every image: the
     visible tokens in index order, then one mask token per masked patch, each with its own decoder position; no
-    unshuffle. -> pixels (B, 1 + L - 1, P) and predicted losses (B, L) in that order, and the masked count."""
+    unshuffle. -> pixels (B, L, P) and predicted losses (B, L), both in that order, and the masked count."""
     B = len(imgs)
     x = model.patch_embed(imgs) + model.pos_embed[:, 1:]  # (B, L, D)
     x = x[~mask].reshape(B, -1, x.shape[-1])
