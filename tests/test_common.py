@@ -127,25 +127,28 @@ def test_normalize_compiles_once():  # its constants made once per device: read 
     assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
 
 
-def fabricate_cifar(root):
-    """A CIFAR-10 archive in the official format, with 10 + 5 images instead of 50000 + 10000."""
-    rng = np.random.default_rng(0)
+def write_archive(path, folder, members):  # a .tar.gz holding folder/name: pickle(obj) for each (name, obj)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode='w:gz') as tar:
-        def add(name, obj):
+        for name, obj in members:
             data = pickle.dumps(obj)
-            info = tarfile.TarInfo(f'cifar-10-batches-py/{name}')
+            info = tarfile.TarInfo(f'{folder}/{name}')
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        for i in range(1, 6):
-            add(f'data_batch_{i}', {b'data': rng.integers(0, 255, (2, 3072), dtype=np.uint8), b'labels': [i, i + 1]})
-        add('test_batch', {b'data': rng.integers(0, 255, (5, 3072), dtype=np.uint8), b'labels': [0, 1, 2, 3, 4]})
-        add('batches.meta', {b'label_names': [f'class{i}'.encode() for i in range(10)]})
-    os.makedirs(root, exist_ok=True)
-    path = os.path.join(root, 'cifar-10-python.tar.gz')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'wb') as f:
         f.write(buffer.getvalue())
     return path
+
+
+def fabricate_cifar(root):
+    """A CIFAR-10 archive in the official format, with 10 + 5 images instead of 50000 + 10000."""
+    rng = np.random.default_rng(0)
+    members = [(f'data_batch_{i}', {b'data': rng.integers(0, 255, (2, 3072), dtype=np.uint8), b'labels': [i, i + 1]})
+               for i in range(1, 6)]
+    members += [('test_batch', {b'data': rng.integers(0, 255, (5, 3072), dtype=np.uint8), b'labels': [0, 1, 2, 3, 4]}),
+                ('batches.meta', {b'label_names': [f'class{i}'.encode() for i in range(10)]})]
+    return write_archive(os.path.join(root, 'cifar-10-python.tar.gz'), 'cifar-10-batches-py', members)
 
 
 def test_cifar_archive_read_md5_and_offline(tmp_path, monkeypatch):
@@ -169,6 +172,39 @@ def test_cifar_archive_read_md5_and_offline(tmp_path, monkeypatch):
     # pixels are channel-major rows in the archive: check one value went to the right place
     raw = pickle.load(open(tmp_path / 'ok' / 'cifar-10-batches-py' / 'test_batch', 'rb'))
     assert splits['val'][0][2, 4, 5, 1] == raw[b'data'][2, 1024 + 4 * 32 + 5]
+
+
+def test_cifar100_reads_the_fine_labels_and_their_names(tmp_path, monkeypatch):
+    """torchvision's CIFAR100: labels from b'fine_labels' (100 classes), names from meta's b'fine_label_names'; the
+    archive also holds the 20 coarse ones, which must not be taken."""
+    rng = np.random.default_rng(0)
+    path = write_archive(str(tmp_path / 'cifar-100-python.tar.gz'), 'cifar-100-python', [
+        ('train', {b'data': rng.integers(0, 255, (4, 3072), dtype=np.uint8), b'fine_labels': [10, 20, 30, 99],
+                   b'coarse_labels': [1, 2, 3, 19]}),
+        ('test', {b'data': rng.integers(0, 255, (2, 3072), dtype=np.uint8), b'fine_labels': [42, 7],
+                  b'coarse_labels': [5, 6]}),
+        ('meta', {b'fine_label_names': [f'fine{i}'.encode() for i in range(100)],
+                  b'coarse_label_names': [f'coarse{i}'.encode() for i in range(20)]})])
+    digest = hashlib.md5(open(path, 'rb').read()).hexdigest()
+    monkeypatch.setitem(common.CIFAR, 'cifar100', (common.CIFAR['cifar100'][0], digest) + common.CIFAR['cifar100'][2:])
+    splits, classes = common.read_cifar('cifar100', str(tmp_path))
+    assert list(splits['train'][1]) == [10, 20, 30, 99] and list(splits['val'][1]) == [42, 7]
+    assert len(classes) == 100 and classes[42] == 'fine42'
+
+
+def test_each_epoch_draws_new_crops_and_masks_and_the_same_epoch_the_same(tmp_path):
+    """A sample's randomness comes from (seed, epoch, index): set_epoch gives every image new crops and masks, as
+    DistributedSampler.set_epoch gives a new order; the same epoch gives them again (exact resume)."""
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    dataset = common.ImageDataset(images, [0, 1, 0, 1], ['a', 'b']).with_transform(
+        common.TrainTransform(16), lambda rng: rng.random(5))
+    draws = []
+    for epoch in (0, 1, 0):
+        dataset.set_epoch(epoch)
+        draws.append([dataset[i] for i in range(4)])
+    for i in range(4):
+        assert torch.equal(draws[0][i][0], draws[2][i][0]) and np.array_equal(draws[0][i][2], draws[2][i][2])
+        assert not torch.equal(draws[0][i][0], draws[1][i][0]) and not np.array_equal(draws[0][i][2], draws[1][i][2])
 
 
 def folder_args(path, **overrides):
