@@ -9,7 +9,7 @@ Randomness: every per-sample random choice (crop, flip, and what a method's mask
 `numpy.random.default_rng([seed, epoch, index])`: the same samples, crops and masks whatever the number of processes,
 workers or restarts. That makes `--resume` exact and N processes equal one.
 """
-import argparse, copy, ctypes, glob, hashlib, json, math, os, pickle, re, resource, shutil, sys, tarfile, time, warnings
+import argparse, copy, ctypes, glob, hashlib, json, math, os, pickle, re, shutil, sys, tarfile, time, warnings
 import urllib.request
 from collections import Counter, OrderedDict
 from contextlib import contextmanager, nullcontext, suppress
@@ -23,6 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from tqdm import tqdm
+
+try:
+    import resource  # POSIX only: the peak resident memory of CPU runs
+except ImportError:  # Windows
+    resource = None
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -794,12 +799,16 @@ def train_one_epoch(model, loss_fn, loader, optimizer, epoch, device, accum_iter
     if world > 1:
         dist.all_reduce(stats)
     elapsed, cuda = time.time() - start, device.type == 'cuda'  # on CPUs: the process's peak resident memory
-    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF)[2] * 1024
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_resident_memory()
     if skipped:  # summed over the processes, each reading its own share
         dist.all_reduce(count := torch.tensor(skipped.value, device=device)) if world > 1 else None
     return {**{f'train_{k}': v for k, v in zip(sums, stats.tolist())}, 'lr': optimizer.param_groups[-1]['lr'],
-            'images_per_s': seen / elapsed, 'epoch_time_s': elapsed, 'peak_mem_mb': peak / 2 ** 20,
+            'images_per_s': seen / elapsed, 'epoch_time_s': elapsed, 'peak_mem_mb': peak and peak / 2 ** 20,
             **({'skipped_images': int(count) if world > 1 else skipped.value} if skipped else {})}
+
+
+def peak_resident_memory():  # bytes, the most this process has held: Linux counts KiB, macOS bytes; Windows: None
+    return resource and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
 
 
 def step_settings(args):  # train_one_epoch's settings from a run's arguments
@@ -828,9 +837,10 @@ def atomic_save(state, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        os.fsync(directory)  # make the rename itself durable
-        os.close(directory)
+        if sys.platform != 'win32':  # make the rename itself durable (Windows cannot open a folder: skipped there)
+            directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            os.fsync(directory)
+            os.close(directory)
     except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)

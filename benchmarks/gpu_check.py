@@ -36,7 +36,7 @@ Output: a line per row as it finishes, then the table (method, model, mode, imag
 status, notes) and every row as a JSON line in --json (default output/gpu_check.jsonl, overwritten), each with the
 device name, GPU count, torch version and date. Exit status 1 if any row failed.
 """
-import argparse, contextlib, datetime, gc, json, os, re, resource, subprocess, sys, tempfile, time, traceback, warnings
+import argparse, contextlib, datetime, gc, json, os, re, subprocess, sys, tempfile, time, traceback, warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -232,7 +232,7 @@ def step_row(method, compiled, opts, output_dir, gflops):
     row['notes'] = '; '.join(notes)
     row['images_per_s'] = opts.steps * args.batch_size / seconds
     row['peak_mem_mb'] = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == 'cuda' else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # a CPU: the peak RSS of this process so far
+        throughput.common.peak_resident_memory() / 2 ** 20  # a CPU: the peak RSS of this process so far
     if opts.peak:
         row['mfu'] = row['gflop_per_image'] * row['images_per_s'] / (opts.peak * 1e3)
     return row

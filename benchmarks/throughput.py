@@ -12,7 +12,8 @@ the step, zero_grad, the EMA); the loop's bookkeeping (loss sums, the finiteness
 out. --compile compiles the loss_fn, as train_one_epoch(compile=True) does. After --warmup steps, --steps steps are
 timed one by one, the GPU synchronised before and after each (never inside the method code): step ms is their median,
 images/s = batch / median. Peak memory is torch.cuda.max_memory_allocated, reset per method; on a CPU the peak RSS of
-the whole process (resource.getrusage), which never decreases: a row shows the largest of itself and the rows above it.
+the whole process (common.peak_resident_memory), which never decreases: a row shows the largest of itself and the rows
+above it.
 
 FLOPs are measured with torch.utils.flop_counter.FlopCounterMode over one forward + backward of the method's loss (2
 images, halved), attention on the math kernel so that every backend counts alike: matrix products, convolutions and
@@ -35,7 +36,7 @@ Examples, from the repository root:
     python benchmarks/throughput.py --data_pipeline --data folder --data_path /data/imagenet --input_size 224 \\
         --batch_size 64 --num_workers 8 --methods mae
 """
-import contextlib, copy, gc, inspect, io, json, os, platform, re, resource, statistics, sys, tempfile, time
+import contextlib, copy, gc, inspect, io, json, os, platform, re, statistics, sys, tempfile, time
 from functools import partial
 from types import SimpleNamespace
 
@@ -259,7 +260,7 @@ def time_steps(method, opts, output_dir):
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times[opts.warmup:]) if timed else None
     peak = torch.cuda.max_memory_allocated(args.device) / 2 ** 20 if cuda else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # Linux: KiB, the whole process, ever
+        common.peak_resident_memory() / 2 ** 20  # a CPU: the peak RSS of this process so far
     return dict(method=method, model=args.model, input_size=args.input_size, batch=args.batch_size, amp=args.amp,
                 compile=opts.compile, images_per_s=step_s and args.batch_size / step_s, step_ms=step_s and 1e3 * step_s,
                 peak_mem_mb=step_s and peak, gflop_per_image=gflop, flop_counter='FlopCounterMode, forward + backward',
