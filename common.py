@@ -527,7 +527,7 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--export_encoder', dict(action='store_true'), 'write the encoder in timm names to output_dir/encoder_timm.pth'),
     ('--compile', dict(action='store_true'), 'the training step under torch.compile (minutes of compilation first)'),
     ('--seed', dict(type=NATURAL, default=0), 'seeds the model init and every per-sample random choice'),
-    ('--device', dict(default='cuda' if torch.cuda.is_available() else 'cpu'), 'cuda or cpu'),
+    ('--device', dict(default='cuda' if torch.cuda.is_available() else 'cpu'), 'cpu, cuda, or cuda:N'),
     ('--amp', dict(default='auto', choices=['auto', 'bf16', 'fp16', 'none']), 'bf16, else fp16 on GPUs, else none')]
 
 
@@ -595,6 +595,8 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
             (args.resume in ('', 'auto') or os.path.isfile(args.resume),
              f"--resume {args.resume}: no such file (use 'auto' to continue the run in --output_dir)"),
             (not (args.eval_only and args.resume == 'auto'), '--eval_only takes --resume FILE (none: random weights)'),
+            (re.fullmatch(r'cpu|cuda(:\d+)?', args.device), f'--device {args.device}: use cpu, or cuda (cuda:N for one '
+             f'GPU of several); other backends (mps, xpu) are not supported'),
             (not args.device.startswith('cuda') or torch.cuda.is_available(), 'no CUDA GPU: use --device cpu')]:
         if not ok:
             parser.error(message)

@@ -764,7 +764,10 @@ def test_a_warmup_as_long_as_the_run_is_said(capsys):
     ('--crop_scale', '1.5', 'argument --crop_scale: must be in [0, 1]'),
     ('--finetune_epochs', '-1', 'argument --finetune_epochs: must be at least 0'),  # reported the untrained head
     ('--knn_k', '-5', 'argument --knn_k: must be at least 0'),
-    ('--weight_decay', '-0.05', 'argument --weight_decay: must be at least 0')])
+    ('--weight_decay', '-0.05', 'argument --weight_decay: must be at least 0'),
+    ('--device', 'mps', '--device mps: use cpu, or cuda (cuda:N for one GPU of several); other backends (mps, xpu) are '
+     'not supported'),  # each a traceback at the model's .to(device), or later
+    ('--device', 'cpu:0', '--device cpu:0: use cpu, or cuda')])
 def test_a_value_out_of_its_range_is_refused_in_one_line(flag, value, words):
     import mae
     with pytest.raises(SystemExit) as stop:  # parser.error: sys.exit of one line
