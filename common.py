@@ -527,7 +527,7 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--export_encoder', dict(action='store_true'), 'write the encoder in timm names to output_dir/encoder_timm.pth'),
     ('--compile', dict(action='store_true'), 'the training step under torch.compile (minutes of compilation first)'),
     ('--seed', dict(type=NATURAL, default=0), 'seeds the model init and every per-sample random choice'),
-    ('--device', dict(default='cuda' if torch.cuda.is_available() else 'cpu'), 'cpu, cuda, or cuda:N'),
+    ('--device', dict(default='cuda' if torch.cuda.is_available() else 'cpu'), 'cpu, cuda, or cuda:N (torchrun: cuda)'),
     ('--amp', dict(default='auto', choices=['auto', 'bf16', 'fp16', 'none']), 'bf16, else fp16 on GPUs, else none')]
 
 
@@ -597,6 +597,8 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
             (not (args.eval_only and args.resume == 'auto'), '--eval_only takes --resume FILE (none: random weights)'),
             (re.fullmatch(r'cpu|cuda(:\d+)?', args.device), f'--device {args.device}: use cpu, or cuda (cuda:N for one '
              f'GPU of several); other backends (mps, xpu) are not supported'),
+            (not (':' in args.device and int(os.environ.get('WORLD_SIZE', 1)) > 1), f'--device {args.device} under '
+             'torchrun: each process takes the GPU of its LOCAL_RANK; pass --device cuda (CUDA_VISIBLE_DEVICES picks)'),
             (not args.device.startswith('cuda') or torch.cuda.is_available(), 'no CUDA GPU: use --device cpu')]:
         if not ok:
             parser.error(message)

@@ -775,6 +775,15 @@ def test_a_value_out_of_its_range_is_refused_in_one_line(flag, value, words):
     assert f'error: {words}' in str(stop.value) and '\n' not in str(stop.value), stop.value
 
 
+def test_one_gpu_named_under_torchrun_is_refused_in_one_line(monkeypatch):  # it ran on cuda:LOCAL_RANK, silently
+    import mae
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(SystemExit) as stop:
+        mae.parse_args(['--device', 'cuda:1'])
+    assert 'error: --device cuda:1 under torchrun: each process takes the GPU of its LOCAL_RANK' in str(stop.value)
+    assert '\n' not in str(stop.value)
+
+
 @pytest.mark.parametrize('method, flags, words', [  # each was a traceback after start-up (or ran on, silently)
     ('mae', ['--decoder_num_heads', '5'], '--decoder_embed_dim 128 does not split into --decoder_num_heads 5 heads'),
     ('mae', ['--mask_type', 'green', '--input_size', '272'],
