@@ -1054,13 +1054,13 @@ def extract_features(function, dataset, args, desc='features'):
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=20, temperature=0.07):
     """Weighted kNN (DINO): cosine similarity of L2-normalised features, the k nearest vote with exp(sim / T)."""
     train_features, test_features = F.normalize(train_features, dim=1), F.normalize(test_features, dim=1)
-    correct = 0
-    for start in range(0, len(test_features), 1024):
-        similarity = test_features[start:start + 1024] @ train_features.T  # (b, N_train)
+    correct, chunk = 0, 256  # (256, N_train) similarities: 1.3 GB at ImageNet's 1.28M (DINO: 500 at a time)
+    for start in range(0, len(test_features), chunk):
+        similarity = test_features[start:start + chunk] @ train_features.T  # (b, N_train)
         top_sim, top_idx = similarity.topk(min(k, len(train_features)), dim=1)
         votes = torch.zeros(len(top_sim), num_classes, device=top_sim.device)
         votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
-        correct += (votes.argmax(1) == test_labels[start:start + 1024]).sum().item()
+        correct += (votes.argmax(1) == test_labels[start:start + chunk]).sum().item()
     return 100.0 * correct / len(test_features)
 
 

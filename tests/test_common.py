@@ -542,6 +542,14 @@ def test_knn_votes_are_weighted_by_exp_similarity_over_temperature():
     assert common.knn_accuracy(train, train_labels, query, torch.tensor([1]), 2, k=3, temperature=0.1) == 100.0
 
 
+def test_knn_over_several_chunks_of_queries_counts_each_query_once_against_its_own_label():
+    generator = torch.Generator().manual_seed(0)
+    train, train_labels = torch.randn(50, 4, generator=generator), torch.randint(0, 3, (50,), generator=generator)
+    queries, labels = torch.randn(600, 4, generator=generator), torch.randint(0, 3, (600,), generator=generator)
+    alone = [common.knn_accuracy(train, train_labels, q[None], y[None], 3, k=5) for q, y in zip(queries, labels)]
+    assert common.knn_accuracy(train, train_labels, queries, labels, 3, k=5) == pytest.approx(sum(alone) / 600)
+
+
 def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
     """timm's DropPath: per sample, the branch is 0 or scaled by 1 / (1 - p); in evaluation, or at p 0, unchanged."""
     torch.manual_seed(0)
