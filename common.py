@@ -596,7 +596,7 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
              f"--resume {args.resume}: no such file (use 'auto' to continue the run in --output_dir)"),
             (not (args.eval_only and args.resume == 'auto'), '--eval_only takes --resume FILE (none: random weights)'),
             (re.fullmatch(r'cpu|cuda(:\d+)?', args.device), f'--device {args.device}: use cpu, or cuda (cuda:N for one '
-             f'GPU of several); other backends (mps, xpu) are not supported'),
+             'GPU of several); other backends (mps, xpu) are not supported'),
             (not (':' in args.device and int(os.environ.get('WORLD_SIZE', 1)) > 1), f'--device {args.device} under '
              'torchrun: each process takes the GPU of its LOCAL_RANK; pass --device cuda (CUDA_VISIBLE_DEVICES picks)'),
             (not args.device.startswith('cuda') or torch.cuda.is_available(), 'no CUDA GPU: use --device cpu')]:
