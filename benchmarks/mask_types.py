@@ -6,7 +6,7 @@ visible patches each. The masks are those the data loader draws (mae.mask_drawer
 
     python benchmarks/mask_types.py [--grid 14] [--rows 4] [--out benchmarks/gallery/mask_types.png]
 """
-import argparse, os, sys
+import os, sys
 
 import numpy as np
 import torch

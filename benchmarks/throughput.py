@@ -329,7 +329,7 @@ def main(argv=None):
         memory = 'CUDA max_memory_allocated' if cuda else 'peak RSS of the whole process so far'
         print(f'training step, synthetic data on the device{", torch.compile" if opts.compile else ""}: ' +
               (f'median of {opts.steps} steps after {opts.warmup}; peak MB: {memory}; ' if opts.steps else '') +
-              f'GFLOP/img: FlopCounterMode, forward + backward' +
+              'GFLOP/img: FlopCounterMode, forward + backward' +
               (f'; MFU against {opts.peak_tflops:g} TFLOP/s' if cuda else ''))
         print_table(rows, columns + [('amp', 'amp', '{}'), ('images_per_s', 'img/s', '{:.1f}'),
                                      ('step_ms', 'step ms', '{:.1f}'), ('peak_mem_mb', 'peak MB', '{:.0f}'),

@@ -1,4 +1,4 @@
-import json, os, signal, subprocess, sys, time
+import json, math, os, signal, subprocess, sys, time
 
 import pytest
 import torch
@@ -32,6 +32,25 @@ def without_timing(lines):
     """Log lines (dicts, or JSON strings as a checkpoint's 'log' keeps them) without the wall-clock fields."""
     lines = [json.loads(line) if isinstance(line, str) else line for line in lines]
     return [{k: v for k, v in line.items() if k not in TIMING_FIELDS} for line in lines]
+
+
+def check_run_folder(out, picture, loss='train_loss', finetuned=True):
+    """What a method's end-to-end run leaves in `out`: a finite first loss, the evaluation as the log's last line,
+    epoch and last checkpoints, its picture, and (finetuned) the fine-tune's own log and weights in out/finetune/.
+    -> the log's lines."""
+    log = read_log(out)
+    assert math.isfinite(log[0][loss]) and log[0]['images_per_s'] > 0
+    evaluation = log[-1]  # fine-tuning logs in finetune/log.txt, not here
+    assert evaluation.get('evaluation') and not any('finetune_epoch' in line for line in log)
+    assert {f'{encoder}_{metric}_top1' for encoder in ('trained', 'random_init') for metric in ('knn', 'probe')} \
+        <= set(evaluation)
+    assert os.path.exists(f'{out}/checkpoint-last.pth') and os.path.exists(f'{out}/checkpoint-0.pth')
+    assert os.path.getsize(f'{out}/{picture}') > 1000
+    if finetuned:
+        tuned = read_log(f'{out}/finetune')[-1]
+        assert tuned['finetune_epoch'] == 0 and 0 <= tuned['finetune_top1'] <= 100
+        assert os.path.exists(f'{out}/finetune/finetuned.pth') and not os.path.exists(f'{out}/finetuned.pth')
+    return log
 
 
 def load_weights(path):

@@ -1,5 +1,5 @@
 """Invariants of the shared pieces: patchify, position table, transforms, datasets, optimisation, checkpoints."""
-import copy, hashlib, io, json, math, os, pickle, shutil, subprocess, sys, tarfile, warnings
+import copy, hashlib, io, json, math, os, pickle, shutil, subprocess, sys, tarfile
 import urllib.error, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace

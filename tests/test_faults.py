@@ -7,7 +7,7 @@ import argparse, glob, hashlib, json, os, re, resource, shutil, signal, subproce
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT
 
 # The smallest MAE run that still exercises every stage: 16 px shapes, 4x4 patches, a 32-wide 1-block decoder.
 FLAGS = ['--data', 'shapes', '--input_size', '16', '--model', 'vit_tiny_patch4', '--batch_size', '8',
