@@ -22,7 +22,7 @@ log.txt and pictures under <output_dir>/<method>. Run from the repository root:
 import argparse, datetime, json, os, platform, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VIT = ['--model', 'vit_tiny_patch4', '--blr', '1.5e-3', '--ft_blr', '1e-3', '--layer_decay', '0.75']
+VIT = ['--model', 'vit_tiny_patch4', '--blr', '1.5e-3', '--ft_blr', '1e-3', '--layer_decay', '0.75', '--global_pool']
 METHODS = {  # what differs: encoder, pretraining lr (the shapes presets), decoder size; ViTs share one fine-tuning lr
     'mae': VIT + ['--decoder_embed_dim', '128', '--decoder_depth', '2', '--decoder_num_heads', '4'],
     'mae_green': VIT + ['--decoder_embed_dim', '128', '--decoder_depth', '2', '--decoder_num_heads', '4',
@@ -58,6 +58,16 @@ def link_subset(source, target, per_class):
             link = os.path.join(target, name, file)
             if not os.path.lexists(link):
                 os.symlink(os.path.abspath(os.path.join(source, name, file)), link)
+
+
+def method_flags(method, opts, data):  # one row of METHODS: the budget every method shares, then what differs
+    return ['--data', 'folder', '--data_path', data, '--cache', '--input_size', '32', '--crop_scale', '0.2',
+            '--batch_size', str(opts.batch_size), '--epochs', str(opts.epochs), '--warmup_epochs', '1',
+            '--num_workers', str(opts.num_workers), '--probe_epochs', '30', '--finetune_epochs',
+            str(opts.finetune_epochs), '--ft_warmup_epochs', '0.5', '--mixup', '0', '--cutmix', '0'] + METHODS[method]
+
+
+RANDOM_INIT_FINETUNE = ['--eval_only', '--knn_k', '0', '--probe_epochs', '0']  # no --resume: the untrained network
 
 
 def run(method, flags, output_dir):  # method: a row of METHODS, run by its file (mae_green: mae.py)
@@ -99,20 +109,15 @@ def main(argv=None):
     data = os.path.join(opts.output_dir, 'data')
     link_subset(os.path.join(opts.data_path, 'train'), os.path.join(data, 'train'), opts.train_per_class)
     link_subset(os.path.join(opts.data_path, 'test'), os.path.join(data, 'val'), opts.val_per_class)
-    shared = ['--data', 'folder', '--data_path', data, '--cache', '--input_size', '32', '--crop_scale', '0.2',
-              '--batch_size', str(opts.batch_size), '--epochs', str(opts.epochs), '--warmup_epochs', '1',
-              '--num_workers', str(opts.num_workers), '--probe_epochs', '30', '--global_pool',
-              '--finetune_epochs', str(opts.finetune_epochs), '--ft_warmup_epochs', '0.5', '--mixup', '0',
-              '--cutmix', '0']
     rows, seconds = {}, {}
     for method in opts.methods:  # mae_green needs no random-init rows of its own: mae's network and init
-        log, seconds[method] = run(method, shared + METHODS[method], os.path.join(opts.output_dir, method))
+        log, seconds[method] = run(method, method_flags(method, opts, data), os.path.join(opts.output_dir, method))
         rows[method] = summary(log)
         print(f'{method}: {rows[method]}, {seconds[method]:.0f} s', flush=True)
     for method in [m for m in opts.methods if m != 'mae_green']:  # fine-tuning from random weights: --eval_only
         name = f'{method}_random'  # without --resume, nothing else
-        log, seconds[name] = run(method, shared + METHODS[method] + ['--eval_only', '--knn_k', '0', '--probe_epochs',
-                                                                     '0'], os.path.join(opts.output_dir, name))
+        log, seconds[name] = run(method, method_flags(method, opts, data) + RANDOM_INIT_FINETUNE,
+                                 os.path.join(opts.output_dir, name))
         rows[method]['random_init_finetune'] = summary(log)['finetune']
     if 'mae_green' in rows:  # the same network and initialisation as mae's
         rows['mae_green']['random_init_finetune'] = rows.get('mae', {}).get('random_init_finetune')

@@ -114,3 +114,17 @@ def test_step_breakdown_smoke_lists_every_part_and_the_profiler_rows():
                                                                          'fused', 'the']
     assert 'smoke' in result.stdout and result.stdout.count('one step ') == 5
     assert re.search(r'one step unprofiled: \d+ ms, \d+ minor page faults', result.stdout)
+
+
+@pytest.mark.parametrize('method', ['mae', 'mae_green', 'hpm', 'maskfeat', 'mfm', 'spark'])
+def test_compare_gives_each_method_file_flags_it_takes(method, tmp_path):
+    """Both of compare.py's runs of a method (pretraining, fine-tuning from random weights) get past its file's checks
+    (an hour-long benchmark that stopped at SparK's run on --global_pool, a flag only the ViT methods have)."""
+    import compare
+    (tmp_path / 'train').mkdir()
+    assert set(compare.METHODS) == {'mae', 'mae_green', 'hpm', 'maskfeat', 'mfm', 'spark'}
+    flags = compare.method_flags(method, compare.parse_options([]), str(tmp_path)) + ['--output_dir', str(tmp_path)]
+    for run in (flags, flags + compare.RANDOM_INIT_FINETUNE):
+        args = __import__(method.split('_')[0]).parse_args(run)
+        assert (args.data, args.input_size, args.epochs, args.mixup) == ('folder', 32, 10, 0)
+        assert getattr(args, 'global_pool', None) is (None if method == 'spark' else True)  # the ViTs' kNN / probe
