@@ -128,3 +128,19 @@ def test_compare_gives_each_method_file_flags_it_takes(method, tmp_path):
         args = __import__(method.split('_')[0]).parse_args(run)
         assert (args.data, args.input_size, args.epochs, args.mixup) == ('folder', 32, 10, 0)
         assert getattr(args, 'global_pool', None) is (None if method == 'spark' else True)  # the ViTs' kNN / probe
+
+
+def test_throughput_times_the_data_pipeline_alone_on_an_image_folder(tmp_path, capsys):
+    """--data_pipeline (the README's Imagenette row) reads a folder through each method's transform and mask draw."""
+    import throughput
+    from PIL import Image
+    for label, colour in (('a', 'red'), ('b', 'blue')):
+        os.makedirs(tmp_path / 'data' / 'train' / label)
+        for i in range(8):
+            Image.new('RGB', (24, 20), colour).save(tmp_path / 'data' / 'train' / label / f'{i}.jpg')
+    throughput.main(['--data_pipeline', '--data', 'folder', '--data_path', str(tmp_path / 'data'), '--input_size', '16',
+                     '--batch_size', '4', '--steps', '5', '--warmup', '1', '--num_workers', '0',
+                     '--json', str(tmp_path / 'rows.json')])
+    rows = json.load(open(tmp_path / 'rows.json'))
+    assert [r['method'] for r in rows] == METHODS and 'data pipeline alone (--data folder)' in capsys.readouterr().out
+    assert all(r['data'] == 'folder' and r['batch'] == 4 and r['images_per_s'] > 0 for r in rows), rows
