@@ -107,6 +107,14 @@ def test_gpu_check_sizes_parse_for_every_method(method, tmp_path):
     assert args.data == 'imagenet' and args.input_size == 224 and args.model in gpu_check.GPU['models']
 
 
+def test_gpu_check_pretraining_row_flags_parse(tmp_path):
+    """The GPU mode's real pretraining (mae.py, the 32 px shapes preset) gets past mae.py's checks: --smoke runs
+    other flags (PRETRAIN_SMOKE), so a flag that drifted here would first fail on a GPU."""
+    import mae
+    args = mae.parse_args(gpu_check.PRETRAIN + ['--device', 'cpu', '--output_dir', str(tmp_path)])
+    assert (args.data, args.input_size, args.num_workers, args.epochs) == ('shapes', 32, 4, 7)
+
+
 def test_step_breakdown_smoke_lists_every_part_and_the_profiler_rows():
     result = run_script('benchmarks/step_breakdown.py', ['--smoke', '--repeats', '2'])
     rows = [line for line in result.stdout.splitlines() if line.startswith('| ') and not line.startswith('| part')]
