@@ -1,6 +1,7 @@
 """The README's "Use a method in your own code" snippets run as written (from a folder of their own, the repository on
-the import path, as a user who copied the files would run them)."""
-import os, re, subprocess, sys
+the import path, as a user who copied the files would run them); every command the README and the method files'
+docstrings give gets past its method's checks."""
+import os, re, shlex, subprocess, sys
 
 import pytest
 
@@ -34,3 +35,43 @@ def test_the_lines_of_common_py_each_snippet_needs_are_those_the_readme_says():
     section = open(os.path.join(ROOT, 'README.md')).read().split('## Use a method in your own code', 1)[1]
     stated = [int(n) for n in re.findall(r'\((\d+)\s+lines of common.py', section.split('\n## ', 1)[0])]
     assert len(counts) == 3 and counts == stated, (counts, stated)
+
+
+def written_commands():
+    """(file, method, flags) of each `python <method>.py ...` / `torchrun ... <method>.py ...` written in the README
+    (code blocks and inline code, continued lines joined) and in the method files' docstrings."""
+    found = []
+    for name in ('README.md', 'mae.py', 'hpm.py', 'maskfeat.py', 'mfm.py', 'spark.py'):
+        text = re.sub(r'\\\n\s*', ' ', open(os.path.join(ROOT, name)).read())
+        lines = [line.split(' #')[0] for block in re.findall(r'```\w*\n(.*?)```', text, flags=re.S)
+                 for line in block.splitlines()]
+        spans = re.findall(r'`([^`]+)`', re.sub(r'```.*?```', '', text, flags=re.S))
+        for command in lines + spans:
+            if found_one := re.match(r'(?:python|torchrun(?: --\S+)*) (mae|hpm|maskfeat|mfm|spark)\.py\b(.*)',
+                                     ' '.join(command.split())):
+                found.append((name, found_one[1], shlex.split(found_one[2])))
+    return found
+
+
+def test_every_written_command_is_found():  # the extraction itself: a README rewrite must not hide them all
+    found = written_commands()
+    assert len(found) >= 25 and {method for _, method, _ in found} == {'mae', 'hpm', 'maskfeat', 'mfm', 'spark'}
+    assert ['--data', 'imagenet', '--data_path', '/datasets/imagenet'] in [flags for _, _, flags in found]
+
+
+@pytest.mark.parametrize('name, method, flags', written_commands(),
+                         ids=lambda value: value if isinstance(value, str) else ' '.join(value)[:60])
+def test_a_written_command_parses(name, method, flags, tmp_path):
+    """Each written command gets past its method's parse_args (paths replaced by a folder and a file that exist):
+    a flag renamed or removed, or a recipe that refuses the sizes shown, fails here and not in a user's hands."""
+    if '--help' in flags:
+        return
+    (tmp_path / 'data' / 'train').mkdir(parents=True)
+    (tmp_path / 'checkpoint.pth').touch()
+    paths = {'--data_path': str(tmp_path / 'data'), '--resume': str(tmp_path / 'checkpoint.pth'),
+             '--output_dir': str(tmp_path / 'run')}
+    flags = [paths[flags[i - 1]] if i and flags[i - 1] in paths and flag != 'auto' else flag
+             for i, flag in enumerate(flags)]
+    args = __import__(method).parse_args(flags + (['--output_dir', paths['--output_dir']] if '--output_dir' not in
+                                                   flags else []))
+    assert args.method == method
