@@ -38,8 +38,9 @@ def test_the_lines_of_common_py_each_snippet_needs_are_those_the_readme_says():
 
 
 def written_commands():
-    """(file, method, flags) of each `python <method>.py ...` / `torchrun ... <method>.py ...` written in the README
-    (code blocks and inline code, continued lines joined) and in the method files' docstrings."""
+    """(file, method, flags, processes) of each `python <method>.py ...` / `torchrun ... <method>.py ...` written in
+    the README (code blocks and inline code, continued lines joined) and in the method files' docstrings; processes:
+    torchrun's --nproc_per_node x --nnodes, else 1."""
     found = []
     for name in ('README.md', 'mae.py', 'hpm.py', 'maskfeat.py', 'mfm.py', 'spark.py'):
         text = re.sub(r'\\\n\s*', ' ', open(os.path.join(ROOT, name)).read())
@@ -47,21 +48,23 @@ def written_commands():
                  for line in block.splitlines()]
         spans = re.findall(r'`([^`]+)`', re.sub(r'```.*?```', '', text, flags=re.S))
         for command in lines + spans:
-            if found_one := re.match(r'(?:python|torchrun(?: --\S+)*) (mae|hpm|maskfeat|mfm|spark)\.py\b(.*)',
+            if found_one := re.match(r'(python|torchrun(?: --\S+)*) (mae|hpm|maskfeat|mfm|spark)\.py\b(.*)',
                                      ' '.join(command.split())):
-                found.append((name, found_one[1], shlex.split(found_one[2])))
+                launcher = dict(re.findall(r'--(\w+)=(\d+)', found_one[1]))
+                processes = int(launcher.get('nproc_per_node', 1)) * int(launcher.get('nnodes', 1))
+                found.append((name, found_one[2], shlex.split(found_one[3]), processes))
     return found
 
 
 def test_every_written_command_is_found():  # the extraction itself: a README rewrite must not hide them all
     found = written_commands()
-    assert len(found) >= 25 and {method for _, method, _ in found} == {'mae', 'hpm', 'maskfeat', 'mfm', 'spark'}
-    assert ['--data', 'imagenet', '--data_path', '/datasets/imagenet'] in [flags for _, _, flags in found]
+    assert len(found) >= 25 and {method for _, method, _, _ in found} == {'mae', 'hpm', 'maskfeat', 'mfm', 'spark'}
+    assert (['--data', 'imagenet', '--data_path', '/datasets/imagenet'], 16) in [command[2:] for command in found]
 
 
-@pytest.mark.parametrize('name, method, flags', written_commands(),
-                         ids=lambda value: value if isinstance(value, str) else ' '.join(value)[:60])
-def test_a_written_command_parses(name, method, flags, tmp_path):
+@pytest.mark.parametrize('name, method, flags, processes', written_commands(),
+                         ids=lambda value: ' '.join(value)[:60] if isinstance(value, list) else str(value))
+def test_a_written_command_parses(name, method, flags, processes, tmp_path, monkeypatch):
     """Each written command gets past its method's parse_args (paths replaced by a folder and a file that exist):
     a flag renamed or removed, or a recipe that refuses the sizes shown, fails here and not in a user's hands."""
     if '--help' in flags:
@@ -72,6 +75,7 @@ def test_a_written_command_parses(name, method, flags, tmp_path):
              '--output_dir': str(tmp_path / 'run')}
     flags = [paths[flags[i - 1]] if i and flags[i - 1] in paths and flag != 'auto' else flag
              for i, flag in enumerate(flags)]
+    monkeypatch.setenv('WORLD_SIZE', str(processes))  # as torchrun sets it: the accumulation towards a recipe's batch
     args = __import__(method).parse_args(flags + (['--output_dir', paths['--output_dir']] if '--output_dir' not in
                                                    flags else []))
-    assert args.method == method
+    assert args.method == method and args.world_size == processes
