@@ -584,6 +584,7 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
     args.method, args.num_workers = method, min(args.num_workers, cpu_share()) if workers is None else workers
     args.output_dir = args.output_dir or os.path.join('output', f'{method}_{args.data}' + '_eval' * args.eval_only)
     patch, ratio = int(m[2]) if (m := VIT_NAME.fullmatch(args.model)) else 1, getattr(args, 'mask_ratio', 0.5)
+    args.world_size, args.rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))  # torchrun's
     for ok, message in [
             (parser.builds(args.model), f"unknown --model '{args.model}': use {parser.models}"),
             (0 < ratio < 1, f'--mask_ratio must be in (0, 1), got {ratio}'),
@@ -597,14 +598,13 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
             (not (args.eval_only and args.resume == 'auto'), '--eval_only takes --resume FILE (none: random weights)'),
             (re.fullmatch(r'cpu|cuda(:\d+)?', args.device), f'--device {args.device}: use cpu, or cuda (cuda:N for one '
              'GPU of several); other backends (mps, xpu) are not supported'),
-            (not (':' in args.device and int(os.environ.get('WORLD_SIZE', 1)) > 1), f'--device {args.device} under '
+            (not (':' in args.device and args.world_size > 1), f'--device {args.device} under '
              'torchrun: each process takes the GPU of its LOCAL_RANK; pass --device cuda (CUDA_VISIBLE_DEVICES picks)'),
             (not args.device.startswith('cuda') or torch.cuda.is_available(), 'no CUDA GPU: use --device cpu')]:
         if not ok:
             parser.error(message)
-    # Derived settings, computed here only (printed at start, kept in args.json): processes from torchrun's
-    # environment, device, precision, accumulation towards a preset's target batch, effective batch, lr.
-    args.world_size, args.rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
+    # Derived settings, computed here only (printed at start, kept in args.json): the processes (above), device,
+    # precision, accumulation towards a preset's target batch, effective batch, lr.
     cuda, local = args.device.startswith('cuda'), f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     args.device = torch.device(local if cuda and args.world_size > 1 else args.device)
     cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
