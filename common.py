@@ -412,7 +412,8 @@ class TrainTransform:
         else:  # 10 misses (a 3:2 image at scale (0.67, 1): 18%): torchvision's central crop at the nearest ratio
             w, h = min(W, round(H * self.ratio[1])), min(H, round(W / self.ratio[0]))  # the whole side, one clamped
             left, top = (W - w) // 2, (H - h) // 2
-        img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        img = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BICUBIC)  # as torchvision
+        # (resize(box=...) would read the pixels just outside the box too, so its border pixels differ by up to 16/255)
         return img.transpose(Image.FLIP_LEFT_RIGHT) if self.flip and rng.random() < 0.5 else img
 
 
@@ -495,7 +496,7 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--lr', dict(type=AMOUNT), 'absolute learning rate, instead of --blr'),
     ('--min_lr', dict(type=AMOUNT), 'lower bound of the cosine schedule'),
     ('--weight_decay', dict(type=AMOUNT), 'weight decay'),
-    ('--warmup_epochs', dict(type=AMOUNT), 'epochs of linear warmup from 0'),
+    ('--warmup_epochs', dict(type=AMOUNT), 'epochs of linear warmup (from 0; MaskFeat, MFM: from their start lr)'),
     ('--clip_grad', dict(type=AMOUNT), 'clip the global gradient norm of pretraining to this '
      "(fine-tuning: unclipped, as MAE's); unset: no clipping"),
     ('--data', dict(default='shapes', choices=['shapes', 'cifar10', 'cifar100', 'imagenet', 'folder']),
@@ -613,6 +614,10 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
     per_step, target = args.batch_size * args.world_size, getattr(args, 'target_batch', None)  # a preset's (MAE: 4096)
     args.accum_iter = args.accum_iter or accumulation(target, per_step, "the recipe's batch")
     args.eff_batch_size = per_step * args.accum_iter
+    official = {**presets.get('imagenet', {}), **recipe(args.model, 'imagenet', args.input_size)}.get('target_batch')
+    if args.data == 'folder' and official not in (None, args.eff_batch_size) and not args.eval_only and args.rank == 0:
+        print(f"note: --data folder trains at an effective batch of {args.eff_batch_size}, not --data imagenet's "
+              f'{official}: --accum_iter {max(1, official // per_step)} reaches it (the lr follows the batch)')
     args.ft_accum_iter = accumulation(args.ft_batch or args.eff_batch_size, per_step, '--ft_batch') \
         if args.finetune_epochs else 1  # unset --ft_batch: pretraining's effective batch
     for warmup, epochs in (('warmup_epochs', 'epochs'), ('ft_warmup_epochs', 'finetune_epochs')):
@@ -932,7 +937,7 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
         if checkpoint:
             load_pretrained(model, state, path, encoder)
         return 0
-    if not {'model', 'optimizer'} <= checkpoint.keys():
+    if not {'model', 'optimizer'} <= checkpoint.keys() or not isinstance(checkpoint['model'], dict):  # HPM's: a name
         sys.exit(f'error: {path} holds no model and optimizer state, so it cannot continue a run: evaluate it with '
                  f'--eval_only --resume {path}, or fine-tune from it (README, "Fine-tuning and released checkpoints")')
     saved, now, modules = checkpoint.get('args', {}), plain(args), {'model': model, **extra_modules}
@@ -1066,7 +1071,7 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
 
 def linear_probe_accuracy(train_features, train_labels, test_features, test_labels, num_classes, epochs, seed=0):
     """MAE's head, BatchNorm1d(affine=False, eps 1e-6) + Linear (trunc-normal 0.01), on features extracted once without
-    augmentation. SGD (momentum 0.9, lr 0.1 per 256, cosine) replaces LARS at batch 16384, as in HPM."""
+    augmentation. SGD (momentum 0.9, lr 0.1 per 256, cosine) replaces LARS at batch 16384."""
     generator = torch.Generator().manual_seed(seed)
     head = nn.Sequential(nn.BatchNorm1d(train_features.shape[1], affine=False, eps=1e-6),
                          nn.Linear(train_features.shape[1], num_classes)).to(train_features.device)

@@ -10,11 +10,12 @@ losses of all patches on the unmasked image; the alpha_t * N_masked patches it f
 the mask is random. alpha_t = 0.5 * (epoch + 1) / epochs (epoch counted from 0, as the official generate_mask)
 grows linearly over training, so masking goes from easy to hard (Sec. 3.3).
 
-Relative loss, with y = detached reconstruction errors and s = predicted losses of the masked patches of one image:
-  L_rank = sum_{i,j: y_i != y_j} ( -[y_j > y_i] log(sigmoid(s_j - s_i) + 1e-6)
-                                   -[y_j < y_i] log(1 - sigmoid(s_j - s_i) + 1e-6) ) / #{i, j: y_i != y_j}
-  (pairs with equal errors, ties, are left out; as in the official code, an image whose errors are all equal would
-  divide by zero, which continuous errors never give)
+Relative loss, with y = detached reconstruction errors and s = predicted losses of the masked patches i, j of each
+image b, summed over the batch and divided by the batch's count of untied pairs (as the official code):
+  L_rank = sum_{b,i,j: y_i != y_j} ( -[y_j > y_i] log(sigmoid(s_j - s_i) + 1e-6)
+                                     -[y_j < y_i] log(1 - sigmoid(s_j - s_i) + 1e-6) ) / #{b, i, j: y_i != y_j}
+  (pairs with equal errors, ties, are left out; as in the official code, a batch whose errors are all equal within
+  each image would divide by zero, which continuous errors never give)
 The total loss is the reconstruction loss + L_rank (weight 1).
 
 Differences from the official code (each deliberate):
@@ -29,12 +30,14 @@ Differences from the official code (each deliberate):
     100 epochs, then 0.9999, whatever --epochs (`--ema_decay 0.999 0.9999 --ema_ramp_epochs 100`). The `shapes`
     preset sets a faster teacher, 0.84 -> 0.984 over 2.5 epochs (its whole run is 780 steps, where the official
     constants would leave the teacher near its random initialisation); it prints the values in its settings line.
+    That preset also turns norm-pix on (the official scripts use plain pixels) and evaluates the mean of the patch
+    tokens (the official kNN and probe read the cls token), as mae.py's does.
  5. bf16 autocast by default where supported (official: fp16); the loss predictor's P outputs are averaged in fp32,
     as bf16 ties up to a sixth of a 224-px image's predicted losses, which the hard-patch ranking breaks by index.
     kNN and linear probe as in mae.py.
  6. Fine-tuning is common.finetune with scripts/finetune_base.sh's values (layer decay 0.8, blr 5e-4, batch 384;
     finetune_large.sh's batch 512 for ViT-L); --teacher evaluates, fine-tunes and exports the EMA teacher instead of
-    the student (finetune --teacher). The teacher's EMA covers every float tensor of the state dict, as timm's
+    the student (main_finetune.py --teacher). The teacher's EMA covers every float tensor of the state dict, as timm's
     ModelEma, updated after each optimizer step (not on accumulation-only iterations), as engine_pretrain.py.
 
 Expected result (`python hpm.py`, built-in shapes, 32 px, ViT-Ti/4, 5 epochs, 2-core AMD EPYC CPU; kNN / linear-probe
@@ -102,6 +105,9 @@ def parse_args(argv=None):
     if not (0 <= min(args.ema_decay) and max(args.ema_decay) < 1 and args.ema_ramp_epochs > 0):
         parser.error(f'--ema_decay must be two values in [0, 1) and --ema_ramp_epochs positive, got '
                      f'{args.ema_decay} and {args.ema_ramp_epochs}')
+    if args.data == 'imagenet' and args.epochs != 200 and args.rank == 0:  # the batch is PRETRAIN.md's 200 epochs'
+        print(f"note: --epochs {args.epochs} at PRETRAIN.md's 200-epoch batch of {args.eff_batch_size}; the official "
+              f"800-epoch script (pretrain_base.sh) trains at 256: 8 processes x --batch_size 32 x --accum_iter 1")
     return args
 
 
@@ -292,7 +298,7 @@ def draw_reconstructions(model, teacher, images, args, path):
 
 def official_state(checkpoint, teacher=False):
     """Ours {'model', 'ema_state_dict'} or the official {'state_dict' (`module.` names), 'ema_state_dict', 'model' (the
-    architecture's name)} -> the student's weights, or with --teacher the EMA teacher's (finetune.py --teacher)."""
+    architecture's name)} -> the student's weights, or with --teacher the EMA teacher's (main_finetune.py --teacher)."""
     if teacher and 'ema_state_dict' not in checkpoint:
         sys.exit('error: --teacher: this file holds no EMA teacher (ema_state_dict); drop --teacher for its weights')
     if teacher:

@@ -27,13 +27,14 @@ Differences from the official code (each deliberate):
     CIFAR 4-px patches with 2-px cells, so a patch always holds 2x2 cells and 108 values. `--hog_cell_size` follows
     the model's patch (half of it); another value is refused at start-up.
  4. Schedule: lr = blr * effective batch / 256 with blr 2e-4 (SOLVER.BASE_LR 2e-4 at the config's TRAIN.BATCH_SIZE
-    256, scaled by the number of shards). WARMUP_START_LR = COSINE_END_LR = 1e-6 are scaled alike (defaults.py
-    scales all three by NUM_SHARDS): --min_lr defaults to 1e-6 * effective batch / 256, 8e-6 at the preset's 2048.
+    256 per shard, scaled by the number of shards; `--data imagenet` is the paper's 8 shards, 2048).
+    WARMUP_START_LR = COSINE_END_LR = 1e-6 are scaled alike (defaults.py scales all three by NUM_SHARDS): --min_lr
+    defaults to 1e-6 * effective batch / 256, 8e-6 at the preset's 2048.
  5. bf16 autocast by default where supported, fine-tuning too (SlowFast pretrains and fine-tunes in fp32:
     TRAIN.MIXED_PRECISION False; --amp none).
     The HOG target and the loss are always computed in fp32.
  6. `--data imagenet` runs 1600 epochs, the length of the released checkpoints behind the README's 84.0; the PT config
-    file says MAX_EPOCH 300 (pass --epochs 300 for it).
+    file says MAX_EPOCH 300 (pass --epochs 300 for it; the batch stays difference 4's 2048).
  7. Evaluation (SlowFast has no linear probe or kNN for MaskFeat): the encoder features are the mean of the last
     block's patch tokens after the prediction head's LayerNorm, the only norm pretraining trains on those tokens
     (SlowFast deletes the encoder's final norm; its fine-tuning mean-pools and adds a fresh `norm`). --no-global_pool
@@ -50,7 +51,8 @@ Differences from the official code (each deliberate):
 10. With several processes the loss is divided by the masked count of the whole batch over all processes, not by
     each GPU's own (a block mask masks num_mask patches or fewer: at 14 x 14 and 40%, 29% of them fewer than 78), so
     N processes equal one; SlowFast's per-GPU mean weighs each patch of a GPU with fewer masked patches a little more.
-    One process: the same loss either way.
+    One process: the same loss either way. Under --accum_iter each micro-batch is divided by its own count (as each
+    GPU's mean in SlowFast), so at an equal effective batch, runs with different process counts differ slightly.
 
 State-dict keys equal SlowFast's for the ViT-B image model (patch_embed.proj, cls_token, pos_embed (1, 197, D),
 blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, mask_token (1, 1, D), pred_head.transforms.0.0 (the
@@ -68,7 +70,7 @@ ramp the per-cell L2 normalisation turns into a full-strength histogram pointing
 cell; on uncropped training images with block masks, the masked loss of the dataset's mean HOG is 0.084, of each
 image's visible cells' mean histogram 0.064, but the ViT must first learn to compute orientations from pixels on the
 visible tokens, which get no loss, only gradients through attention. Batch 32 for 10 epochs (3,120 steps) was the
-best setting tried within 10 minutes: batch 128 for 8 epochs (625 steps, 3 minutes) gives 11.4 / 16.7, 11.7 / 15.3
+best setting tried within 10 minutes: batch 128 for 8 epochs (624 steps, 3 minutes) gives 11.4 / 16.7, 11.7 / 15.3
 and 12.2 / 15.9 (seeds 0, 1, 2) against the same random inits (mean gains +0.2 / +0.2, against +1.0 / +1.55 at batch
 32), batch 16 for 6 epochs (3,750 steps, 6.4 minutes) 10.9 / 15.9 (seed 0). A sin-cos start for the position
 embedding, a 4-block ViT, 4-px patches, fp32, no clipping and lr from /5 to x4 stayed on the plateau in runs of 300
@@ -100,7 +102,7 @@ PRESETS = {  # flags given on the command line win over these
                     warmup_epochs=40, blr=1e-3, num_workers=4),
     'cifar100': dict(model='vit_small_patch4', input_size=32, batch_size=256, epochs=800,
                      warmup_epochs=40, blr=1e-3, num_workers=4),
-    'imagenet': dict(model='vit_base_patch16', epochs=1600, target_batch=2048),  # in1k_VIT_B_MaskFeat_PT
+    'imagenet': dict(model='vit_base_patch16', epochs=1600, target_batch=2048),  # in1k_VIT_B_MaskFeat_PT x 8 shards
 }
 FINETUNE_ROWS = {  # in1k_VIT_{B,L}_MaskFeat_FT (common.FINETUNE: the rest); config_batch: the batch its lrs are for
     'base': dict(ft_blr=1e-3, layer_decay=0.65, ft_warmup_epochs=20, ft_config_batch=512),
@@ -317,8 +319,9 @@ def finetune_schedule(optimizer, epoch, args):  # the FT config's 1e-8 and 1e-6 
 def hog_glyphs(histograms, glyph=16):
     """(B, 3, nbins, h, w) histograms -> (B, 3, h * glyph, w * glyph) picture in [0, 1]: in every cell one line per
     bin, drawn along the edge (perpendicular to the bin's gradient direction), as bright as the bin's value averaged
-    over R, G, B. Bin b holds atan2(gx, gy) in [b, b+1) * pi / nbins: the gradient (d/dx, d/dy) points along
-    (sin t, cos t) in image coordinates (y down), so a vertical edge falls in bin 4 and a horizontal one in bin 0."""
+    over R, G, B. Bin b holds atan2(gx, gy) in [b, b+1) * pi / nbins: the gradient (d/dx, d/dy) lies along
+    -(sin t, cos t) in image coordinates (y down; the Sobel kernel gives minus the derivative, the bins are unsigned),
+    so a vertical edge falls in bin 4 and a horizontal one in bin 0."""
     nbins = histograms.shape[2]
     centre = torch.arange(glyph, dtype=torch.float32) - (glyph - 1) / 2
     y, x = torch.meshgrid(centre, centre, indexing='ij')  # (g, g) pixel offsets from the cell centre

@@ -24,8 +24,8 @@ Differences from the paper and the official code (each deliberate):
  5. --blr is per 256 images as in every file here: 1.5e-4 is the official BASE_LR 3e-4 per 512. The schedule is the
     official timm cosine: warmup from lr/1200, then a cosine over the whole run (warmup included) to lr/120; the
     fine-tuning one alike, from and to lr/8000 (WARMUP_LR = MIN_LR = 2.5e-7 at BASE_LR 2e-3), these two shared by
-    every layer (not scaled by the layer decay); as timm steps after each optimizer step, step k takes the lr of
-    iteration k - 1.
+    every layer (not scaled by the layer decay); timm is stepped after each optimizer step, at the index of its last
+    micro-batch, so each step takes the lr of the micro-batch before its own first one (step 0: the warmup lr).
  6. bf16 autocast by default where supported (the official code uses apex O1); the FFTs and the loss run in fp32.
  7. Evaluation (kNN, linear probe; see common.py) on the mean of the patch tokens (--global_pool on: MFM fine-tunes
     so, and the cls output gets no gradient in pretraining), or a ResNet's global average pool.
@@ -93,14 +93,17 @@ def get_args_parser():
 
 def parse_args(argv=None):
     parser = get_args_parser()
+    given = parser.parse_args(argv)  # the flags as typed, before presets and defaults fill the rest in
     args = common.parse_args(parser, 'mfm', DEFAULTS, PRESETS, argv, recipe)
     resnet = args.model in RESNETS
+    vit_only = [f"--{'no-' * (v is False)}{k}" for k in 'global_pool sincos_pos_init layer_decay ft_drop_path'.split()
+                if resnet and (v := getattr(given, k)) is not None] + ['']  # what a ResNet would ignore
     args.mask_radius = 16 * args.input_size / 224 if args.mask_radius is None else args.mask_radius
     stride = (8 if args.input_size <= 64 else 32) if resnet else common.vit_config(args.model)['patch_size']
     for ok, message in [(args.input_size % stride == 0, f'--input_size {args.input_size} is not divisible by the '
                                                          f'output stride {stride} of {args.model}'),
-                        (args.global_pool or not resnet, "--no-global_pool is for ViTs: a ResNet's feature is always "
-                                                         'its global average pool'),
+                        (not vit_only[0], f'{vit_only[0]} is for ViTs: a ResNet has no position embedding or blocks, '
+                                       'and its feature is always its global average pool'),
                         (0 < args.mask_radius < args.input_size / 2,
                          f'--mask_radius must be in (0, input_size / 2), got {args.mask_radius}')]:
         if not ok:
@@ -336,15 +339,16 @@ def official_schedule(optimizer, epoch, args, warmup_lr, min_lr):
     return optimizer.param_groups[-1]['lr']
 
 
-def pretrain_schedule(optimizer, epoch, args, iters_per_epoch):
+def pretrain_schedule(optimizer, epoch, args, batches_per_epoch):
     """WARMUP_LR 2.5e-7 and MIN_LR 2.5e-6 at BASE_LR 3e-4 (unless --min_lr). timm's scheduler is stepped after each
-    optimizer step (main_mfm.py), so step k runs at the lr of iteration k - 1 (and step 0 at WARMUP_LR): so here."""
+    optimizer step at the index of its last micro-batch (main_mfm.py: step_update(epoch * num_steps + idx)), so a step
+    that starts at micro-batch i runs at the lr of i - 1 (and step 0 at WARMUP_LR): so here."""
     min_lr = args.lr * 2.5e-6 / 3e-4 if args.min_lr is None else args.min_lr
-    return official_schedule(optimizer, max(epoch - 1 / iters_per_epoch, 0), args, args.lr * 2.5e-7 / 3e-4, min_lr)
+    return official_schedule(optimizer, max(epoch - 1 / batches_per_epoch, 0), args, args.lr * 2.5e-7 / 3e-4, min_lr)
 
 
 def finetune_schedule(optimizer, epoch, args):  # finetune__vit_base: WARMUP_LR = MIN_LR = 2.5e-7 at BASE_LR 2e-3,
-    at = max(epoch - 1 / args.iters_per_epoch, 0)  # one iteration late, as pretrain_schedule
+    at = max(epoch - 1 / (args.iters_per_epoch * args.accum_iter), 0)  # a micro-batch late, as pretrain_schedule
     return official_schedule(optimizer, at, args, args.lr * 2.5e-7 / 2e-3, args.lr * 2.5e-7 / 2e-3)
 
 
@@ -396,7 +400,7 @@ def main(argv=None):
     for epoch in range(start_epoch, 0 if args.eval_only else args.epochs):
         stats = common.train_one_epoch(ddp_model, loss_fn, loader, optimizer, epoch,
                                        schedule=partial(pretrain_schedule, args=args,
-                                                        iters_per_epoch=len(loader) // args.accum_iter), **step)
+                                                        batches_per_epoch=len(loader)), **step)
         common.log_stats(args, {'epoch': epoch, **stats})
         common.save_checkpoint(args, epoch, model, optimizer, step['scaler'])
 

@@ -33,7 +33,8 @@ Differences from the official code (each deliberate):
     RepeatAugSampler); the row's lr, layer scale over the official layer groups (layer_id), weight decay, mixup
     (cutmix 1.0, smoothing 0.1 for all), drop path, and an EMA of the network (timm's ModelEmaV2, decay 0.9999; the
     better of the network and its EMA is reported); downstream_imagenet's lr schedule (from 0.005x the peak to 0.001x
-    at the last iteration); convnext_large at --input_size 384 takes the convnext_large_384 row. Left: RandAugment
+    at the last iteration); convnext_large at --input_size 384 takes the convnext_large_384 row (and pretrains with
+    pretrain/README.md's 384 recipe: mask 0.75, blr 4e-4, --data imagenet's batch 2048). Left: RandAugment
     instead of TrivialAugmentWide (AutoAugment v0 at 384 px), val crop 0.875 (official 0.95; at 384 a plain resize),
     the best epoch not selected, and the EMA starts from the pretrained weights (see common.finetune); the
     repeated-augmentation epoch is not rounded down to a multiple of 256 images; the last batch is dropped.
@@ -65,7 +66,7 @@ DEFAULTS = dict(model='resnet50', input_size=224, crop_scale=0.67, batch_size=64
                 weight_decay=0.04, weight_decay_end=0.2, warmup_epochs=40, mask_ratio=0.6, decoder_width=768,
                 num_workers=8, probe_epochs=90, shapes_size=10000)  # pretrain/utils/arg_util.py
 PRESETS = {  # flags given on the command line win over these
-    # LAMB's lr is a relative step (||update|| = lr ||w||): 1250 steps need a far larger one than the official 500k
+    # LAMB's lr is a relative step (||update|| = lr ||w||): 2496 steps need a far larger one than the official 500k
     'shapes': dict(model='resnet_mini_ds8', input_size=32, batch_size=64, epochs=16, warmup_epochs=1, blr=0.04,
                    decoder_width=64, num_workers=0, probe_epochs=30),
     'cifar10': dict(model='resnet50_ds8', input_size=32, batch_size=512, epochs=800, decoder_width=512, num_workers=4),
@@ -85,11 +86,13 @@ FINETUNE_ROWS = {  # downstream_imagenet/arg.py:13-24: bs, wp_ep, base_lr, lr_sc
 
 
 def recipe(model, data, input_size):  # the model's row; the small-image models take resnet50's or convnext_small's
-    model = 'convnext_large_384' if model == 'convnext_large' and input_size == 384 else model  # arg.py:121-124
-    row = FINETUNE_ROWS.get(model, FINETUNE_ROWS['convnext_small' if 'convnext' in model else 'resnet50'])
+    large_384 = model == 'convnext_large' and input_size == 384  # arg.py:121-124's row; pretrain/README.md's 384
+    row = FINETUNE_ROWS.get('convnext_large_384' if large_384 else model,  # pretraining: mask 0.75, bs 2048, 4e-4
+                            FINETUNE_ROWS['convnext_small' if 'convnext' in model else 'resnet50'])
     keys = 'ft_batch ft_warmup_epochs ft_blr layer_decay ft_weight_decay mixup ft_repeated_aug ft_drop_path ft_ema'
-    values = dict(zip(keys.split(), row))
-    return values if data == 'imagenet' else {k: v for k, v in values.items() if k != 'ft_batch'}
+    pretraining = dict(mask_ratio=0.75, blr=4e-4, target_batch=2048) if large_384 else {}
+    values = {**dict(zip(keys.split(), row)), **pretraining}
+    return values if data == 'imagenet' else {k: v for k, v in values.items() if k not in ('ft_batch', 'target_batch')}
 
 
 def get_args_parser():
@@ -101,7 +104,8 @@ def get_args_parser():
     parser.add_argument('--weight_decay_end', type=common.AMOUNT, help='weight decay at the end of the cosine (`wde`; '
                         'its 0, a constant wd there, is 0 here: give --weight_decay\'s value instead)')
     parser.add_argument('--decoder_width', type=common.COUNT, help='width of the first decoder block, halved per block')
-    parser.add_argument('--drop_path', type=common.DROP, help="backbone's drop path (default: its own; `dp`)")
+    parser.add_argument('--drop_path', type=common.DROP, help="backbone's drop path (default: its own; `dp`, "
+                        "but 0 is none here, where the official --dp 0 keeps the default)")
     parser.add_argument('--ft_repeated_aug', type=common.NATURAL,
                         help='fine-tuning: draws of each image per epoch (`rep_aug`)')
     parser.add_argument('--ft_ema', type=common.FRACTION, help='fine-tuning: EMA decay of the network (`ema`; 0: none)')

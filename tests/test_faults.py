@@ -192,12 +192,16 @@ def test_bad_checkpoint_files_are_refused_with_one_line(base, small_checkpoint, 
     torch.save(torch.load(real, weights_only=True)['model'], tmp_path / 'weights.pth')  # a state dict, no optimizer
     torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
     torch.save([1, 2], tmp_path / 'list.pth')
-    *runs, other_model, weights_only, tensor, listed, evaluated = run_all(
+    state = torch.load(real, weights_only=True)['model']  # HPM's main_pretrain.py: 'model' is the network's name
+    torch.save({'epoch': 1, 'state_dict': state, 'optimizer': {}, 'model': 'mae_vit_tiny_patch4'}, tmp_path / 'hpm.pth')
+    *runs, other_model, weights_only, tensor, listed, evaluated, official = run_all(
         *calls, mae(tmp_path / 'other', '--resume', small_checkpoint),
         mae(tmp_path / 'weights', '--resume', str(tmp_path / 'weights.pth')),
         mae(tmp_path / 'tensor', '--eval_only', '--resume', str(tmp_path / 'tensor.pth')),
         mae(tmp_path / 'list', '--resume', str(tmp_path / 'list.pth')),
-        mae(tmp_path / 'weights_eval', '--eval_only', '--resume', str(tmp_path / 'weights.pth')))
+        mae(tmp_path / 'weights_eval', '--eval_only', '--resume', str(tmp_path / 'weights.pth')),
+        mae(tmp_path / 'hpm', '--resume', str(tmp_path / 'hpm.pth')))
+    assert 'hpm.pth holds no model and optimizer state' in official.error  # was an AttributeError traceback
     assert 'weights.pth holds no model and optimizer state' in weights_only.error  # was a KeyError traceback
     assert 'evaluate it with --eval_only --resume' in weights_only.error
     evaluated.ok()  # as that line says (and as --export_encoder's file): was a KeyError traceback

@@ -234,6 +234,13 @@ def test_initialisation_is_the_official_one():
     assert 0.017 < model.mask_token.std() < 0.023 and 0.017 < model.cls_token.std() < 0.023
 
 
+def test_another_imagenet_length_says_the_batch_is_the_200_epoch_recipes(capsys):
+    hpm.parse_args(['--data', 'imagenet', '--data_path', '.'])
+    assert 'note' not in capsys.readouterr().out
+    hpm.parse_args(['--data', 'imagenet', '--data_path', '.', '--epochs', '800'])
+    assert "--epochs 800 at PRETRAIN.md's 200-epoch batch of 2048" in capsys.readouterr().out
+
+
 def test_pretraining_defaults_are_the_official_recipe():
     """scripts/pretrain_base.sh + main_pretrain.py: mask 0.75, blr 1.5e-4, wd 0.05, warmup 40, plain pixels, decoders
     512 x 8 x 16 heads, crop scale 0.2; generate_mask's 0.5 at the last epoch; the loss scaler's clip at 5;

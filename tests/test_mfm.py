@@ -1,6 +1,6 @@
 """MFM: frequency masks, corruption, frequency loss, key names, sizes no preset uses, schedules, start-up checks; runs
 of mfm.py as a user would start them."""
-import math, os, pickle, subprocess, sys
+import json, math, os, pickle, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -107,9 +107,12 @@ def test_defaults_follow_the_official_recipe():
     assert args.sample_ratio == 0.3 and args.mask_radius == pytest.approx(16 * 32 / 224)
 
 
-def test_a_resnet_refuses_no_global_pool():  # a ResNet's feature is its average pool: the flag would do nothing
-    with pytest.raises(SystemExit, match='--no-global_pool is for ViTs'):
-        mfm.parse_args(['--model', 'resnet_tiny', '--no-global_pool'])
+def test_a_resnet_refuses_the_flags_only_a_vit_reads():  # they would do nothing (its feature is its average pool)
+    for flags in (['--no-global_pool'], ['--sincos_pos_init'], ['--finetune_epochs', '1', '--layer_decay', '0.5'],
+                  ['--finetune_epochs', '1', '--ft_drop_path', '0.2']):
+        with pytest.raises(SystemExit, match=f'{flags[-2 if len(flags) > 2 else 0]} is for ViTs'):
+            mfm.parse_args(['--model', 'resnet_tiny', *flags])
+    mfm.parse_args(['--model', 'vit_tiny_patch4', '--input_size', '32', '--no-global_pool', '--sincos_pos_init'])
 
 
 def test_state_dict_keys_equal_official_vit_small():  # configs/vit_small (ViT-B has the same keys)
@@ -390,7 +393,8 @@ def test_pretraining_crop_scale_is_the_official_min_crop_scale():
 
 
 def test_schedule_warms_up_then_follows_the_whole_run_cosine():
-    args = type('Args', (), dict(lr=1.2e-3, min_lr=1e-5, warmup_epochs=20, epochs=300, iters_per_epoch=10))()
+    args = type('Args', (), dict(lr=1.2e-3, min_lr=1e-5, warmup_epochs=20, epochs=300, iters_per_epoch=10,
+                                 accum_iter=1))()
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0)
     late = lambda epoch: epoch + 1 / 10  # timm steps after the optimizer: step k runs at iteration k - 1's lr
     assert mfm.pretrain_schedule(optimizer, 0, args, 10) == pytest.approx(1.2e-3 / 1200)
@@ -405,6 +409,22 @@ def test_schedule_warms_up_then_follows_the_whole_run_cosine():
     # fine-tuning: WARMUP_LR = MIN_LR = 2.5e-7 at BASE_LR 2e-3, i.e. lr / 8000 at both ends
     assert mfm.finetune_schedule(optimizer, 0, args) == pytest.approx(1.2e-3 / 8000)
     assert mfm.finetune_schedule(optimizer, late(300), args) == pytest.approx(1.2e-3 / 8000)
+
+
+def test_under_accumulation_each_step_takes_the_lr_of_the_micro_batch_before_it():
+    """main_mfm.py steps timm's scheduler after each optimizer step with the index of its last micro-batch, counting
+    micro-batches (n_iter_per_epoch = len(loader)); timm's cosine in iterations is written out here."""
+    args = type('Args', (), dict(lr=1e-3, min_lr=1e-5, warmup_epochs=2, epochs=6))()
+    optimizer, accum, batches = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0), 4, 40
+
+    def timm(t):  # CosineLRScheduler(t_initial=6 * 40, warmup_t=2 * 40, warmup_lr_init=lr / 1200), t in micro-batches
+        warmup_lr, warmup_t, total = args.lr / 1200, args.warmup_epochs * batches, args.epochs * batches
+        return warmup_lr + t * (args.lr - warmup_lr) / warmup_t if t < warmup_t else \
+            args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t / total))
+    for step in range(1, args.epochs * batches // accum):  # common.train_one_epoch: epoch + micro-batch / len(loader)
+        first = step * accum  # the step's first micro-batch; timm last set the lr at the micro-batch before it
+        assert mfm.pretrain_schedule(optimizer, first / batches, args, batches) == pytest.approx(timm(first - 1))
+    assert mfm.pretrain_schedule(optimizer, 0, args, batches) == pytest.approx(args.lr / 1200)
 
 
 def test_official_schedule_scales_each_group_peak_but_shares_warmup_and_min():
@@ -446,9 +466,14 @@ def test_a_mask_that_removes_nothing_or_everything_is_refused_at_start_up(tmp_pa
 @pytest.mark.parametrize('model', ['vit_tiny_patch4', 'resnet_tiny'])
 def test_end_to_end_run(tmp_path, model):
     out = str(tmp_path / 'run')
-    result = run_script('mfm.py', TINY + ['--model', model, '--output_dir', out, '--finetune_epochs', '1'])
-    check_run_folder(out, 'spectra.png')
+    result = run_script('mfm.py', TINY + ['--model', model, '--output_dir', out, '--finetune_epochs', '1',
+                                          '--accum_iter', '2'])
+    log = check_run_folder(out, 'spectra.png')
     assert 'linear probe top-1' in result.stdout
+    # 64 images, 8 micro-batches of 8, 4 steps of 2: the last step starts at micro-batch 6 and, as main_mfm.py steps
+    # timm's scheduler at each step's last micro-batch, runs at micro-batch 5's lr (no warmup; cosine to lr / 120)
+    lr = json.load(open(f'{out}/args.json'))['lr']
+    assert log[0]['lr'] == pytest.approx(lr / 120 + (lr - lr / 120) * (1 + math.cos(math.pi * 5 / 8)) / 2)
 
 
 def test_torchrun_two_processes_equal_one_with_the_same_effective_batch(tmp_path):

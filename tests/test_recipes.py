@@ -116,6 +116,10 @@ def test_spark_convnext_large_at_384_takes_the_384_row(tmp_path):
     args = spark.parse_args(imagenet(tmp_path, '--model', 'convnext_large', '--input_size', '384'))
     official = (1024, 20, 0.00006, 0.7, 0.01, 0.8, 3, 0.5, 0.99995)  # arg.py:18
     assert [getattr(args, k) for k in SPARK_KEYS] == pytest.approx(list(official))
+    # pretrain/README.md, "Pretraining ConvNeXt-Large on ImageNet-1k (384x384)": --mask=0.75 --bs=2048 --base_lr=4e-4
+    assert (args.mask_ratio, args.eff_batch_size, args.blr, args.lr) == (0.75, 2048, 4e-4, pytest.approx(3.2e-3))
+    at_224 = spark.parse_args(imagenet(tmp_path, '--model', 'convnext_large'))
+    assert (at_224.mask_ratio, at_224.eff_batch_size, at_224.blr) == (0.6, 4096, 2e-4)
 
 
 # ---- MaskFeat and MFM: recipe rows ---------------------------------------------------------------------------------
@@ -339,3 +343,17 @@ def test_pretraining_optimizer_of_each_method(method, flags, kind, betas, specia
         plain_skip = names[name].ndim <= 1 or name.endswith('.bias')
         skip = plain_skip or name in special_names and 'undecayed' in special
         assert group['weight_decay'] == pytest.approx(0.0 if skip else 0.04 if method == 'spark' else 0.05), name
+
+
+# ---- your own folder of images: the batch the recipe's lr was set for, said ----------------------------------------
+def test_a_folder_run_says_its_effective_batch_is_not_the_imagenet_recipes(tmp_path, capsys):
+    folder = ['--data', 'folder', '--data_path', str(tmp_path)]
+    for method, official in ((mae, 4096), (hpm, 2048), (maskfeat, 2048), (mfm, 2048), (spark, 4096)):
+        args = method.parse_args(folder)
+        assert f"effective batch of {args.eff_batch_size}, not --data imagenet's {official}: --accum_iter " \
+               f'{official // args.eff_batch_size} reaches it' in capsys.readouterr().out, method.__name__
+    spark.parse_args(folder + ['--model', 'convnext_large', '--input_size', '384'])  # the 384 recipe's batch
+    assert "not --data imagenet's 2048" in capsys.readouterr().out
+    for quiet in (['--batch_size', '64', '--accum_iter', '64'], ['--eval_only']):
+        mae.parse_args(folder + quiet)
+        assert 'imagenet' not in capsys.readouterr().out
