@@ -90,8 +90,18 @@ def test_eval_transform_is_the_resize_then_centre_crop_of_timm(size, shape, wind
 def test_a_crop_that_misses_ten_times_is_torchvisions_central_crop_at_the_nearest_ratio(width, height, box):
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
     transform = common.TrainTransform(16, scale=(0.99, 1.0), flip=False)  # 3:1 never fits a ratio in [3/4, 4/3]
-    expected = common.to_uint8_tensor(img.resize((16, 16), Image.BICUBIC, box=box))  # 133 x 100: 4/3
+    expected = common.to_uint8_tensor(img.crop(box).resize((16, 16), Image.BICUBIC))  # 133 x 100: 4/3
     assert torch.equal(transform(img, np.random.default_rng(1)), expected)
+
+
+def test_the_crop_is_resized_from_its_own_pixels_only():
+    """torchvision's resized_crop crops, then resizes: no pixel outside the box reaches the output. The box is the
+    white right half of a half-black image; a resize with box= on the whole image greys the left column."""
+    class Fixed:  # the draws: the smallest scale and ratio, the right-most and top-most position, no flip
+        uniform, integers, random = (lambda self, low, high: low), (lambda self, low, high: high - 1), lambda self: 1.0
+    img = Image.fromarray(np.concatenate([np.zeros((32, 32, 3), np.uint8), np.full((32, 32, 3), 255, np.uint8)], 1))
+    out = common.TrainTransform(16, scale=(0.5, 0.5), ratio=(1.0, 1.0))(img, Fixed())  # the 32 x 32 right half
+    assert torch.equal(out, torch.full((3, 16, 16), 255, dtype=torch.uint8)), out[0, :, 0]
 
 
 def test_train_transform_flips_horizontally_half_the_time():
