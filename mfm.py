@@ -93,8 +93,8 @@ def get_args_parser():
 
 def parse_args(argv=None):
     parser = get_args_parser()
-    given = parser.parse_args(argv)  # the flags as typed, before presets and defaults fill the rest in
     args = common.parse_args(parser, 'mfm', DEFAULTS, PRESETS, argv, recipe)
+    given = parser.parse_args(argv)  # the flags as typed, without what presets and defaults fill in
     resnet = args.model in RESNETS
     vit_only = [f"--{'no-' * (v is False)}{k}" for k in 'global_pool sincos_pos_init layer_decay ft_drop_path'.split()
                 if resnet and (v := getattr(given, k)) is not None] + ['']  # what a ResNet would ignore

@@ -154,12 +154,12 @@ def recipe(method, args):
 
 def schedule(method, args, iters_per_epoch=1):
     """The schedule(optimizer, epoch) that the method's main() passes to common.train_one_epoch (those that take
-    iters_per_epoch get it: the loop's optimizer steps per epoch)."""
+    iters_per_epoch or batches_per_epoch get it: the loop's optimizer steps per epoch, one batch each here)."""
     function, fixed = {'mae': (common.adjust_learning_rate, {}), 'hpm': (common.adjust_learning_rate, {}),
                        'maskfeat': (maskfeat.warmup_cosine, dict(start=args.min_lr, end=args.min_lr)),
                        'mfm': (mfm.pretrain_schedule, {}), 'spark': (spark.lr_wd_annealing, {})}[method]
-    if 'iters_per_epoch' in inspect.signature(function).parameters:
-        fixed['iters_per_epoch'] = iters_per_epoch
+    for name in {'iters_per_epoch', 'batches_per_epoch'} & set(inspect.signature(function).parameters):
+        fixed[name] = iters_per_epoch
     return partial(function, args=args, **fixed)
 
 
