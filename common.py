@@ -25,9 +25,10 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from tqdm import tqdm
 
 try:
-    import resource  # POSIX only: the peak resident memory of CPU runs
+    import fcntl, resource  # POSIX only: the folder's lock, the peak resident memory of CPU runs
 except ImportError:  # Windows
-    resource = None
+    fcntl = resource = None
+HELD = {}  # output folder -> the descriptor by which this process holds its lock (lock_folder)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -240,7 +241,7 @@ def read_cifar(name, root):
     """CIFAR's python archive in root (downloaded, md5-checked if absent) -> {split: (images NHWC, labels)}, names."""
     archive, md5, folder, train_files, test_files, label_key, meta_file, names_key = CIFAR[name]
     url, path = f'https://www.cs.toronto.edu/~kriz/{archive}', os.path.join(root, archive)
-    if not os.path.isdir(os.path.join(root, folder)):
+    if not all(os.path.isfile(os.path.join(root, folder, f)) for f in (*train_files, *test_files, meta_file)):
         try:
             if not os.path.exists(path):
                 os.makedirs(root, exist_ok=True)
@@ -254,8 +255,12 @@ def read_cifar(name, root):
         if (digest := hashlib.md5(open(path, 'rb').read()).hexdigest()) != md5:
             sys.exit(f'error: {path} has md5 {digest}, expected {md5}: it is damaged or not the official archive. '
                      f'Delete it and run again to download it afresh.')
-        with tarfile.open(path) as tar:
-            tar.extractall(root, filter='data')
+        with tarfile.open(path) as tar:  # extracted aside, then moved: a killed extraction leaves no partial file
+            tar.extractall(aside := os.path.join(root, f'.extracting{os.getpid()}'), filter='data')
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+        for file in os.listdir(os.path.join(aside, folder)):
+            os.replace(os.path.join(aside, folder, file), os.path.join(root, folder, file))
+        shutil.rmtree(aside)
     unpickle = lambda file: pickle.load(open(os.path.join(root, folder, file), 'rb'), encoding='bytes')
     load = lambda parts: (np.ascontiguousarray(np.concatenate([p[b'data'] for p in parts]).reshape(-1, 3, 32, 32)
                                                .transpose(0, 2, 3, 1)), np.concatenate([p[label_key] for p in parts]))
@@ -293,7 +298,7 @@ class ImageDataset(torch.utils.data.Dataset):
             except Exception as e:  # noqa: BLE001 (whatever the decoder raises, the file is unusable)
                 with self.num_skipped.get_lock():
                     self.num_skipped.value += 1
-                warnings.warn(f'skipping {self.items[j]}: cannot decode it ({e})')
+                warnings.warn(f'skipping {self.items[j]}: cannot decode it ({e}); the next image takes its place')
         raise RuntimeError('no image in this dataset can be decoded')
 
     def __getitem__(self, i):
@@ -548,12 +553,15 @@ def get_args_parser(description, convnets=(), vit=True, **rules):
     return parser
 
 
-def show_values(parser, defaults, presets, recipe):
-    """Append to each flag's help the default and each preset's value where it differs: '(default 512; shapes: 128)'."""
+def show_values(parser, defaults, presets, recipe, argv):
+    """Append to each flag's help the default and each preset's value where it differs: '(default 512; shapes: 128)';
+    the rows of a --model and --input_size typed in argv (those of each preset's own otherwise)."""
     show = lambda v: ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else f'{v:g}' if isinstance(v, float) else \
         {True: 'on', False: 'off'}.get(v, v) if isinstance(v, bool) else v
     rows = {d: {**FINETUNE, **defaults, **p} for d, p in [('default', {}), *presets.items()]}
-    rows = {d: {**row, **recipe(row['model'], d, row['input_size'])} for d, row in rows.items()}
+    typed = dict(re.findall(r'--(model|input_size)[= ](\S+)', ' '.join(argv)))
+    rows = {d: {**row, **recipe(typed.get('model', row['model']), d, int(typed['input_size']) if typed.get(
+        'input_size', '').isdigit() else row['input_size'])} for d, row in rows.items()}
     for action in [a for a in parser._actions if a.dest != 'help']:
         values = {d: row.get(action.dest, action.default) for d, row in rows.items()}
         parts = [f'{d}: {show(v)}' for d, v in values.items() if v is not None and (d == 'default' or
@@ -565,7 +573,8 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
     """Parse; fill each unset flag from recipe(model, data, input_size) (values that depend on the model: a row),
     presets[data], then `defaults`; validate before any work starts; derive the run's settings -> args. pretraining:
     the method's flags that act on pretraining only (said to do nothing with --eval_only)."""
-    show_values(parser, defaults, presets, recipe)
+    argv = sys.argv[1:] if argv is None else argv
+    show_values(parser, defaults, presets, recipe, argv)
     args = parser.parse_args(argv)
     if args.lr is not None and args.blr is not None:  # else --blr would be ignored without a word
         parser.error('--lr and --blr both given: --lr sets the lr, --blr scales it with the batch; give one')
@@ -573,6 +582,8 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
             if v is not None and (k in FINETUNE or k.startswith('ft_')) and not args.finetune_epochs]
     idle += [('--shapes_size', 'it sizes --data shapes')] * (args.shapes_size is not None and args.data != 'shapes')
     idle += [('--cache', 'shapes are made in memory')] * (args.cache and args.data == 'shapes')
+    idle += [('--compile', 'it compiles training steps; add --finetune_epochs N to compile the fine-tune')] * (
+        args.compile and args.eval_only and not args.finetune_epochs)
     pretraining += ' epochs blr lr min_lr weight_decay warmup_epochs clip_grad crop_scale' + ' accum_iter' * (
         not args.finetune_epochs or args.ft_batch is not None)  # (else it sets the fine-tuning batch)
     skipped = [f'--{k}' for k in pretraining.split() if args.eval_only and getattr(args, k) is not None]
@@ -594,8 +605,9 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
             (args.epochs >= 1 or args.eval_only, f'--epochs must be at least 1, got {args.epochs}'),
             (args.data not in ('imagenet', 'folder') or os.path.isdir(args.data_path),
              f'--data_path {args.data_path} is not a folder: point it at a folder with train/<class>/ images'),
-            (args.resume in ('', 'auto') or os.path.isfile(args.resume),
-             f"--resume {args.resume}: no such file (use 'auto' to continue the run in --output_dir)"),
+            (args.resume in ('', 'auto') or os.path.isfile(args.resume), f'--resume {args.resume}: ' + (
+                f'a folder: pass a checkpoint in it, or --resume auto --output_dir {args.resume}' if os.path.isdir(
+                    args.resume) else "no such file (use 'auto' to continue the run in --output_dir)")),
             (not (args.eval_only and args.resume == 'auto'), '--eval_only takes --resume FILE (none: random weights)'),
             (re.fullmatch(r'cpu|cuda(:\d+)?', args.device), f'--device {args.device}: use cpu, or cuda (cuda:N for one '
              'GPU of several); other backends (mps, xpu) are not supported'),
@@ -667,13 +679,15 @@ def setup(args):
         if 'OMP_NUM_THREADS' not in os.environ:
             torch.set_num_threads(min(torch.get_num_threads(), cpu_share()))
     torch.manual_seed(args.seed + args.rank)  # the model init is broadcast from rank 0 by DDP anyway
-    last = os.path.join(args.output_dir, 'checkpoint-last.pth')
-    if is_main() and os.path.isfile(last) and (args.eval_only or os.path.abspath(checkpoint_path(args)) !=
-                                               os.path.abspath(last)):
-        sys.exit(f'error: {args.output_dir} holds a training run (checkpoint-last.pth): ' + (
-            'give --eval_only its own --output_dir' if args.eval_only else 'continue it with --resume auto, or give '
-            'another --output_dir ' + (f'to continue from {args.resume} there' if args.resume else
-                                       'to start afresh (or delete that folder)')))
+    last, epochs = os.path.join(args.output_dir, 'checkpoint-last.pth'), [int(m[1]) for f in glob.glob(os.path.join(
+        glob.escape(args.output_dir), 'checkpoint-*.pth')) if (m := re.search(r'checkpoint-(\d+)\.pth$', f))]
+    newest = last if os.path.isfile(last) else os.path.join(args.output_dir, f'checkpoint-{max(epochs)}.pth') \
+        if epochs else None  # (checkpoint-last.pth deleted: the run's newest numbered one)
+    if is_main() and newest and (args.eval_only or os.path.abspath(checkpoint_path(args)) != os.path.abspath(newest)):
+        sys.exit(f'error: {args.output_dir} holds a training run ({os.path.basename(newest)}): ' + (
+            'give --eval_only its own --output_dir' if args.eval_only else 'continue it with --resume ' + (
+                'auto' if newest == last else newest) + ', or give another --output_dir ' + (
+                f'to continue from {args.resume} there' if args.resume else 'to start afresh (or delete that folder)')))
     try:  # nothing of this run is written yet (resume writes args.json once a checkpoint is accepted): a probe
         if is_main():
             os.makedirs(args.output_dir, exist_ok=True)
@@ -681,6 +695,7 @@ def setup(args):
                 os.remove(leftover)  # a save killed half-way: its target file was never replaced
             open(probe := os.path.join(args.output_dir, f'.write_test{os.getpid()}'), 'w').close()
             os.remove(probe)
+            lock_folder(args.output_dir)
     except OSError as e:
         sys.exit(f'error: cannot write to --output_dir {args.output_dir} ({e.strerror}): choose one you can write to')
     if is_main():
@@ -699,6 +714,16 @@ def keep_freed_memory():
     blocks <= 32 MiB come from the heap, 2 GiB of it kept. Linux / glibc only."""
     if sys.platform.startswith('linux') and hasattr(libc := ctypes.CDLL(None), 'mallopt'):
         libc.mallopt(-3, 32 << 20), libc.mallopt(-1, 2 ** 31 - 1)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (process-wide)
+
+
+def lock_folder(folder):  # POSIX: one living run per folder (the lock on the folder itself goes with its process)
+    if fcntl and (folder := os.path.abspath(folder)) not in HELD:
+        try:
+            fcntl.flock(HELD.setdefault(folder, os.open(folder, os.O_RDONLY)), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(f'error: another run is writing into {folder} now: let it finish, or give another --output_dir')
+        except OSError:  # a file system without locks (some network ones): unguarded, as on Windows
+            pass
 
 
 def plain(args):  # the arguments as a dict of plain values, for JSON and weights-only checkpoints
@@ -778,31 +803,31 @@ def train_one_epoch(model, loss_fn, loader, optimizer, epoch, device, accum_iter
     steps, world = len(loader) // accum_iter * accum_iter, dist.get_world_size() if dist.is_initialized() else 1
     sums, first_bad, seen, start = {}, torch.tensor(-1, device=device), 0, time.time()
     bar = tqdm(total=steps, desc=f'epoch {epoch}', disable=not is_main(), mininterval=1, dynamic_ncols=True)
-    for step, (images, labels, *mask_input) in zip(range(steps), loader):
-        if step % accum_iter == 0 and schedule:
-            schedule(optimizer, epoch + step / len(loader))  # engine_pretrain.py: data_iter_step / len(loader)
-        images, labels, *mask_input = [t.to(device, non_blocking=True) for t in (images, labels, *mask_input)]
-        seen, update = seen + len(images) * world, (step + 1) % accum_iter == 0
-        with model.no_sync() if hasattr(model, 'no_sync') and not update else nullcontext():
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss, logs = loss_fn(model, images, labels, *mask_input or [None])
-            scaler.scale(loss / accum_iter).backward()
-        if update:
-            optimizer_step(model, optimizer, scaler, clip_grad, on_step)
-        for key, value in {'loss': loss, **logs}.items():
-            sums[key] = sums.get(key, 0) + value.detach().float()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-        if (step + 1) % 20 == 0 or step + 1 == steps:
-            if first_bad.item() >= 0:
-                bar.close()
-                last = os.path.join(output_dir or '', 'checkpoint-last.pth')
-                sys.exit(f'error: non-finite loss at epoch {epoch}, step {first_bad.item()}: stopping; ' + (
-                    f'{last} (the last finished epoch) is intact' if output_dir and os.path.isfile(last) else
-                    f'no checkpoint in {output_dir or "this run"} yet') + ' (try a lower lr: --blr, or --ft_blr '
-                    'when fine-tuning; --amp none; --clip_grad when pretraining)')
-            bar.set_postfix(loss=f"{sums['loss'].item() / (step + 1):.4f}", img_s=f'{seen / (time.time() - start):.0f}',
-                            lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
-            bar.update(step + 1 - bar.n)
+    with interrupt_said(epoch, output_dir, bar):  # Ctrl-C: one line saying what is kept
+        for step, (images, labels, *mask_input) in zip(range(steps), loader):
+            if step % accum_iter == 0 and schedule:
+                schedule(optimizer, epoch + step / len(loader))  # engine_pretrain.py: data_iter_step / len(loader)
+            images, labels, *mask_input = [t.to(device, non_blocking=True) for t in (images, labels, *mask_input)]
+            seen, update = seen + len(images) * world, (step + 1) % accum_iter == 0
+            with model.no_sync() if hasattr(model, 'no_sync') and not update else nullcontext():
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    loss, logs = loss_fn(model, images, labels, *mask_input or [None])
+                scaler.scale(loss / accum_iter).backward()
+            if update:
+                optimizer_step(model, optimizer, scaler, clip_grad, on_step)
+            for key, value in {'loss': loss, **logs}.items():
+                sums[key] = sums.get(key, 0) + value.detach().float()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+            if (step + 1) % 20 == 0 or step + 1 == steps:
+                if first_bad.item() >= 0:
+                    bar.close()
+                    sys.exit(f'error: non-finite loss at epoch {epoch}, step {first_bad.item()}: stopping; '
+                             f'{kept(output_dir)} (try a lower lr: --blr, or --ft_blr when fine-tuning; --amp none; '
+                             '--clip_grad when pretraining)')
+                lr = optimizer.param_groups[-1]['lr']
+                bar.set_postfix(loss=f"{sums['loss'].item() / (step + 1):.4f}",
+                                img_s=f'{seen / (time.time() - start):.0f}', lr=f'{lr:.2e}')
+                bar.update(step + 1 - bar.n)
     bar.close()
     stats = torch.stack(list(sums.values())) / (max(steps, 1) * world)
     if world > 1:
@@ -814,6 +839,22 @@ def train_one_epoch(model, loss_fn, loader, optimizer, epoch, device, accum_iter
     return {**{f'train_{k}': v for k, v in zip(sums, stats.tolist())}, 'lr': optimizer.param_groups[-1]['lr'],
             'images_per_s': seen / elapsed, 'epoch_time_s': elapsed, 'peak_mem_mb': peak and peak / 2 ** 20,
             **({'skipped_images': int(count) if world > 1 else skipped.value} if skipped else {})}
+
+
+def kept(output_dir):  # what a stopped run leaves
+    last = os.path.join(output_dir or '', 'checkpoint-last.pth')
+    return f'{last} (the last finished epoch) is intact' if output_dir and os.path.isfile(last) else \
+        f'no checkpoint in {output_dir or "this run"} yet'
+
+
+@contextmanager
+def interrupt_said(epoch, output_dir, bar):
+    try:
+        yield
+    except KeyboardInterrupt:
+        bar.close()
+        sys.exit(f'\ninterrupted in epoch {epoch}: {kept(output_dir)}' + (
+            ': continue with --resume auto' if 'intact' in kept(output_dir) else ''))
 
 
 def peak_resident_memory():  # bytes, the most this process has held: Linux counts KiB, macOS bytes; Windows: None
@@ -906,7 +947,7 @@ def clean_state_dict(state_dict):  # strip the `module.` (DDP) and `_orig_mod.` 
 NOT_IN_A_RESULT = {'resume', 'eval_only', 'output_dir', 'num_workers', 'device', 'save_freq', 'knn_k', 'probe_epochs',
                    'compile', 'rank', 'export_encoder', 'global_pool', 'resumed'}  # how a run goes or is evaluated,
 # not what it trains (global_pool: the kNN / probe feature; the fine-tuning ViT always pools; resumed: a record)
-RESUME_FREE = NOT_IN_A_RESULT | {'epochs', 'data_path', 'finetune_epochs', 'ft_batch', 'amp', 'batch_size',
+RESUME_FREE = NOT_IN_A_RESULT | {'epochs', 'finetune_epochs', 'ft_batch', 'amp', 'batch_size',
                                  'world_size', 'accum_iter', 'ft_accum_iter', *FINETUNE}  # a resume may change unwarned
 # (batch_size, world_size, accum_iter: how the effective batch is split; a change of its size or of the lr is warned)
 
@@ -924,7 +965,12 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
     if checkpoint and not convert and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):  # a bare state
         checkpoint = {'model': checkpoint}  # dict, as --export_encoder writes (for --eval_only: it continues no run)
     if checkpoint is None or optimizer is None:
-        state = (convert(checkpoint) if convert else checkpoint['model']) if checkpoint else {}
+        state = (convert(checkpoint) if convert else checkpoint.get('model', {})) if checkpoint else {}
+        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+        if checkpoint and not state:  # e.g. {'state_dict', 'epoch'} of another framework
+            sys.exit(f"error: {path} holds no weights {args.method}.py reads (its entries: "
+                     f"{', '.join(map(str, checkpoint))}): pass a checkpoint of this project or of the official code, "
+                     f"or a bare state dict")
         if any(re.search(r'(^|\.)(head|fc)\.weight$', k) for k in state):  # its encoder may load whole: refused
             sys.exit(f'error: {path} is a fine-tuned classifier (it has a head), not pretrained weights: pass the '
                      f'checkpoint it was fine-tuned from')
@@ -940,12 +986,12 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
     if not {'model', 'optimizer'} <= checkpoint.keys() or not isinstance(checkpoint['model'], dict):  # HPM's: a name
         sys.exit(f'error: {path} holds no model and optimizer state, so it cannot continue a run: evaluate it with '
                  f'--eval_only --resume {path}, or fine-tune from it (README, "Fine-tuning and released checkpoints")')
-    saved, now, modules = checkpoint.get('args', {}), plain(args), {'model': model, **extra_modules}
+    saved, now, modules = dict(checkpoint.get('args', {})), plain(args), {'model': model, **extra_modules}
+    saved['model'] = re.sub(r'^mae_(vit_)', r'\1', saved.get('model', args.model))  # official: 'mae_vit_base_patch16'
     moved = {k: v for k, v in saved.items() if k not in NOT_IN_A_RESULT and now.get(k, v) != v}  # v: the saved value
     changed = [f"{'effective batch' if k == 'eff_batch_size' else '--' + k} {now[k]} (was {v})"
                for k, v in moved.items() if k not in RESUME_FREE]
-    model = re.sub(r'^mae_(vit_)', r'\1', saved.get('model', args.model))  # the official code's 'mae_vit_base_patch16'
-    if (made := f"{saved.get('method', args.method)}.py --model {model}") != (
+    if (made := f"{saved.get('method', args.method)}.py --model {saved['model']}") != (
             run := f'{args.method}.py --model {args.model}'):  # another method's run, or another network
         sys.exit(f'error: {path} was made by {made}, this run is {run}: resume it with {made}, or start afresh with '
                  f'another --output_dir')
@@ -1109,7 +1155,9 @@ def evaluate(args, trained, build_random, eval_sets):
         if found := [f'{n} {results[key]:.2f}%' for n in encoders if (key := f'{n}_{metric}_top1') in results]:
             print(f'{title:>14} top-1: ' + ', '.join(found))  # only rank 0 has results
     done = {'checkpoint': args.resume or None} if args.eval_only else {'epoch': args.epochs - 1}  # what was evaluated
-    log_stats(args, {**done, 'evaluation': True, **results})
+    line, log = {**done, 'evaluation': True, **results}, os.path.join(args.output_dir, 'log.txt')
+    if not (os.path.isfile(log) and json.dumps(line) in open(log).read().splitlines()[-1:]):  # a finished run, resumed
+        log_stats(args, line)  # (its fine-tune killed), gives the same line: written once, as by an unbroken run
     return results
 
 

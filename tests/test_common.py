@@ -182,6 +182,10 @@ def test_cifar_archive_read_md5_and_offline(tmp_path, monkeypatch):
     # pixels are channel-major rows in the archive: check one value went to the right place
     raw = pickle.load(open(tmp_path / 'ok' / 'cifar-10-batches-py' / 'test_batch', 'rb'))
     assert splits['val'][0][2, 4, 5, 1] == raw[b'data'][2, 1024 + 4 * 32 + 5]
+    # an extraction stopped half-way (a folder with some files) is done again, not read as it is (a traceback)
+    os.remove(tmp_path / 'ok' / 'cifar-10-batches-py' / 'data_batch_3')
+    assert common.read_cifar('cifar10', str(tmp_path / 'ok'))[0]['train'][0].shape == (10, 32, 32, 3)
+    assert sorted(os.listdir(tmp_path / 'ok')) == ['cifar-10-batches-py', 'cifar-10-python.tar.gz']  # none aside
 
 
 def test_cifar100_reads_the_fine_labels_and_their_names(tmp_path, monkeypatch):
@@ -533,6 +537,20 @@ def test_help_states_the_rule_of_a_value_made_at_run_time(method, flag, words, c
     assert words in text.split(f'{flag} {flag[2:].upper()} ')[1].split(' --')[0]
 
 
+def test_help_shows_the_recipe_of_the_model_and_size_typed(capsys):
+    """SparK's fine-tuning row is per model: --help with --model convnext_base shows its row (arg.py: lr 1e-4, batch
+    4096), not ResNet-50's (2e-3, 2048); with --model convnext_large --input_size 384, the 384 row and pretraining."""
+    def entry(flag, *typed):
+        with pytest.raises(SystemExit):
+            __import__('spark').parse_args(['--data', 'imagenet', '--data_path', '.', *typed, '--help'])
+        return ' '.join(capsys.readouterr().out.split()).split(f'{flag} {flag[2:].upper()} ')[1].split(' --')[0]
+    assert 'default 0.0001' in entry('--ft_blr', '--model', 'convnext_base')
+    assert 'imagenet: 4096' in entry('--ft_batch', '--model=convnext_base')
+    assert 'default 6e-05' in entry('--ft_blr', '--model', 'convnext_large', '--input_size', '384')
+    assert 'default 0.75' in entry('--mask_ratio', '--model', 'convnext_large', '--input_size', '384')
+    assert 'default 0.002' in entry('--ft_blr')  # the default model's, ResNet-50
+
+
 def test_knn_and_probe_on_separable_features():
     generator = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 8, generator=generator) * 5
@@ -717,6 +735,7 @@ def test_bad_flags_exit_with_one_line():
     ('mae', ['--mixup', '0'], '--mixup would do nothing here: it sets fine-tuning, which runs with --finetune_epochs',
      ['--finetune_epochs', '1']),
     ('spark', ['--ft_ema', '0.999'], '--ft_ema would do nothing here', ['--finetune_epochs', '1']),
+    ('mae', ['--eval_only', '--compile'], '--compile would do nothing here', ['--finetune_epochs', '1']),
     ('mae', ['--shapes_size', '10', '--data', 'folder', '--data_path', '.'], '--shapes_size would do nothing here',
      ['--data', 'shapes']),
     ('mae', ['--cache', '--data', 'shapes'], '--cache would do nothing here: shapes are made in memory',

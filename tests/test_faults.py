@@ -2,7 +2,7 @@
 stderr (no traceback), a non-zero exit, and leave what was already written as it was (checkpoints byte-identical,
 log lines intact). One finished tiny run is made once per module and copied for each case; the independent runs of
 a case start together, as the machine has few cores and each run spends most of its time importing torch."""
-import argparse, glob, hashlib, json, os, re, resource, shutil, signal, subprocess, sys, tempfile
+import argparse, glob, hashlib, json, os, re, resource, shutil, signal, subprocess, sys, tempfile, time
 
 import pytest
 import torch
@@ -159,6 +159,59 @@ def test_second_run_into_a_folder_is_refused_and_resume_auto_continues_it(base, 
     assert digest(again / 'checkpoint-last.pth') == before['checkpoint-last.pth']
 
 
+def test_a_run_with_numbered_checkpoints_only_is_not_started_afresh_over(base, copy):
+    """checkpoint-last.pth deleted (it equals the last numbered one): the run is still refused as a new start, and
+    --resume auto with it, naming the checkpoint to continue from; that one continues it."""
+    folder = copy()
+    os.remove(folder / 'checkpoint-last.pth')
+    fresh, auto = run_all(mae(folder), mae(folder, '--resume', 'auto'))
+    for refused in (fresh, auto):
+        assert f"holds a training run (checkpoint-0.pth): continue it with --resume {folder / 'checkpoint-0.pth'}" \
+            in refused.error, refused
+    assert digest(folder / 'checkpoint-0.pth') == base[2]['checkpoint-0.pth']  # was overwritten by a new start
+    continued, = run_all(mae(folder, '--resume', str(folder / 'checkpoint-0.pth'), '--epochs', '2'))
+    assert 'resumed from' in continued.ok().stdout
+
+
+def test_a_finished_run_resumed_with_its_own_flags_logs_its_evaluation_once(base, copy):
+    """As after a kill in its fine-tune: nothing left to train, the same weights evaluated again give the same line,
+    so log.txt ends as the unbroken run's (it had a second evaluation line)."""
+    folder = copy()
+    run_all(mae(folder, *EVAL, '--resume', 'auto'))[0].ok()
+    assert log_lines(folder) == log_lines(base[0])
+
+
+def test_ctrl_c_says_in_one_line_what_is_kept(tmp_path):
+    out = tmp_path / 'run'
+    process = subprocess.Popen([sys.executable, *mae(out, '--epochs', '200')], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env=child_env())
+    deadline = time.time() + TIMEOUT
+    while not (out / 'checkpoint-last.pth').exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(json.loads(log_lines(out)[0])['epoch_time_s'] / 2)  # into the next epoch's steps
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=TIMEOUT)[1]
+    last = stderr.strip().splitlines()[-1]
+    assert process.returncode == 1 and 'Traceback' not in stderr, stderr[-2000:]
+    assert re.fullmatch(rf'interrupted in epoch \d+: {re.escape(str(out))}/checkpoint-last.pth \(the last finished '
+                        r'epoch\) is intact: continue with --resume auto', last), last
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    """Two runs started into one folder would interleave their log lines and overwrite each other's files: while a
+    living process holds the folder's lock (here this test), a run into it stops at once."""
+    fcntl = pytest.importorskip('fcntl')
+    folder = tmp_path / 'busy'
+    folder.mkdir()
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        busy, = run_all(mae(folder))
+    finally:
+        os.close(fd)  # the lock goes with it
+    assert 'another run is writing into' in busy.error and os.listdir(folder) == []
+
+
 # ---- 2. --eval_only misuse -------------------------------------------------------------------------------------
 def test_eval_only_refuses_a_checkpoint_of_another_size_a_run_folder_and_auto(base, copy, small_checkpoint, tmp_path):
     folder, small = copy(), digest(small_checkpoint)
@@ -193,14 +246,19 @@ def test_bad_checkpoint_files_are_refused_with_one_line(base, small_checkpoint, 
     torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
     torch.save([1, 2], tmp_path / 'list.pth')
     state = torch.load(real, weights_only=True)['model']  # HPM's main_pretrain.py: 'model' is the network's name
+    torch.save({'state_dict': state, 'epoch': 3}, tmp_path / 'lightning.pth')  # another framework's layout
     torch.save({'epoch': 1, 'state_dict': state, 'optimizer': {}, 'model': 'mae_vit_tiny_patch4'}, tmp_path / 'hpm.pth')
-    *runs, other_model, weights_only, tensor, listed, evaluated, official = run_all(
+    *runs, other_model, weights_only, tensor, listed, evaluated, official, foreign, folder = run_all(
         *calls, mae(tmp_path / 'other', '--resume', small_checkpoint),
         mae(tmp_path / 'weights', '--resume', str(tmp_path / 'weights.pth')),
         mae(tmp_path / 'tensor', '--eval_only', '--resume', str(tmp_path / 'tensor.pth')),
         mae(tmp_path / 'list', '--resume', str(tmp_path / 'list.pth')),
         mae(tmp_path / 'weights_eval', '--eval_only', '--resume', str(tmp_path / 'weights.pth')),
-        mae(tmp_path / 'hpm', '--resume', str(tmp_path / 'hpm.pth')))
+        mae(tmp_path / 'hpm', '--resume', str(tmp_path / 'hpm.pth')),
+        mae(tmp_path / 'lightning', '--eval_only', '--resume', str(tmp_path / 'lightning.pth')),
+        mae(tmp_path / 'folder', '--resume', str(base[0])))
+    assert 'holds no weights mae.py reads (its entries: state_dict, epoch)' in foreign.error  # was a KeyError
+    assert f'a folder: pass a checkpoint in it, or --resume auto --output_dir {base[0]}' in folder.error
     assert 'hpm.pth holds no model and optimizer state' in official.error  # was an AttributeError traceback
     assert 'weights.pth holds no model and optimizer state' in weights_only.error  # was a KeyError traceback
     assert 'evaluate it with --eval_only --resume' in weights_only.error
@@ -310,6 +368,7 @@ def test_resume_with_changed_settings_warns_stretches_or_refuses(base, copy):
                                                    mae(model, '--resume', 'auto', '--model', 'vit_tiny_patch8'),
                                                    mae(mae_layout, '--resume', 'auto', '--epochs', '2'))
     official.ok()  # its arguments as a Namespace used to stop it with a traceback
+    assert 'warning' not in official.stdout  # its 'mae_vit_tiny_patch4' is this --model: no "--model (was ...)"
     assert 'resumed from' in official.stdout and torch.load(mae_layout / 'checkpoint-last.pth')['epoch'] == 1
     changed.ok()
     warnings = [line for line in changed.stdout.splitlines() + changed.stderr.splitlines()
@@ -370,6 +429,9 @@ def test_resume_warns_of_another_effective_batch_not_of_another_split_of_it(tmp_
     common.resume(parse('--batch_size', '32', '--resume', str(path)), model, optimizer)
     warning, = [line for line in capsys.readouterr().out.splitlines() if line.startswith('warning:')]
     assert 'effective batch 32 (was 16)' in warning and '--lr' in warning
+    common.resume(parse('--batch_size', '16', '--data_path', 'elsewhere', '--resume', str(path)), model, optimizer)
+    warning, = [line for line in capsys.readouterr().out.splitlines() if line.startswith('warning:')]
+    assert '--data_path elsewhere (was ./data)' in warning  # moved, or other data: said either way
 
 
 def test_resume_with_another_number_of_processes_says_which_draws_restart(tmp_path, capsys):
