@@ -853,7 +853,7 @@ def interrupt_said(epoch, output_dir, bar):
         yield
     except KeyboardInterrupt:
         bar.close()
-        sys.exit(f'\ninterrupted in epoch {epoch}: {kept(output_dir)}' + (
+        sys.exit(f'interrupted in epoch {epoch}: {kept(output_dir)}' + (
             ': continue with --resume auto' if 'intact' in kept(output_dir) else ''))
 
 

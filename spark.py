@@ -23,8 +23,9 @@ Differences from the official code (each deliberate):
     it). CPU sizes: `resnet_mini_ds8` (Bottleneck [1,1,1,1], 16-128 planes), `convnext_atto_ds8` (ConvNeXt-V2 atto).
  4. SyncBatchNorm (official `sbn`: the encoder's sparse BNs, the densify and decoder BNs in pretraining, every BN
     when fine-tuning) under torchrun on GPUs only: PyTorch has none on CPUs, where each process normalises its own
-    batch, so CPU torchrun runs equal one process only approximately. With --accum_iter, as in any BN network, the
-    statistics are those of one micro-batch (batch_size x processes), not of the effective batch.
+    batch, so CPU torchrun runs equal one process only approximately. Under accumulation (--accum_iter; in fine-tuning
+    the one --ft_batch sets, e.g. 32 micro-batches for ResNet-50's 2048 at --batch_size 64 on one process), as in any
+    BN network, the statistics are those of one micro-batch (batch_size x processes), not of the effective batch.
  5. bf16 autocast where supported (official: fp32); --amp none gives fp32. Evaluation adds kNN and a linear probe on
     globally average-pooled last-stage features (the official repo only fine-tunes).
  6. Fine-tuning is common.finetune with downstream_imagenet/arg.py's row of the model (FINETUNE_ROWS; the `_ds8`
