@@ -41,7 +41,7 @@ Differences from the official code (each deliberate):
     ModelEma, updated after each optimizer step (not on accumulation-only iterations), as engine_pretrain.py.
 
 Expected result (`python hpm.py`, built-in shapes, 32 px, ViT-Ti/4, 5 epochs, 2-core AMD EPYC CPU; kNN / linear-probe
-top-1): 18.0 / 27.5 pretrained vs 10.7 / 15.8 at random init, 4.3 minutes (README table; gradient clipping at 5).
+top-1): 16.8 / 27.1 pretrained vs 10.7 / 15.8 at random init, 4.8 minutes (README table; gradient clipping at 5).
 """
 import argparse, copy, sys
 from functools import partial

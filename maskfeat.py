@@ -60,23 +60,23 @@ LayerNorm), pred_head.projections.0 (Linear D -> 108), and no `norm`): a release
 `model_state` with strict=True once its two HOG buffers `hogs.0.weight_x/_y` (the fixed Sobel kernels) are dropped.
 Its fine-tuned models add `norm` (after mean pooling) and `head.projection`.
 
-Expected result (`python maskfeat.py`, built-in shapes, 32 px, ViT-Ti/8, batch 32, 10 epochs, 2-core AMD EPYC CPU,
-3.9 minutes): kNN / linear-probe top-1 13.4 / 18.1 pretrained vs 12.2 / 15.7 at random init; with --seed 1 and 2 (other
-draws of the data and the init) 12.0 / 17.0 vs 11.2 / 14.9 and 12.3 / 16.6 vs 11.4 / 16.6. Small gains, for a slow
-start: the loss reaches 0.080 in the first epoch and ends at 0.0798, close to predicting the dataset's mean HOG for
-every masked patch (hog.png shows it), although the target is informative (common.knn_accuracy on the flattened
-hog_target of the val and train images themselves: 66%). Most cells of a `shapes` image are background, whose colour
-ramp the per-cell L2 normalisation turns into a full-strength histogram pointing the same way in every background
-cell; on uncropped training images with block masks, the masked loss of the dataset's mean HOG is 0.084, of each
-image's visible cells' mean histogram 0.064, but the ViT must first learn to compute orientations from pixels on the
-visible tokens, which get no loss, only gradients through attention. Batch 32 for 10 epochs (3,120 steps) was the
-best setting tried within 10 minutes: batch 128 for 8 epochs (624 steps, 3 minutes) gives 11.4 / 16.7, 11.7 / 15.3
-and 12.2 / 15.9 (seeds 0, 1, 2) against the same random inits (mean gains +0.2 / +0.2, against +1.0 / +1.55 at batch
-32), batch 16 for 6 epochs (3,750 steps, 6.4 minutes) 10.9 / 15.9 (seed 0). A sin-cos start for the position
-embedding, a 4-block ViT, 4-px patches, fp32, no clipping and lr from /5 to x4 stayed on the plateau in runs of 300
-to 1200 steps. Longer runs leave it, late: 24 epochs at batch 128 (1,872 steps, 12 minutes) near step 1,200, ending
-at 0.071 and 12.4 / 17.7. Use this run to check the program; MaskFeat's gains come with long schedules on natural
-images (on CIFAR-10 it beats random init by 4 points, see the README).
+Expected result (`python maskfeat.py`, built-in shapes, 32 px, ViT-Ti/8, batch 32, 10 epochs, 2-core AMD EPYC CPU, 4.3
+minutes): kNN / linear-probe top-1 13.4 / 18.2 pretrained vs 12.2 / 15.7 at random init; with --seed 1 and 2 (other
+draws of the data and the init; the code of 2026-11-28) 12.0 / 17.0 vs 11.2 / 14.9 and 12.3 / 16.6 vs 11.4 / 16.6. Small
+gains, for a slow start: the loss reaches 0.080 in the first epoch and ends at 0.0798, close to predicting the dataset's
+mean HOG for every masked patch (hog.png shows it), although the target is informative (common.knn_accuracy on the
+flattened hog_target of the val and train images themselves: 66%). Most cells of a `shapes` image are background, whose
+colour ramp the per-cell L2 normalisation turns into a full-strength histogram pointing the same way in every background
+cell; on uncropped training images with block masks, the masked loss of the dataset's mean HOG is 0.084, of each image's
+visible cells' mean histogram 0.064, but the ViT must first learn to compute orientations from pixels on the visible
+tokens, which get no loss, only gradients through attention. Batch 32 for 10 epochs (3,120 steps) was the best setting
+tried within 10 minutes: batch 128 for 8 epochs (624 steps, 3 minutes) gives 11.4 / 16.7, 11.7 / 15.3 and 12.2 / 15.9
+(seeds 0, 1, 2) against the same random inits (mean gains +0.2 / +0.2, against +1.0 / +1.55 at batch 32), batch 16 for 6
+epochs (3,750 steps, 6.4 minutes) 10.9 / 15.9 (seed 0). A sin-cos start for the position embedding, a 4-block ViT, 4-px
+patches, fp32, no clipping and lr from /5 to x4 stayed on the plateau in runs of 300 to 1200 steps. Longer runs leave
+it, late: 24 epochs at batch 128 (1,872 steps, 12 minutes) near step 1,200, ending at 0.071 and 12.4 / 17.7. Use this
+run to check the program; MaskFeat's gains come with long schedules on natural images (on CIFAR-10 it beats random init
+by 4 points, see the README).
 """
 import math, re
 from functools import partial, reduce

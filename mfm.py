@@ -31,18 +31,18 @@ Differences from the paper and the official code (each deliberate):
     so, and the cls output gets no gradient in pretraining), or a ResNet's global average pool.
  8. With several processes the loss is divided by the removed-frequency count of the whole batch over all processes,
     not by each GPU's own count (which depends on its mix of low- and high-pass images), so N processes equal one.
- 9. `--sincos_pos_init` (on in the 32-px presets) starts the ViT's learned position embedding from MAE's sin-cos
-    table instead of trunc-normal(0.02, cut at +-0.02). Measured with `python mfm.py`: final loss 0.259 vs 0.277,
-    kNN / probe 11.1 / 15.4 (random init 10.2 / 11.6) vs 10.8 / 13.5 (random init 11.8 / 13.0) with the official
-    init, which leaves a small ViT almost no position signal in a short run. ImageNet presets keep the official init.
+ 9. `--sincos_pos_init` (on in the 32-px presets) starts the ViT's learned position embedding from MAE's sin-cos table
+    instead of trunc-normal(0.02, cut at +-0.02). Measured with `python mfm.py` (2026-12-02): final loss 0.259 vs 0.277,
+    kNN / probe 11.1 / 15.4 (random init 10.2 / 11.6) vs 10.8 / 13.5 (random init 11.8 / 13.0) with the official init,
+    which leaves a small ViT almost no position signal in a short run. ImageNet presets keep the official init.
 10. Fine-tuning is common.finetune (layer decay 0.8, lr 1e-3 per 256, the official 8e-3 at 2048). The ViT is common's
     ViTClassifier, loaded through timm_layout: its k bias starts at 0 and then trains (BEiT keeps it at 0). ResNets
     get timm's `fc` on the pooled last stage and the same recipe without layer decay or drop path: the official
     ResNet-50 recipe is timm's training script, outside the repository.
 
 Expected result (built-in shapes, 32 px, 8 epochs, 2-core AMD EPYC CPU; kNN / linear-probe top-1, pretrained vs
-random init): `python mfm.py` (ViT-Ti/4) 11.1 / 14.2 vs 10.2 / 11.6 in 7.7 minutes; `python mfm.py --model
-resnet_tiny --output_dir output/mfm_resnet_tiny` (blr 6e-3 on shapes) 11.5 / 15.7 vs 11.4 / 12.8 in 2.2 minutes: the
+random init): `python mfm.py` (ViT-Ti/4) 10.9 / 14.2 vs 10.2 / 11.6 in 8.4 minutes; `python mfm.py --model
+resnet_tiny --output_dir output/mfm_resnet_tiny` (blr 6e-3 on shapes) 11.5 / 17.6 vs 11.4 / 12.8 in 2.0 minutes: the
 probe gains, the kNN gain is within noise (with the ViT's blr 1.5e-3 the ResNet's kNN was 11.0, below random, also
 after 16 epochs).
 """

@@ -45,10 +45,10 @@ each a whole number of mask-grid cells wide; attributes `downsample_ratio` (the 
 and `feature_channels` (the maps' widths); made of nn.Conv2d / MaxPool2d / BatchNorm2d / LayerNorm / Linear, which
 sparse_twin swaps for their masked twins.
 
-Expected result (`python spark.py`, built-in shapes, 32 px, resnet_mini_ds8, 16 epochs, 2-core AMD EPYC CPU, 7.8
-minutes): kNN / linear-probe top-1 12.2 / 18.9 pretrained vs 11.4 / 12.8 at random init. The probe gains 6 points;
-the kNN gain is within noise (at 8 epochs kNN was 10.7, below random; another run, rounding apart the same code,
-9.9): pooled features of a briefly trained convnet.
+Expected result (`python spark.py`, built-in shapes, 32 px, resnet_mini_ds8, 16 epochs, 2-core AMD EPYC CPU, 7.4
+minutes): kNN / linear-probe top-1 10.1 / 18.9 pretrained vs 11.4 / 12.8 at random init. The probe gains 6 points;
+the kNN is within noise of random (12.2 before the crop read only its own pixels; at 8 epochs 10.7; another run,
+rounding apart the same code, 9.9): pooled features of a briefly trained convnet.
 """
 import math
 from functools import partial
