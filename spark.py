@@ -28,16 +28,16 @@ Differences from the official code (each deliberate):
     BN network, the statistics are those of one micro-batch (batch_size x processes), not of the effective batch.
  5. bf16 autocast where supported (official: fp32); --amp none gives fp32. Evaluation adds kNN and a linear probe on
     globally average-pooled last-stage features (the official repo only fine-tunes).
- 6. Fine-tuning is common.finetune with downstream_imagenet/arg.py's row of the model (FINETUNE_ROWS; the `_ds8`
-    models take resnet50's or convnext_small's): ResNets LAMB without bias correction, adapting every tensor, and
-    binary cross-entropy; ConvNeXts AdamW, soft-target cross-entropy and repeated augmentation (x3, timm's
-    RepeatAugSampler); the row's lr, layer scale over the official layer groups (layer_id), weight decay, mixup
-    (cutmix 1.0, smoothing 0.1 for all), drop path, and an EMA of the network (timm's ModelEmaV2, decay 0.9999; the
-    better of the network and its EMA is reported); downstream_imagenet's lr schedule (from 0.005x the peak to 0.001x
-    at the last iteration); convnext_large at --input_size 384 takes the convnext_large_384 row (and pretrains with
-    pretrain/README.md's 384 recipe: mask 0.75, blr 4e-4, --data imagenet's batch 2048). Left: RandAugment
-    instead of TrivialAugmentWide (AutoAugment v0 at 384 px), val crop 0.875 (official 0.95; at 384 a plain resize),
-    the best epoch not selected, and the EMA starts from the pretrained weights (see common.finetune); the
+ 6. Fine-tuning is common.finetune with downstream_imagenet/arg.py's row of the model (FINETUNE_ROWS; the `_ds8` models
+    take resnet50's or convnext_small's): ResNets LAMB without bias correction, adapting every tensor, and binary
+    cross-entropy; ConvNeXts AdamW, soft-target cross-entropy and repeated augmentation (x3, timm's RepeatAugSampler);
+    the row's lr, layer scale over the official layer groups (layer_id), weight decay, mixup (cutmix 1.0, smoothing 0.1
+    for all; --mixup 0 turns both off, as util.py), drop path, and an EMA of the network (timm's ModelEmaV2, decay
+    0.9999; the better of the network and its EMA is reported); downstream_imagenet's lr schedule (from 0.005x the peak
+    to 0.001x at the last iteration); convnext_large at --input_size 384 takes the convnext_large_384 row (and
+    pretrains with pretrain/README.md's 384 recipe: mask 0.75, blr 4e-4, --data imagenet's batch 2048). Left:
+    RandAugment instead of TrivialAugmentWide (AutoAugment v0 at 384 px), val crop 0.875 (official 0.95; at 384 a plain
+    resize), the best epoch not selected, and the EMA starts from the pretrained weights (see common.finetune); the
     repeated-augmentation epoch is not rounded down to a multiple of 256 images; the last batch is dropped.
 
 Backbone contract (SparK(backbone, ...) checks it): forward(images) returns a list of its 4 stage maps, finest first,
@@ -124,6 +124,8 @@ def parse_args(argv=None):
     if args.decoder_width < MODELS[args.model][3]:  # as SparK's constructor: halved once per 2x of the ratio
         parser.error(f'--decoder_width must be at least {MODELS[args.model][3]} for {args.model} (its decoder halves '
                      f'the width at each 2x upsampling), got {args.decoder_width}')
+    if args.mixup == 0 and parser.parse_args(argv).cutmix is None:  # util.py: mixup_enabled = mixup > 0, so --mixup 0
+        args.cutmix = 0.0  # turns cutmix off too (label smoothing stays); a --cutmix typed is kept
     return args
 
 

@@ -357,3 +357,12 @@ def test_a_folder_run_says_its_effective_batch_is_not_the_imagenet_recipes(tmp_p
     for quiet in (['--batch_size', '64', '--accum_iter', '64'], ['--eval_only']):
         mae.parse_args(folder + quiet)
         assert 'imagenet' not in capsys.readouterr().out
+
+
+def test_spark_mixup_0_turns_its_batch_mixup_off_cutmix_included(tmp_path):
+    """downstream_imagenet/util.py:80-86: BatchMixup(mixup_alpha=mixup, cutmix_alpha=1.0), then mixup_enabled =
+    mixup > 0: --mixup 0 mixes nothing (label smoothing stays); timm's Mixup, as MAE uses it, would keep cutmix."""
+    ft = imagenet(tmp_path, '--finetune_epochs', '1')
+    assert spark.parse_args(ft + ['--mixup', '0']).cutmix == 0
+    assert spark.parse_args(ft + ['--mixup', '0', '--cutmix', '0.5']).cutmix == 0.5  # typed: kept
+    assert spark.parse_args(ft).cutmix == 1.0 and mae.parse_args(ft + ['--mixup', '0']).cutmix == 1.0
