@@ -803,7 +803,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, epoch, device, accum_iter
     steps, world = len(loader) // accum_iter * accum_iter, dist.get_world_size() if dist.is_initialized() else 1
     sums, first_bad, seen, start = {}, torch.tensor(-1, device=device), 0, time.time()
     bar = tqdm(total=steps, desc=f'epoch {epoch}', disable=not is_main(), mininterval=1, dynamic_ncols=True)
-    with interrupt_said(epoch, output_dir, bar):  # Ctrl-C: one line saying what is kept
+    with interrupt_said(f'in epoch {epoch}', output_dir, bar):  # Ctrl-C: one line saying what is kept
         for step, (images, labels, *mask_input) in zip(range(steps), loader):
             if step % accum_iter == 0 and schedule:
                 schedule(optimizer, epoch + step / len(loader))  # engine_pretrain.py: data_iter_step / len(loader)
@@ -848,12 +848,12 @@ def kept(output_dir):  # what a stopped run leaves
 
 
 @contextmanager
-def interrupt_said(epoch, output_dir, bar):
+def interrupt_said(where, output_dir, bar):
     try:
         yield
     except KeyboardInterrupt:
         bar.close()
-        sys.exit(f'interrupted in epoch {epoch}: {kept(output_dir)}' + (
+        sys.exit(f'interrupted {where}: {kept(output_dir)}' + (
             ': continue with --resume auto' if 'intact' in kept(output_dir) else ''))
 
 
@@ -1088,11 +1088,13 @@ def load_pretrained(model, state, source, required=None):
 def extract_features(function, dataset, args, desc='features'):
     """function(images) (B, D) -> (N, D) floats, (N,) labels of a split, sharded over ranks and gathered to all."""
     features, labels = [], []
-    for images, label, *_ in tqdm(make_loader(dataset, args, train=False), desc=desc, disable=not is_main(),
-                                  mininterval=1, dynamic_ncols=True, leave=False):
-        with torch.autocast(args.device.type, dtype=AMP[args.amp], enabled=args.amp != 'none'):
-            features.append(function(normalize(images.to(args.device, non_blocking=True))).float())
-        labels.append(label.to(args.device))
+    bar = tqdm(make_loader(dataset, args, train=False), desc=desc, disable=not is_main(), mininterval=1,
+               dynamic_ncols=True, leave=False)
+    with interrupt_said('in the evaluation', getattr(args, 'output_dir', None), bar):
+        for images, label, *_ in bar:
+            with torch.autocast(args.device.type, dtype=AMP[args.amp], enabled=args.amp != 'none'):
+                features.append(function(normalize(images.to(args.device, non_blocking=True))).float())
+            labels.append(label.to(args.device))
     def gather(local):  # the sampler dealt index i to rank i % world_size: interleave the shards back
         shards = [torch.empty_like(local) for _ in range(args.world_size)]
         dist.all_gather(shards, local)

@@ -901,6 +901,19 @@ def test_an_evaluation_loader_keeps_every_image():
     assert features.shape == (10, 3) and torch.equal(labels, torch.arange(10))
 
 
+def test_ctrl_c_in_the_evaluation_says_in_one_line_what_is_kept(tmp_path):
+    args = SimpleNamespace(world_size=1, rank=0, seed=0, batch_size=4, accum_iter=1, num_workers=0,
+                           device=torch.device('cpu'), amp='none', output_dir=str(tmp_path))
+    (tmp_path / 'checkpoint-last.pth').write_bytes(b'')
+    dataset = torch.utils.data.TensorDataset(torch.zeros(10, 3, 2, 2, dtype=torch.uint8), torch.arange(10))
+
+    def pressed(images):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit, match=r'^interrupted in the evaluation: .*checkpoint-last.pth \(the last finished '
+                                         r'epoch\) is intact: continue with --resume auto$'):
+        common.extract_features(pressed, dataset, args)
+
+
 @pytest.mark.parametrize('method,flags', [('mae', ['--mask_type', 'green']), ('hpm', []), ('maskfeat', []),
                                           ('mfm', []), ('spark', [])])
 def test_every_dataset_a_loader_gets_pickles_as_spawned_workers_need(method, flags, tmp_path, monkeypatch):
