@@ -183,7 +183,8 @@ def test_a_finished_run_resumed_with_its_own_flags_logs_its_evaluation_once(base
 
 def test_ctrl_c_says_in_one_line_what_is_kept(tmp_path):
     out = tmp_path / 'run'
-    process = subprocess.Popen([sys.executable, *mae(out, '--epochs', '200')], cwd=ROOT, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen([sys.executable, *mae(out, '--epochs', '200', '--shapes_size', '512')], cwd=ROOT,
+                               stdout=subprocess.DEVNULL,  # 64 steps an epoch: a save is a sliver of its time
                                stderr=subprocess.PIPE, text=True, env=child_env())
     deadline = time.time() + TIMEOUT
     while not (out / 'checkpoint-last.pth').exists() and process.poll() is None and time.time() < deadline:
