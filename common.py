@@ -624,12 +624,13 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
     if args.amp == 'auto':
         args.amp = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if cuda else 'bf16' if cpu_bf16 else 'none'
     per_step, target = args.batch_size * args.world_size, getattr(args, 'target_batch', None)  # a preset's (MAE: 4096)
-    args.accum_iter = args.accum_iter or accumulation(target, per_step, "the recipe's batch")
+    typed, args.accum_iter = args.accum_iter, args.accum_iter or accumulation(target, per_step, "the recipe's batch")
     args.eff_batch_size = per_step * args.accum_iter
     official = {**presets.get('imagenet', {}), **recipe(args.model, 'imagenet', args.input_size)}.get('target_batch')
-    if args.data == 'folder' and official not in (None, args.eff_batch_size) and not args.eval_only and args.rank == 0:
-        print(f"note: --data folder trains at an effective batch of {args.eff_batch_size}, not --data imagenet's "
-              f'{official}: --accum_iter {max(1, official // per_step)} reaches it (the lr follows the batch)')
+    off = args.data == 'folder' or args.data == 'imagenet' and typed  # (else accumulation() said any shortfall)
+    if off and official not in (None, args.eff_batch_size) and not args.eval_only and args.rank == 0:
+        print(f"note: --data {args.data} trains at an effective batch of {args.eff_batch_size}, not the ImageNet "
+              f"recipe's {official}: --accum_iter {max(1, official // per_step)} reaches it (the lr follows the batch)")
     args.ft_accum_iter = accumulation(args.ft_batch or args.eff_batch_size, per_step, '--ft_batch') \
         if args.finetune_epochs else 1  # unset --ft_batch: pretraining's effective batch
     for warmup, epochs in (('warmup_epochs', 'epochs'), ('ft_warmup_epochs', 'finetune_epochs')):

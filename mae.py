@@ -89,6 +89,9 @@ def parse_args(argv=None):
     if args.decoder_embed_dim % args.decoder_num_heads:  # else the model's constructor stops with a traceback
         parser.error(f'--decoder_embed_dim {args.decoder_embed_dim} does not split into --decoder_num_heads '
                      f'{args.decoder_num_heads} heads')
+    if args.finetune_epochs and args.model.split('_')[1] not in FINETUNE_ROWS and args.rank == 0:  # said, not silent
+        print(f"note: FINETUNE.md has rows for ViT-B, L and H only: {args.model} fine-tunes with ViT-B's (ft_blr 5e-4, "
+              'layer_decay 0.65, ft_drop_path 0.1, each unless given)')
     return args
 
 

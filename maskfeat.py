@@ -41,13 +41,14 @@ Differences from the official code (each deliberate):
     takes the cls token through the same LayerNorm instead. kNN and probe as in common.py.
  8. Only the image path: one prediction depth (the last block, MASK.PRETRAIN_DEPTH [11] for ViT-B), no MViT pooling,
     no video, no pixel target.
- 9. Fine-tuning is common.finetune with in1k_VIT_B_MaskFeat_FT's values (ViT-L: _L_FT's): BASE_LR 2e-3 at batch 512
-    (1e-3 per 256; ViT-L 1e-3 at 256), layer decay 0.65 (0.75), warmup 20 (5) epochs from WARMUP_START_LR 1e-8 to a
-    half-cosine ending at 1e-6 (both scaled as the lr, and by each layer's decay, as SlowFast's set_lr), weight decay
-    on pos_embed and cls_token too (ZERO_DECAY_POS_CLS False); mean pooling, `norm`, then `head` (SlowFast's
-    `head.projection`, renamed on load), whose init is trunc-normal(2e-5) and bias 0 here, trunc-normal(0.02) x 0.001
-    and bias 2e-5 there (the fresh `norm`'s bias: 0 here, 0.02 there). mmpretrain files load renamed
-    (official_state); their 108 HOG outputs come in SlowFast's order (HOGGenerator._reshape unfolds as masked.py).
+ 9. Fine-tuning is common.finetune with in1k_VIT_B_MaskFeat_FT's values (ViT-L: _L_FT's; other sizes, said at the
+    start: ViT-B's): BASE_LR 2e-3 at batch 512 (1e-3 per 256; ViT-L 1e-3 at 256), layer decay 0.65 (0.75), warmup 20
+    (5) epochs from WARMUP_START_LR 1e-8 to a half-cosine ending at 1e-6 (both scaled as the lr, and by each layer's
+    decay, as SlowFast's set_lr), weight decay on pos_embed and cls_token too (ZERO_DECAY_POS_CLS False); mean pooling,
+    `norm`, then `head` (SlowFast's `head.projection`, renamed on load), whose init is trunc-normal(2e-5) and bias 0
+    here, trunc-normal(0.02) x 0.001 and bias 2e-5 there (the fresh `norm`'s bias: 0 here, 0.02 there). mmpretrain
+    files load renamed (official_state); their 108 HOG outputs come in SlowFast's order (HOGGenerator._reshape unfolds
+    as masked.py).
 10. With several processes the loss is divided by the masked count of the whole batch over all processes, not by
     each GPU's own (a block mask masks num_mask patches or fewer: at 14 x 14 and 40%, 29% of them fewer than 78), so
     N processes equal one; SlowFast's per-GPU mean weighs each patch of a GPU with fewer masked patches a little more.
@@ -133,6 +134,9 @@ def parse_args(argv=None):
     L = (args.input_size // patch) ** 2
     common.check_mask_count(parser, args.mask_ratio, L - round(L * args.mask_ratio), L)
     args.min_lr = 1e-6 * args.eff_batch_size / 256 if args.min_lr is None else args.min_lr  # difference 4
+    if args.finetune_epochs and common.VIT_NAME.fullmatch(args.model)[1] not in FINETUNE_ROWS and args.rank == 0:
+        print(f"note: SlowFast fine-tunes MaskFeat ViT-B and ViT-L only: {args.model} fine-tunes with ViT-B's row "
+              '(ft_blr 1e-3, layer_decay 0.65, ft_warmup_epochs 20, each unless given)')
     return args
 
 

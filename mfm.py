@@ -108,6 +108,9 @@ def parse_args(argv=None):
                          f'--mask_radius must be in (0, input_size / 2), got {args.mask_radius}')]:
         if not ok:
             parser.error(message)
+    if args.finetune_epochs and resnet and args.rank == 0:  # difference 10, said at the start
+        print("note: MFM's ResNet-50 fine-tuning is timm's training script, outside its repository: this one is the "
+              'ViT recipe without layer decay or drop path (difference 10)')
     return args
 
 

@@ -126,6 +126,9 @@ def parse_args(argv=None):
                      f'the width at each 2x upsampling), got {args.decoder_width}')
     if args.mixup == 0 and parser.parse_args(argv).cutmix is None:  # util.py: mixup_enabled = mixup > 0, so --mixup 0
         args.cutmix = 0.0  # turns cutmix off too (label smoothing stays); a --cutmix typed is kept
+    if args.finetune_epochs and args.model not in FINETUNE_ROWS and args.rank == 0:  # the _ds8 and CPU sizes
+        print(f"note: downstream_imagenet/arg.py has no {args.model} row: it fine-tunes with "
+              f"{'convnext_small' if 'convnext' in args.model else 'resnet50'}'s (each value unless given)")
     return args
 
 

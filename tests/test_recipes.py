@@ -345,18 +345,44 @@ def test_pretraining_optimizer_of_each_method(method, flags, kind, betas, specia
         assert group['weight_decay'] == pytest.approx(0.0 if skip else 0.04 if method == 'spark' else 0.05), name
 
 
-# ---- your own folder of images: the batch the recipe's lr was set for, said ----------------------------------------
-def test_a_folder_run_says_its_effective_batch_is_not_the_imagenet_recipes(tmp_path, capsys):
+# ---- your own folder of images, or a typed --accum_iter: the batch the recipe's lr was set for, said ---------------
+def test_a_run_off_the_imagenet_recipes_batch_says_so(tmp_path, capsys):
     folder = ['--data', 'folder', '--data_path', str(tmp_path)]
     for method, official in ((mae, 4096), (hpm, 2048), (maskfeat, 2048), (mfm, 2048), (spark, 4096)):
         args = method.parse_args(folder)
-        assert f"effective batch of {args.eff_batch_size}, not --data imagenet's {official}: --accum_iter " \
-               f'{official // args.eff_batch_size} reaches it' in capsys.readouterr().out, method.__name__
+        assert f"--data folder trains at an effective batch of {args.eff_batch_size}, not the ImageNet recipe's " \
+               f'{official}: --accum_iter {official // args.eff_batch_size} reaches it' in capsys.readouterr().out, \
+            method.__name__
     spark.parse_args(folder + ['--model', 'convnext_large', '--input_size', '384'])  # the 384 recipe's batch
-    assert "not --data imagenet's 2048" in capsys.readouterr().out
-    for quiet in (['--batch_size', '64', '--accum_iter', '64'], ['--eval_only']):
-        mae.parse_args(folder + quiet)
-        assert 'imagenet' not in capsys.readouterr().out
+    assert "not the ImageNet recipe's 2048" in capsys.readouterr().out
+    imagenet = ['--data', 'imagenet', '--data_path', str(tmp_path), '--batch_size', '64']
+    args = mae.parse_args(imagenet + ['--accum_iter', '2'])  # typed: it overrides the recipe's 64 micro-batches
+    assert args.eff_batch_size == 128 and "--data imagenet trains at an effective batch of 128, not the ImageNet " \
+        "recipe's 4096: --accum_iter 64 reaches it" in capsys.readouterr().out
+    for quiet in (folder + ['--batch_size', '64', '--accum_iter', '64'], folder + ['--eval_only'], imagenet,
+                  imagenet + ['--accum_iter', '64']):
+        mae.parse_args(quiet)
+        assert 'recipe\'s 4096' not in capsys.readouterr().out, quiet
+
+
+def test_a_model_without_an_official_fine_tuning_row_says_whose_it_takes(capsys):
+    """MAE's FINETUNE.md has ViT-B, L, H; SlowFast's MaskFeat FT configs ViT-B and L; SparK's arg.py the ImageNet
+    models; MFM's ResNet-50 fine-tuning is outside its repository: any other model's fine-tune says what it uses."""
+    cases = [(mae, 'vit_small_patch16', "vit_small_patch16 fine-tunes with ViT-B's (ft_blr 5e-4"),
+             (maskfeat, 'vit_huge_patch14', "vit_huge_patch14 fine-tunes with ViT-B's row (ft_blr 1e-3"),
+             (spark, 'convnext_atto_ds8', "no convnext_atto_ds8 row: it fine-tunes with convnext_small's"),
+             (spark, 'resnet_mini_ds8', "no resnet_mini_ds8 row: it fine-tunes with resnet50's"),
+             (mfm, 'resnet_tiny', "MFM's ResNet-50 fine-tuning is timm's training script")]
+    for method, model, said in cases:
+        size = '32' if model.endswith('ds8') or model == 'resnet_tiny' else '224'
+        method.parse_args(['--model', model, '--input_size', size, '--finetune_epochs', '1'])
+        assert said in capsys.readouterr().out, model
+        method.parse_args(['--model', model, '--input_size', size])  # no fine-tune: nothing to say
+        assert 'fine-tunes' not in (out := capsys.readouterr().out) and "timm's training" not in out, model
+    for method, model in ((mae, 'vit_huge_patch14'), (maskfeat, 'vit_large_patch16'), (spark, 'resnet101'),
+                          (mfm, 'vit_base_patch16'), (hpm, 'vit_small_patch16')):
+        method.parse_args(['--model', model, '--input_size', '224', '--finetune_epochs', '1'])
+        assert 'fine-tunes with' not in (out := capsys.readouterr().out) and "timm's training" not in out, model
 
 
 def test_spark_mixup_0_turns_its_batch_mixup_off_cutmix_included(tmp_path):
