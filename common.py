@@ -723,8 +723,8 @@ def lock_folder(folder):  # POSIX: one living run per folder (the lock on the fo
             fcntl.flock(HELD.setdefault(folder, os.open(folder, os.O_RDONLY)), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             sys.exit(f'error: another run is writing into {folder} now: let it finish, or give another --output_dir')
-        except OSError:  # a file system without locks (some network ones): unguarded, as on Windows
-            pass
+        except OSError as e:  # a file system without locks (some network ones): unguarded, as on Windows, but said
+            print(f'note: {folder} cannot be locked ({e.strerror}): a second run started into it is not refused')
 
 
 def plain(args):  # the arguments as a dict of plain values, for JSON and weights-only checkpoints

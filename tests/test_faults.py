@@ -2,11 +2,12 @@
 stderr (no traceback), a non-zero exit, and leave what was already written as it was (checkpoints byte-identical,
 log lines intact). One finished tiny run is made once per module and copied for each case; the independent runs of
 a case start together, as the machine has few cores and each run spends most of its time importing torch."""
-import argparse, glob, hashlib, json, os, re, resource, shutil, signal, subprocess, sys, tempfile, time
+import argparse, errno, glob, hashlib, json, os, re, resource, shutil, signal, subprocess, sys, tempfile, time
 
 import pytest
 import torch
 
+import common
 from conftest import ROOT
 
 # The smallest MAE run that still exercises every stage: 16 px shapes, 4x4 patches, a 32-wide 1-block decoder.
@@ -211,6 +212,19 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
     finally:
         os.close(fd)  # the lock goes with it
     assert 'another run is writing into' in busy.error and os.listdir(folder) == []
+
+
+def test_a_folder_that_cannot_be_locked_says_it_is_unguarded(tmp_path, monkeypatch, capsys):
+    """Some network file systems refuse flock (ENOLCK): the run goes on, unguarded as on Windows, and says so."""
+    fcntl = pytest.importorskip('fcntl')
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, 'flock', no_locks)
+    common.lock_folder(tmp_path)
+    assert f'note: {tmp_path} cannot be locked (No locks available): a second run started into it is not refused' \
+        in capsys.readouterr().out
+    common.HELD.pop(str(tmp_path))  # (the descriptor closes with the test process)
 
 
 # ---- 2. --eval_only misuse -------------------------------------------------------------------------------------
