@@ -264,15 +264,21 @@ def read_cifar(name, root):
     unpickle = lambda file: pickle.load(open(os.path.join(root, folder, file), 'rb'), encoding='bytes')
     load = lambda parts: (np.ascontiguousarray(np.concatenate([p[b'data'] for p in parts]).reshape(-1, 3, 32, 32)
                                                .transpose(0, 2, 3, 1)), np.concatenate([p[label_key] for p in parts]))
-    splits = {'train': load([*map(unpickle, train_files)]), 'val': load([*map(unpickle, test_files)])}  # (N, 3072)
-    return splits, [n.decode() for n in unpickle(meta_file)[names_key]]
+    try:  # (the files of the archive, md5-checked when extracted here: pickles, as torchvision reads them)
+        splits = {'train': load([*map(unpickle, train_files)]), 'val': load([*map(unpickle, test_files)])}  # (N, 3072)
+        return splits, [n.decode() for n in unpickle(meta_file)[names_key]]
+    except Exception as e:  # noqa: BLE001 (a damaged file fails in pickle, numpy or a missing key alike)
+        sys.exit(f'error: {os.path.join(root, folder)} is damaged ({type(e).__name__}: {e}): delete that folder and '
+                 f'run again to extract {archive} afresh')
 
 
 def to_rgb(img):
-    """Any Pillow image (L, CMYK, RGBA, P, 16-bit I;16 / I, float F) -> RGB, 16-bit values scaled to 8 bits."""
+    """Any Pillow image (L, CMYK, RGBA, P, 16-bit I;16, 32-bit I, float F) -> RGB: I;16 (16-bit PNG, TIFF) always / 257,
+    I and F (their range unknown) / 257 only where the image exceeds 255."""
     if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
         values = np.asarray(img, dtype=np.float32)
-        img = Image.fromarray(np.clip(values / (257.0 if values.max() > 255 else 1.0), 0, 255).astype(np.uint8))
+        deep = img.mode.startswith('I;16') or values.max() > 255  # (I;16 by its mode: a dataset on one scale)
+        img = Image.fromarray(np.clip(values / (257.0 if deep else 1.0), 0, 255).astype(np.uint8))
     return img.convert('RGB')
 
 
@@ -317,6 +323,9 @@ def scan_folder(root, classes=None):
     Hidden class folders (.ipynb_checkpoints) and hidden files (macOS's ._x.jpg) are left out."""
     if classes is None:
         classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith('.'))
+        if classes and (loose := [f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS)]):
+            warnings.warn(f'{len(loose)} image(s) lie in {root} itself, outside its class folders: left out (as '
+                          f'ImageFolder), e.g. {loose[0]}')
     paths, labels = [], []
     for label, folder in enumerate(os.path.join(root, name) for name in classes or ['']):
         found = sorted(os.path.join(sub, f) for sub, _, files in os.walk(folder, followlinks=True)  # as ImageFolder
@@ -384,7 +393,8 @@ def build_datasets(args, train_transform, draw_mask=None):
     eval_sets = [subsets[s].with_transform(evaluation) for s in subsets] if len(subsets) > 1 and not few else None
     if not eval_sets and is_main():
         why = f'the training split has {n} image(s) of {len(classes)} class(es)' if few else \
-            'no labeled val/ (or test/) split'
+            'no labeled val/ (or test/) split' if classes or not os.path.isdir(os.path.join(args.data_path, 'train')) \
+            else f"{args.data_path}/train has no class folders (unlabeled)"
         print(f'{why}: pretraining only, evaluation and fine-tuning skipped')
     accum = getattr(args, 'ft_accum_iter', 1)  # fine-tuning's step, checked at the start
     if eval_sets and getattr(args, 'finetune_epochs', 0) and math.ceil(n / args.world_size) < args.batch_size * accum:
@@ -475,8 +485,8 @@ class ArgumentParser(argparse.ArgumentParser):
         self.models = ' or '.join(['a ViT: vit_<tiny|small|base|large|huge>_patch<p>'] * vit +
                                   ['one of ' + ', '.join(convnets)] * (len(convnets) > 0))
 
-    def error(self, message):  # one line, no usage block, no traceback
-        sys.exit(f'{self.prog}: error: {message} (see --help)')
+    def error(self, message):  # one line, no usage block, no traceback; under torchrun from rank 0 only
+        sys.exit(f'{self.prog}: error: {message} (see --help)' if os.environ.get('RANK', '0') == '0' else 2)
 
 
 def number(kind, low, high=math.inf, below=False):  # an argparse type: a kind (int, float) in [low, high] (below:
@@ -981,8 +991,11 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
                 print('note: --eval_only without --resume: the "trained" weights are the random init')
             elif checkpoint is None and args.resume == 'auto':  # a typo in --output_dir shows here
                 print(f'note: --resume auto: no checkpoint-last.pth in {args.output_dir}, so the run starts afresh')
-        if checkpoint:
-            load_pretrained(model, state, path, encoder)
+        by = made.get('method', args.method) if isinstance(made := checkpoint and checkpoint.get('args'), dict) else \
+            args.method
+        source = path if by == args.method else f'{path} (made by {by}.py)'  # said where it does not fit
+        if checkpoint and load_pretrained(model, state, source, encoder)[0] and is_main():  # (the decoder, often)
+            print(f"note: the tensors missing from {path} keep their random init, in this run's pictures too")
         return 0
     if not {'model', 'optimizer'} <= checkpoint.keys() or not isinstance(checkpoint['model'], dict):  # HPM's: a name
         sys.exit(f'error: {path} holds no model and optimizer state, so it cannot continue a run: evaluate it with '

@@ -186,6 +186,13 @@ def test_cifar_archive_read_md5_and_offline(tmp_path, monkeypatch):
     os.remove(tmp_path / 'ok' / 'cifar-10-batches-py' / 'data_batch_3')
     assert common.read_cifar('cifar10', str(tmp_path / 'ok'))[0]['train'][0].shape == (10, 32, 32, 3)
     assert sorted(os.listdir(tmp_path / 'ok')) == ['cifar-10-batches-py', 'cifar-10-python.tar.gz']  # none aside
+    # an extracted folder whose files are damaged (all present: not extracted again): one line, not a traceback
+    (tmp_path / 'ok' / 'cifar-10-batches-py' / 'data_batch_2').write_bytes(b'not a pickle')
+    with pytest.raises(SystemExit, match=r'cifar-10-batches-py is damaged \(UnpicklingError: .*delete that folder'):
+        common.read_cifar('cifar10', str(tmp_path / 'ok'))
+    pickle.dump({b'labels': [0]}, open(tmp_path / 'ok' / 'cifar-10-batches-py' / 'data_batch_2', 'wb'))  # no data
+    with pytest.raises(SystemExit, match=r"is damaged \(KeyError: b'data'\)"):
+        common.read_cifar('cifar10', str(tmp_path / 'ok'))
 
 
 def test_cifar100_reads_the_fine_labels_and_their_names(tmp_path, monkeypatch):
@@ -268,6 +275,62 @@ def test_image_folder_modes_corrupt_and_empty_class(tmp_path):
     assert counts == [1, 1]  # each epoch's own (was a running total, 1 then 2, which a resumed run did not repeat)
     deep = Image.open(tmp_path / 'train' / 'dog' / 'deep.png')
     assert 20 < np.asarray(common.to_rgb(deep)).mean() < 200  # 16-bit scaled to 8 bits, not clipped to white
+
+
+def test_16_bit_images_are_scaled_by_their_mode_so_a_dataset_keeps_one_scale():
+    dim, bright = (Image.fromarray(np.full((4, 4), v, np.uint16)) for v in (200, 60000))  # PNG's 16-bit: I;16
+    assert dim.mode == bright.mode == 'I;16'  # (was: 200 kept as 200 here, as its maximum is under 256)
+    assert np.asarray(common.to_rgb(dim)).max() == 0 and np.asarray(common.to_rgb(bright)).max() == 233  # / 257
+    assert np.asarray(common.to_rgb(Image.fromarray(np.full((4, 4), 200, np.int32)))).max() == 200  # I: as it is
+
+
+def test_images_beside_the_class_folders_are_said_to_be_left_out(tmp_path):
+    write_images(tmp_path / 'train' / 'cat', [('0.png', Image.new('RGB', (20, 20)))])
+    write_images(tmp_path / 'train', [(f'loose{i}.png', Image.new('RGB', (20, 20))) for i in range(3)])
+    with pytest.warns(UserWarning, match=r'3 image\(s\) lie in .*train itself, outside its class folders: left out'):
+        paths, labels, classes = common.scan_folder(str(tmp_path / 'train'))
+    assert len(paths) == 1 and classes == ['cat']
+
+
+def test_a_flat_train_folder_beside_a_labeled_val_says_train_is_unlabeled(tmp_path, capsys):
+    write_images(tmp_path / 'train', [(f'{i}.png', Image.new('RGB', (20, 20), (i, 0, 0))) for i in range(3)])
+    write_images(tmp_path / 'val' / 'cat', [('0.png', Image.new('RGB', (20, 20)))])
+    assert common.build_datasets(folder_args(tmp_path), common.TrainTransform(16))[1] is None
+    assert f'{tmp_path}/train has no class folders (unlabeled): pretraining only' in capsys.readouterr().out
+
+
+def test_eval_only_names_the_method_of_a_checkpoint_that_does_not_fit_and_what_keeps_its_random_init(tmp_path,
+                                                                                                     capsys):
+    import mae
+    (path := tmp_path / 'other.pth').write_bytes(b'')  # (parse_args checks that the file exists)
+    args = mae.parse_args(['--eval_only', '--resume', str(path), '--output_dir',
+                           str(tmp_path / 'eval')])
+    os.makedirs(args.output_dir)
+    model = mae.build_model(args)
+    encoder = {k: v for k, v in model.state_dict().items() if common.ENCODER_KEYS(k)}
+    torch.save({'model': {k: v[..., :1] if k.endswith('qkv.weight') else v for k, v in encoder.items()},
+                'args': {'method': 'spark'}}, path)  # was: only "pass the --model it was made with"
+    with pytest.raises(SystemExit, match=r'other\.pth \(made by spark\.py\) does not fit this network'):
+        common.resume(args, model)
+    torch.save({'model': encoder, 'args': {'method': 'hpm'}}, path)  # the encoder alone: the decoder stays random
+    assert common.resume(args, model) == 0
+    out = capsys.readouterr().out
+    assert 'loaded ' + str(path) + ' (made by hpm.py): missing mask_token (1), decoder' in out
+    assert f"note: the tensors missing from {path} keep their random init, in this run's pictures too" in out
+    torch.save({'model': model.state_dict(), 'args': {'method': 'mae'}}, path)  # whole: nothing to say
+    common.resume(args, model)
+    assert 'random init' not in (out := capsys.readouterr().out) and 'made by' not in out
+
+
+def test_an_argument_error_under_torchrun_is_said_by_rank_0_only(monkeypatch):
+    parser = common.ArgumentParser()
+    monkeypatch.setenv('RANK', '1')
+    with pytest.raises(SystemExit) as other:
+        parser.error('--epochs must be at least 1')
+    monkeypatch.setenv('RANK', '0')
+    with pytest.raises(SystemExit, match='error: --epochs must be at least 1'):
+        parser.error('--epochs must be at least 1')
+    assert other.value.code == 2  # the exit status argparse gives, without the line
 
 
 def test_unlabeled_folder_skips_evaluation(tmp_path, capsys):

@@ -561,6 +561,7 @@ def test_eval_only_finetune_and_export_end_to_end(tmp_path):
                                          f'{out}/encoder_timm.pth', '--probe_epochs', '0', '--output_dir', f'{out}2'])
     report = re.search(r'loaded \S*encoder_timm\.pth: missing (.*); unused (.*)', again.stdout)  # a bare state
     assert report and 'decoder_blocks' in report[1] and report[2] == 'none'  # dict: was a KeyError traceback
+    assert 'keep their random init, in this run\'s pictures too' in again.stdout  # its reconstruction.png
     assert 'trained_knn_top1' in read_log(f'{out}2')[-1]
 
 
