@@ -489,18 +489,18 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(f'{self.prog}: error: {message} (see --help)' if os.environ.get('RANK', '0') == '0' else 2)
 
 
-def number(kind, low, high=math.inf, below=False):  # an argparse type: a kind (int, float) in [low, high] (below:
-    def parse(text):                                  # [low, high)), else one line saying so
-        if not low <= (value := kind(text)) <= high or below and value == high:
+def number(kind, low, high=math.inf, below=False):  # an argparse type: a finite kind (int, float) in [low, high]
+    def parse(text):                                  # (below: [low, high)), else one line saying so
+        if not low <= (value := kind(text)) <= high or below and value == high or not math.isfinite(value):
             bounds = f'at least {low}' if high == math.inf else f"in [{low}, {high}{')' if below else ']'}"
-            raise argparse.ArgumentTypeError(f'must be {bounds}, got {text}')
+            raise argparse.ArgumentTypeError(f"must be {bounds if math.isfinite(value) else 'finite'}, got {text}")
         return value
     parse.__name__ = kind.__name__  # a word that is no number: argparse's "invalid float value: 'fast'"
     return parse
 
 
 COUNT, NATURAL, AMOUNT, FRACTION = number(int, 1), number(int, 0), number(float, 0), number(float, 0, 1)
-DROP = number(float, 0, 1, below=True)  # a drop-path rate: 1 would drop every block, and scale by 1 / 0
+BELOW_ONE = number(float, 0, 1, below=True)  # drop path (1 would drop every block, scale by 1 / 0), an EMA decay
 FLAGS = [  # (flag, argparse options, help); a default of None is filled from the dataset preset or the method default
     ('--input_size', dict(type=COUNT), 'image side in pixels'),
     ('--crop_scale', dict(type=FRACTION), 'smallest area fraction of the pretraining RandomResizedCrop'),
@@ -513,11 +513,11 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--weight_decay', dict(type=AMOUNT), 'weight decay'),
     ('--warmup_epochs', dict(type=AMOUNT), 'epochs of linear warmup (from 0; MaskFeat, MFM: from their start lr)'),
     ('--clip_grad', dict(type=AMOUNT), 'clip the global gradient norm of pretraining to this '
-     "(fine-tuning: unclipped, as MAE's); unset: no clipping"),
+     "(fine-tuning: unclipped, as MAE's); unset or 0: no clipping"),
     ('--data', dict(default='shapes', choices=['shapes', 'cifar10', 'cifar100', 'imagenet', 'folder']),
      'shapes: built in; cifar: its archive (downloaded), or an image folder; imagenet/folder: '
      '<data_path>/train/<class>/*, val/ or test/'),
-    ('--data_path', dict(default='./data'), 'dataset root'),
+    ('--data_path', dict(), 'dataset root (unset: ./data)'),
     ('--shapes_size', dict(type=COUNT), 'training images generated for --data shapes'),
     ('--cache', dict(action='store_true'),
      'decode images once into memory (resized, centre-cropped), a copy per process: small datasets'),
@@ -534,7 +534,7 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--ft_batch', dict(type=COUNT), "fine-tuning effective batch, reached by accumulation (default: pretraining's)"),
     ('--ft_warmup_epochs', dict(type=AMOUNT), 'fine-tuning warmup epochs'),
     ('--ft_weight_decay', dict(type=AMOUNT), 'fine-tuning weight decay'),
-    ('--ft_drop_path', dict(type=DROP), 'fine-tuning stochastic depth'),
+    ('--ft_drop_path', dict(type=BELOW_ONE), 'fine-tuning stochastic depth'),
     ('--layer_decay', dict(type=FRACTION), 'layer-wise lr decay: layer i of n gets lr * layer_decay^(n - i)'),
     ('--mixup', dict(type=AMOUNT), 'fine-tuning mixup alpha (0: off)'),
     ('--cutmix', dict(type=AMOUNT), 'fine-tuning cutmix alpha (0: off)'),
@@ -592,6 +592,10 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
             if v is not None and (k in FINETUNE or k.startswith('ft_')) and not args.finetune_epochs]
     idle += [('--shapes_size', 'it sizes --data shapes')] * (args.shapes_size is not None and args.data != 'shapes')
     idle += [('--cache', 'shapes are made in memory')] * (args.cache and args.data == 'shapes')
+    archive = args.data in CIFAR and not os.path.isdir(os.path.join(args.data_path or './data', 'train'))
+    idle += [('--cache', f"{args.data}'s archive is read into memory whole")] * (args.cache and archive)
+    idle += [('--data_path', '--data shapes is built in: add --data folder (or imagenet, cifar10) to read it')] * (
+        args.data_path is not None and args.data == 'shapes')
     idle += [('--compile', 'it compiles training steps; add --finetune_epochs N to compile the fine-tune')] * (
         args.compile and args.eval_only and not args.finetune_epochs)
     pretraining += ' epochs blr lr min_lr weight_decay warmup_epochs clip_grad crop_scale' + ' accum_iter' * (
@@ -599,6 +603,7 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
     skipped = [f'--{k}' for k in pretraining.split() if args.eval_only and getattr(args, k) is not None]
     if idle:  # a flag that changes nothing is refused, not ignored without a word
         parser.error(f'{idle[0][0]} would do nothing here: {idle[0][1]}')
+    args.data_path = './data' if args.data_path is None else args.data_path
     filled, workers = {**FINETUNE, **defaults, **presets.get(args.data, {})}, args.num_workers
     for key, value in {**filled, **recipe(args.model or filled['model'], args.data,
                                           args.input_size or filled['input_size'])}.items():
@@ -958,9 +963,9 @@ def clean_state_dict(state_dict):  # strip the `module.` (DDP) and `_orig_mod.` 
 NOT_IN_A_RESULT = {'resume', 'eval_only', 'output_dir', 'num_workers', 'device', 'save_freq', 'knn_k', 'probe_epochs',
                    'compile', 'rank', 'export_encoder', 'global_pool', 'resumed'}  # how a run goes or is evaluated,
 # not what it trains (global_pool: the kNN / probe feature; the fine-tuning ViT always pools; resumed: a record)
-RESUME_FREE = NOT_IN_A_RESULT | {'epochs', 'finetune_epochs', 'ft_batch', 'amp', 'batch_size',
-                                 'world_size', 'accum_iter', 'ft_accum_iter', *FINETUNE}  # a resume may change unwarned
-# (batch_size, world_size, accum_iter: how the effective batch is split; a change of its size or of the lr is warned)
+SPLIT = {'batch_size', 'world_size', 'accum_iter', 'ft_accum_iter'}  # how an effective batch is split: N processes = 1
+RESUME_FREE = NOT_IN_A_RESULT | SPLIT | {'epochs', 'finetune_epochs', 'ft_batch', 'amp', *FINETUNE}  # a resume may
+# change them unwarned (SPLIT: how the effective batch is split; a change of its size or of the lr is warned)
 
 
 def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCODER_KEYS, **extra_modules):
@@ -1288,9 +1293,11 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
                                'save_freq': sys.maxsize, 'accum_iter': accum, 'eff_batch_size': per_step * accum})
     ft.lr = args.ft_blr * per_step * accum / 256
     name = {'start': float(sum(v.double().sum() for v in state.values() if v.is_floating_point())),  # the weights,
-            **{k: v for k, v in plain(args).items() if k not in NOT_IN_A_RESULT}}  # the data and every setting
+            'ft_eff_batch_size': ft.eff_batch_size, **{k: v for k, v in plain(args).items() if k not in  # the data
+                                                       NOT_IN_A_RESULT | SPLIT}}  # and every setting but the split
     done, last = f'{ft.output_dir}/finetuned.pth', f'{ft.output_dir}/checkpoint-last.pth'
-    if os.path.isfile(done) and (finished := load_checkpoint(done)).get('name') == name:
+    names = {f: load_checkpoint(f).get('name') for f in (done, last) if os.path.isfile(f)}  # what each fine-tuned
+    if names.get(done) == name and (finished := load_checkpoint(done)):
         print(f"fine-tuned already ({done}): val top-1 {finished['top1']:.2f}%") if is_main() else None
         return finished['top1']
     classifier = build_classifier(len(train.classes)).to(args.device)
@@ -1316,11 +1323,14 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
     def top1(net):
         logits, labels = extract_features(net.eval(), val, args, 'fine-tuned val')
         return 100.0 * (logits.argmax(1) == labels).float().mean().item()
-    ft.resume = 'auto' if os.path.isfile(last) and load_checkpoint(last).get('name') == name else ''  # continued
+    ft.resume = 'auto' if names.get(last) == name else ''  # continued
     if not ft.resume and is_main() and glob.glob(f'{glob.escape(ft.output_dir)}/*.pth'):  # other weights or settings
         kept = next(f'{ft.output_dir}-{i}' for i in range(1, sys.maxsize) if not os.path.exists(f'{ft.output_dir}-{i}'))
         os.replace(ft.output_dir, kept)
-        print(f'note: {ft.output_dir} held a fine-tune of other weights or settings: moved to {kept}')
+        other = next((n for n in names.values() if isinstance(n, dict)), {})
+        differ = ['the pretrained weights' if k == 'start' else k for k in name if other.get(k, name[k]) != name[k]]
+        print(f"note: {ft.output_dir} held a fine-tune of other {', '.join(differ) or 'weights or settings'}: moved to "
+              f'{kept}')
     os.makedirs(ft.output_dir, exist_ok=True)
     top1s, start = {}, resume(ft, classifier, optimizer, settings['scaler'], **extra)
     for epoch in range(start, args.finetune_epochs):

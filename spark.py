@@ -21,6 +21,7 @@ Differences from the official code (each deliberate):
     max-pool; ConvNeXt: 1x1 patchify) for a downsample ratio of 8, a 4x4 mask grid at 32 px. Their decoder has
     log2(8) = 3 blocks and takes the 3 coarsest maps (the official code would densify the stride-1 map and never use
     it). CPU sizes: `resnet_mini_ds8` (Bottleneck [1,1,1,1], 16-128 planes), `convnext_atto_ds8` (ConvNeXt-V2 atto).
+    The `shapes` preset's values are ours: 16 epochs (warmup 1) at blr 0.04 with a 64-wide decoder.
  4. SyncBatchNorm (official `sbn`: the encoder's sparse BNs, the densify and decoder BNs in pretraining, every BN
     when fine-tuning) under torchrun on GPUs only: PyTorch has none on CPUs, where each process normalises its own
     batch, so CPU torchrun runs equal one process only approximately. Under accumulation (--accum_iter; in fine-tuning
@@ -105,11 +106,12 @@ def get_args_parser():
     parser.add_argument('--weight_decay_end', type=common.AMOUNT, help='weight decay at the end of the cosine (`wde`; '
                         'its 0, a constant wd there, is 0 here: give --weight_decay\'s value instead)')
     parser.add_argument('--decoder_width', type=common.COUNT, help='width of the first decoder block, halved per block')
-    parser.add_argument('--drop_path', type=common.DROP, help="backbone's drop path (default: its own; `dp`, "
+    parser.add_argument('--drop_path', type=common.BELOW_ONE, help="backbone's drop path (default: its own; `dp`, "
                         "but 0 is none here, where the official --dp 0 keeps the default)")
     parser.add_argument('--ft_repeated_aug', type=common.NATURAL,
                         help='fine-tuning: draws of each image per epoch (`rep_aug`)')
-    parser.add_argument('--ft_ema', type=common.FRACTION, help='fine-tuning: EMA decay of the network (`ema`; 0: none)')
+    parser.add_argument('--ft_ema', type=common.BELOW_ONE,
+                        help='fine-tuning: EMA decay of the network (`ema`; 0: none)')
     return parser
 
 

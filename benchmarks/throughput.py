@@ -116,10 +116,10 @@ def method_args(method, opts, output_dir):
         print(f'note: no --model fits {method}; it runs {model}')
     # the step mode reads no files: any existing folder passes the imagenet / folder presets' path check
     path = opts.data_path if opts.data_pipeline or os.path.isdir(opts.data_path) else ROOT
-    argv = ['--data', opts.data, '--data_path', path, '--model', model, '--input_size', str(opts.input_size),
+    argv = ['--data', opts.data, '--model', model, '--input_size', str(opts.input_size),
             '--amp', opts.amp, '--device', opts.device, '--seed', str(opts.seed), '--output_dir', output_dir]
     argv += ['--shapes_size', str(max(10, (opts.warmup + opts.steps) * (opts.batch_size or recipes[0]['batch_size'])))
-             ] if opts.data == 'shapes' else []  # the methods refuse it with other data (it would do nothing)
+             ] if opts.data == 'shapes' else ['--data_path', path]  # each the methods refuse with the other data
     argv += ['--batch_size', str(opts.batch_size)] if opts.batch_size else []
     argv += ['--num_workers', str(opts.num_workers)] if opts.num_workers is not None else []
     if method == 'maskfeat' and model.startswith('vit_'):  # its check wants HOG cells of half the patch (2x2 cells)

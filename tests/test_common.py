@@ -591,7 +591,7 @@ def test_help_shows_the_default_and_each_preset_value(capsys, monkeypatch):
 
 @pytest.mark.parametrize('method, flag, words', [('spark', '--min_lr', 'unset: 0.001 x the peak lr'),
                                                  ('spark', '--clip_grad', 'LAMB clips to 5'),
-                                                 ('mfm', '--clip_grad', 'unset: no clipping (default 3)'),
+                                                 ('mfm', '--clip_grad', 'unset or 0: no clipping (default 3)'),
                                                  ('maskfeat', '--min_lr', 'unset: 1e-6 x effective batch / 256')])
 def test_help_states_the_rule_of_a_value_made_at_run_time(method, flag, words, capsys):
     with pytest.raises(SystemExit):
@@ -799,8 +799,8 @@ def test_bad_flags_exit_with_one_line():
      ['--finetune_epochs', '1']),
     ('spark', ['--ft_ema', '0.999'], '--ft_ema would do nothing here', ['--finetune_epochs', '1']),
     ('mae', ['--eval_only', '--compile'], '--compile would do nothing here', ['--finetune_epochs', '1']),
-    ('mae', ['--shapes_size', '10', '--data', 'folder', '--data_path', '.'], '--shapes_size would do nothing here',
-     ['--data', 'shapes']),
+    ('mae', ['--shapes_size', '10', '--data', 'cifar10'], '--shapes_size would do nothing here', ['--data', 'shapes']),
+    ('mae', ['--data_path', '.'], '--data_path would do nothing here', ['--data', 'folder']),  # a forgotten --data
     ('mae', ['--cache', '--data', 'shapes'], '--cache would do nothing here: shapes are made in memory',
      ['--data', 'folder', '--data_path', '.'])])
 def test_a_flag_that_would_do_nothing_is_refused(method, flags, message, needed):  # each was ignored without a word
@@ -820,6 +820,8 @@ def test_eval_only_says_the_flags_of_the_pretraining_it_skips(capsys):  # each w
         assert 'skips pretraining' not in capsys.readouterr().out
     spark.parse_args(['--eval_only', '--weight_decay_end', '0.1'])
     assert 'so --weight_decay_end change(s) nothing' in capsys.readouterr().out
+    __import__('mfm').parse_args(['--eval_only', '--sample_ratio', '0.3'])
+    assert 'so --sample_ratio change(s) nothing' in capsys.readouterr().out
     hpm.parse_args(['--eval_only', '--accum_iter', '2'])
     assert 'so --accum_iter change(s) nothing' in capsys.readouterr().out
     assert hpm.parse_args(['--eval_only', '--accum_iter', '2', '--finetune_epochs', '1']).ft_accum_iter == 2  # its
@@ -865,6 +867,12 @@ def test_a_warmup_as_long_as_the_run_is_said(capsys):
     ('--finetune_epochs', '-1', 'argument --finetune_epochs: must be at least 0'),  # reported the untrained head
     ('--knn_k', '-5', 'argument --knn_k: must be at least 0'),
     ('--weight_decay', '-0.05', 'argument --weight_decay: must be at least 0'),
+    ('--warmup_epochs', 'inf', 'argument --warmup_epochs: must be finite, got inf'),  # the lr was 0 all run
+    ('--blr', 'inf', 'argument --blr: must be finite, got inf'),  # was a "non-finite loss" at step 1
+    ('--weight_decay', 'inf', 'argument --weight_decay: must be finite, got inf'),  # (that line said: a lower lr)
+    ('--blr', 'nan', 'argument --blr: must be finite, got nan'),
+    ('--data_path', '/datasets/imagenet', '--data_path would do nothing here: --data shapes is built in: add --data '
+     'folder'),  # a forgotten --data: the run trained on shapes
     ('--device', 'mps', '--device mps: use cpu, or cuda (cuda:N for one GPU of several); other backends (mps, xpu) are '
      'not supported'),  # each a traceback at the model's .to(device), or later
     ('--device', 'cpu:0', '--device cpu:0: use cpu, or cuda')])
@@ -892,7 +900,16 @@ def test_one_gpu_named_under_torchrun_is_refused_in_one_line(monkeypatch):  # it
     ('hpm', ['--alpha_final', '1.5'], 'argument --alpha_final: must be in [0, 1], got 1.5'),
     ('spark', ['--decoder_width', '7'], '--decoder_width must be at least 8 for resnet_mini_ds8'),
     ('spark', ['--drop_path', '-1'], 'argument --drop_path: must be in [0, 1), got -1'),
-    ('spark', ['--ft_ema', '1.5'], 'argument --ft_ema: must be in [0, 1], got 1.5')])
+    ('spark', ['--ft_ema', '1.5'], 'argument --ft_ema: must be in [0, 1), got 1.5'),
+    ('spark', ['--ft_ema', '1'], 'argument --ft_ema: must be in [0, 1), got 1'),  # the EMA never moved, yet reported
+    ('hpm', ['--ema_decay', '0.5', 'nan'], 'argument --ema_decay: must be finite, got nan'),  # NaN teacher, silently
+    ('hpm', ['--ema_decay', '0.5', '1'], 'argument --ema_decay: must be in [0, 1), got 1'),
+    ('hpm', ['--ema_ramp_epochs', '0'], '--ema_ramp_epochs must be positive, got 0'),
+    ('hpm', ['--ema_ramp_epochs', 'inf'], 'argument --ema_ramp_epochs: must be finite, got inf'),
+    ('maskfeat', ['--model', 'vit_tiny_patch5', '--input_size', '30'], 'vit_tiny_patch5 has patches of 5 px: MaskFeat '
+     'needs an even patch size'),  # was: "must be half the patch size 5 (use --hog_cell_size 2)"
+    ('mae', ['--data', 'cifar10', '--cache'], "--cache would do nothing here: cifar10's archive is read into memory"),
+])
 def test_a_method_size_or_value_that_cannot_work_is_refused_in_one_line(method, flags, words):
     with pytest.raises(SystemExit) as stop:
         __import__(method).parse_args(flags)

@@ -435,7 +435,8 @@ def test_resume_warns_of_another_effective_batch_not_of_another_split_of_it(tmp_
     import common, mae
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    parse = lambda *flags: mae.parse_args(['--model', 'vit_tiny_patch4', '--output_dir', str(tmp_path), *flags])
+    parse = lambda *flags: mae.parse_args(['--model', 'vit_tiny_patch4', '--data', 'cifar10', '--output_dir',
+                                           str(tmp_path), *flags])  # (CIFAR: a --data that reads --data_path)
     path = tmp_path / 'checkpoint-last.pth'
     torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': 0,
                 'args': common.plain(parse('--batch_size', '16'))}, path)

@@ -595,7 +595,7 @@ def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
     assert [line['finetune_epoch'] for line in read_log(f'{straight}/finetune')] == [0, 1]
     other = run_script('mae.py', flags + ['--ft_blr', '2e-3', '--output_dir', killed])  # another setting: afresh
     assert 'resumed from' not in other.stdout and not os.path.exists(last)
-    assert f'moved to {killed}/finetune-1' in other.stdout  # the interrupted fine-tune is kept, not overwritten
+    assert f'held a fine-tune of other ft_blr: moved to {killed}/finetune-1' in other.stdout  # kept, and why
     assert 'note: --eval_only without --resume: the "trained" weights are the random init' in other.stdout
     assert torch.load(f'{killed}/finetune-1/checkpoint-last.pth', weights_only=True)['epoch'] == 0
     assert [line['finetune_epoch'] for line in read_log(f'{killed}/finetune')] == [0, 1]
@@ -613,6 +613,9 @@ def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
     assert 'fine-tuned already' in again.stdout and f'{top1:.2f}%' in again.stdout
     assert 'fine-tuning epoch' not in again.stdout and 'resumed from' not in again.stdout
     assert os.stat(f'{killed}/finetune/finetuned.pth').st_mtime_ns == written
+    split = run_script('mae.py', flags + ['--batch_size', '4', '--accum_iter', '2', '--output_dir', killed])
+    assert 'fine-tuned already' in split.stdout  # the same effective batch split otherwise (N processes = 1): was
+    assert os.stat(f'{killed}/finetune/finetuned.pth').st_mtime_ns == written  # redone, the finished one moved aside
     assert [line['finetune_epoch'] for line in read_log(f'{killed}/finetune')] == [0, 1]
 
 
