@@ -868,7 +868,7 @@ def interrupt_said(where, output_dir, bar):
     try:
         yield
     except KeyboardInterrupt:
-        bar.close()
+        bar.close() if bar else None
         sys.exit(f'interrupted {where}: {kept(output_dir)}' + (
             ': continue with --resume auto' if 'intact' in kept(output_dir) else ''))
 
@@ -1163,14 +1163,15 @@ def evaluate(args, trained, build_random, eval_sets):
     torch.manual_seed(args.seed)  # the random-init baseline is the same network whatever happened before
     encoders = {'trained': trained, 'random_init': build_random().to(args.device)}
     results, num_classes = {}, len(eval_sets[0].classes) if eval_sets else 0
-    for name, encoder in encoders.items() if eval_sets and (args.knn_k or args.probe_epochs) else ():
-        (train_f, train_y), (val_f, val_y) = [extract_features(encoder.eval().features, s, args, f'{name} {split}')
-                                              for s, split in zip(eval_sets, ('train', 'val'))]
-        if args.knn_k and is_main():
-            results[f'{name}_knn_top1'] = knn_accuracy(train_f, train_y, val_f, val_y, num_classes, args.knn_k)
-        if args.probe_epochs and is_main():
-            results[f'{name}_probe_top1'] = linear_probe_accuracy(train_f, train_y, val_f, val_y, num_classes,
-                                                                  args.probe_epochs, args.seed)
+    with interrupt_said('in the evaluation', args.output_dir, None):  # (the kNN and the probe's fit too)
+        for name, encoder in encoders.items() if eval_sets and (args.knn_k or args.probe_epochs) else ():
+            (train_f, train_y), (val_f, val_y) = [extract_features(encoder.eval().features, s, args, f'{name} {split}')
+                                                  for s, split in zip(eval_sets, ('train', 'val'))]
+            if args.knn_k and is_main():
+                results[f'{name}_knn_top1'] = knn_accuracy(train_f, train_y, val_f, val_y, num_classes, args.knn_k)
+            if args.probe_epochs and is_main():
+                results[f'{name}_probe_top1'] = linear_probe_accuracy(train_f, train_y, val_f, val_y, num_classes,
+                                                                      args.probe_epochs, args.seed)
     k = min(args.knn_k, len(eval_sets[0]) if eval_sets else 0)  # as knn_accuracy: no more than the training images
     for metric, title in (('knn', f'kNN (k={k})'), ('probe', 'linear probe')):
         if found := [f'{n} {results[key]:.2f}%' for n in encoders if (key := f'{n}_{metric}_top1') in results]:

@@ -992,6 +992,16 @@ def test_ctrl_c_in_the_evaluation_says_in_one_line_what_is_kept(tmp_path):
     with pytest.raises(SystemExit, match=r'^interrupted in the evaluation: .*checkpoint-last.pth \(the last finished '
                                          r'epoch\) is intact: continue with --resume auto$'):
         common.extract_features(pressed, dataset, args)
+    dataset.classes = list(range(10))  # the probe's fit, after the features are extracted: the same line
+
+    def fit_pressed(*args):
+        raise KeyboardInterrupt
+    encoder = SimpleNamespace(eval=lambda: SimpleNamespace(features=lambda x: x.float().flatten(1)))
+    args.knn_k, args.probe_epochs = 0, 1
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit, match=r'^interrupted in the evaluation: '
+                                                                                r'.*continue with --resume auto$'):
+        patch.setattr(common, 'linear_probe_accuracy', fit_pressed)
+        common.evaluate(args, encoder, lambda: SimpleNamespace(to=lambda device: encoder), [dataset, dataset])
 
 
 @pytest.mark.parametrize('method,flags', [('mae', ['--mask_type', 'green']), ('hpm', []), ('maskfeat', []),
