@@ -996,9 +996,9 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
                 print('note: --eval_only without --resume: the "trained" weights are the random init')
             elif checkpoint is None and args.resume == 'auto':  # a typo in --output_dir shows here
                 print(f'note: --resume auto: no checkpoint-last.pth in {args.output_dir}, so the run starts afresh')
-        by = made.get('method', args.method) if isinstance(made := checkpoint and checkpoint.get('args'), dict) else \
-            args.method
-        source = path if by == args.method else f'{path} (made by {by}.py)'  # said where it does not fit
+        own = getattr(args, 'method', None)  # (a user's script may call resume with fewer arguments)
+        by = made.get('method', own) if isinstance(made := checkpoint and checkpoint.get('args'), dict) else own
+        source = path if by == own else f'{path} (made by {by}.py)'  # said where it does not fit
         if checkpoint and load_pretrained(model, state, source, encoder)[0] and is_main():  # (the decoder, often)
             print(f"note: the tensors missing from {path} keep their random init, in this run's pictures too")
         return 0
