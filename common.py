@@ -267,7 +267,7 @@ def read_cifar(name, root):
     try:  # (the files of the archive, md5-checked when extracted here: pickles, as torchvision reads them)
         splits = {'train': load([*map(unpickle, train_files)]), 'val': load([*map(unpickle, test_files)])}  # (N, 3072)
         return splits, [n.decode() for n in unpickle(meta_file)[names_key]]
-    except Exception as e:  # noqa: BLE001 (a damaged file fails in pickle, numpy or a missing key alike)
+    except (pickle.UnpicklingError, EOFError, KeyError, IndexError, TypeError, ValueError) as e:  # a damaged file
         sys.exit(f'error: {os.path.join(root, folder)} is damaged ({type(e).__name__}: {e}): delete that folder and '
                  f'run again to extract {archive} afresh')
 
@@ -323,7 +323,8 @@ def scan_folder(root, classes=None):
     Hidden class folders (.ipynb_checkpoints) and hidden files (macOS's ._x.jpg) are left out."""
     if classes is None:
         classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith('.'))
-        if classes and (loose := [f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS)]):
+        if classes and (loose := [f.name for f in os.scandir(root) if f.is_file() and not f.name.startswith('.') and
+                                  f.name.lower().endswith(IMAGE_EXTENSIONS)]):
             warnings.warn(f'{len(loose)} image(s) lie in {root} itself, outside its class folders: left out (as '
                           f'ImageFolder), e.g. {loose[0]}')
     paths, labels = [], []
@@ -485,15 +486,17 @@ class ArgumentParser(argparse.ArgumentParser):
         self.models = ' or '.join(['a ViT: vit_<tiny|small|base|large|huge>_patch<p>'] * vit +
                                   ['one of ' + ', '.join(convnets)] * (len(convnets) > 0))
 
-    def error(self, message):  # one line, no usage block, no traceback; under torchrun from rank 0 only
-        sys.exit(f'{self.prog}: error: {message} (see --help)' if os.environ.get('RANK', '0') == '0' else 2)
+    def error(self, message):  # one line, no usage block, no traceback; under torchrun once per node (a check can
+        # fail on one node only: its --data_path, its GPUs)
+        sys.exit(f'{self.prog}: error: {message} (see --help)' if os.environ.get('LOCAL_RANK', '0') == '0' else 1)
 
 
 def number(kind, low, high=math.inf, below=False):  # an argparse type: a finite kind (int, float) in [low, high]
     def parse(text):                                  # (below: [low, high)), else one line saying so
-        if not low <= (value := kind(text)) <= high or below and value == high or not math.isfinite(value):
+        finite = not isinstance(value := kind(text), float) or math.isfinite(value)  # (an int of any size is)
+        if not (finite and low <= value <= high) or below and value == high:
             bounds = f'at least {low}' if high == math.inf else f"in [{low}, {high}{')' if below else ']'}"
-            raise argparse.ArgumentTypeError(f"must be {bounds if math.isfinite(value) else 'finite'}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {bounds if finite else 'finite'}, got {text}")
         return value
     parse.__name__ = kind.__name__  # a word that is no number: argparse's "invalid float value: 'fast'"
     return parse
@@ -513,7 +516,7 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--weight_decay', dict(type=AMOUNT), 'weight decay'),
     ('--warmup_epochs', dict(type=AMOUNT), 'epochs of linear warmup (from 0; MaskFeat, MFM: from their start lr)'),
     ('--clip_grad', dict(type=AMOUNT), 'clip the global gradient norm of pretraining to this '
-     "(fine-tuning: unclipped, as MAE's); unset or 0: no clipping"),
+     "(fine-tuning: unclipped, as MAE's); 0, or unset without a default: no clipping"),
     ('--data', dict(default='shapes', choices=['shapes', 'cifar10', 'cifar100', 'imagenet', 'folder']),
      'shapes: built in; cifar: its archive (downloaded), or an image folder; imagenet/folder: '
      '<data_path>/train/<class>/*, val/ or test/'),
@@ -868,7 +871,7 @@ def interrupt_said(where, output_dir, bar):
     try:
         yield
     except KeyboardInterrupt:
-        bar.close() if bar else None
+        bar.close() if bar is not None else None
         sys.exit(f'interrupted {where}: {kept(output_dir)}' + (
             ': continue with --resume auto' if 'intact' in kept(output_dir) else ''))
 
@@ -963,7 +966,8 @@ def clean_state_dict(state_dict):  # strip the `module.` (DDP) and `_orig_mod.` 
 NOT_IN_A_RESULT = {'resume', 'eval_only', 'output_dir', 'num_workers', 'device', 'save_freq', 'knn_k', 'probe_epochs',
                    'compile', 'rank', 'export_encoder', 'global_pool', 'resumed'}  # how a run goes or is evaluated,
 # not what it trains (global_pool: the kNN / probe feature; the fine-tuning ViT always pools; resumed: a record)
-SPLIT = {'batch_size', 'world_size', 'accum_iter', 'ft_accum_iter'}  # how an effective batch is split: N processes = 1
+SPLIT = {'batch_size', 'world_size', 'accum_iter', 'ft_accum_iter'}  # how an effective batch is split (pretraining:
+# N processes equal one)
 RESUME_FREE = NOT_IN_A_RESULT | SPLIT | {'epochs', 'finetune_epochs', 'ft_batch', 'amp', *FINETUNE}  # a resume may
 # change them unwarned (SPLIT: how the effective batch is split; a change of its size or of the lr is warned)
 
@@ -1095,7 +1099,8 @@ def load_pretrained(model, state, source, required=None):
     if required and (lacking := [k for k in own if required(k) and (k in missing or k in unused)]):
         sys.exit(f'error: {source} does not fit this network: {len(lacking)} of its {sum(map(required, own))} encoder '
                  f'tensors do not load ({mismatches(own, state, lacking)}); the file holds {len(state)} tensors: '
-                 f'{count(state) or "none"}: pass the --model (and sizes) it was made with')
+                 f'{count(state) or "none"}: pass the --model (and sizes) it was made with, to the method file that '
+                 f'made it')
     if is_main():  # keys counted by their first name: 'decoder_blocks (96)'
         print(f'loaded {source}: missing {count(missing) or "none"}; unused {count(unexpected + unused) or "none"}'
               + resized)
@@ -1294,12 +1299,14 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
                                'save_freq': sys.maxsize, 'accum_iter': accum, 'eff_batch_size': per_step * accum})
     ft.lr = args.ft_blr * per_step * accum / 256
     name = {'start': float(sum(v.double().sum() for v in state.values() if v.is_floating_point())),  # the weights,
-            'ft_eff_batch_size': ft.eff_batch_size, **{k: v for k, v in plain(args).items() if k not in  # the data
-                                                       NOT_IN_A_RESULT | SPLIT}}  # and every setting but the split
+            **{k: v for k, v in plain(args).items() if k not in NOT_IN_A_RESULT}}  # the data and every setting
     done, last = f'{ft.output_dir}/finetuned.pth', f'{ft.output_dir}/checkpoint-last.pth'
     names = {f: load_checkpoint(f).get('name') for f in (done, last) if os.path.isfile(f)}  # what each fine-tuned
-    if names.get(done) == name and (finished := load_checkpoint(done)):
-        print(f"fine-tuned already ({done}): val top-1 {finished['top1']:.2f}%") if is_main() else None
+    same, split = finetune_identity(name), lambda n: '{} x {} x {} process(es)'.format(
+        *(n.get(k) for k in ('batch_size', 'ft_accum_iter', 'world_size')))
+    if finetune_identity(names.get(done)) == same and (finished := load_checkpoint(done)):
+        other = f", its batch split as {split(finished['name'])}" * (split(finished['name']) != split(name))
+        print(f"fine-tuned already ({done}{other}): val top-1 {finished['top1']:.2f}%") if is_main() else None
         return finished['top1']
     classifier = build_classifier(len(train.classes)).to(args.device)
     load_pretrained(classifier, state, 'the pretrained encoder into the classifier',
@@ -1324,12 +1331,13 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
     def top1(net):
         logits, labels = extract_features(net.eval(), val, args, 'fine-tuned val')
         return 100.0 * (logits.argmax(1) == labels).float().mean().item()
-    ft.resume = 'auto' if names.get(last) == name else ''  # continued
+    ft.resume = 'auto' if finetune_identity(names.get(last)) == same else ''  # continued
     if not ft.resume and is_main() and glob.glob(f'{glob.escape(ft.output_dir)}/*.pth'):  # other weights or settings
         kept = next(f'{ft.output_dir}-{i}' for i in range(1, sys.maxsize) if not os.path.exists(f'{ft.output_dir}-{i}'))
         os.replace(ft.output_dir, kept)
-        other = next((n for n in names.values() if isinstance(n, dict)), {})
-        differ = ['the pretrained weights' if k == 'start' else k for k in name if other.get(k, name[k]) != name[k]]
+        other = next((i for n in names.values() if (i := finetune_identity(n))), {})
+        differ = [{'start': 'the pretrained weights', 'ft_batch_made': 'fine-tuning batch'}.get(k, k) for k in same
+                  if other.get(k, same[k]) != same[k]]
         print(f"note: {ft.output_dir} held a fine-tune of other {', '.join(differ) or 'weights or settings'}: moved to "
               f'{kept}')
     os.makedirs(ft.output_dir, exist_ok=True)
@@ -1353,6 +1361,13 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
         for leftover in glob.glob(f'{glob.escape(ft.output_dir)}/checkpoint-*.pth'):  # last and numbered
             os.remove(leftover)
     return best
+
+
+def finetune_identity(name):  # what a fine-tune's result is of: not how its batch is split (which changes only each
+    # micro-batch's own mixup draws and BatchNorm statistics), nor pretraining's lr and batch, which `start` stands for
+    if isinstance(name, dict):  # (names saved before the split was left out compare alike)
+        batch = name.get('batch_size', 0) * name.get('world_size', 1) * name.get('ft_accum_iter', 1)
+        return {**{k: v for k, v in name.items() if k not in SPLIT | {'lr', 'eff_batch_size'}}, 'ft_batch_made': batch}
 
 
 def export_encoder(args, state):  # --export_encoder: the encoder alone, timm names, as the papers release it

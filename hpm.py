@@ -105,6 +105,9 @@ def parse_args(argv=None):
                      f'{args.decoder_num_heads} heads')
     if args.ema_ramp_epochs == 0:  # (--ema_decay's values: each in [0, 1), by its type)
         parser.error('--ema_ramp_epochs must be positive, got 0')
+    if args.finetune_epochs and common.VIT_NAME.fullmatch(args.model)[1] not in ('base', 'large') and args.rank == 0:
+        print(f'note: HPM has fine-tuning scripts for ViT-B and ViT-L only (equal but for the batch): {args.model} '
+              'fine-tunes with their values (ft_blr 5e-4, layer_decay 0.8, each unless given)')
     if args.data == 'imagenet' and args.epochs != 200 and args.rank == 0:  # the batch is PRETRAIN.md's 200 epochs'
         print(f"note: --epochs {args.epochs} at PRETRAIN.md's 200-epoch batch of {args.eff_batch_size}; the official "
               f"800-epoch script (pretrain_base.sh) trains at 256: 8 processes x --batch_size 32 x --accum_iter 1")

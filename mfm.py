@@ -36,10 +36,10 @@ Differences from the paper and the official code (each deliberate):
     kNN / probe 11.1 / 15.4 (random init 10.2 / 11.6) vs 10.8 / 13.5 (random init 11.8 / 13.0) with the official init,
     which leaves a small ViT almost no position signal in a short run. ImageNet presets keep the official init.
     The `shapes` preset's blr is ours too: 1.5e-3 (10x), 6e-3 for the ResNet, with 1 warmup epoch.
-10. Fine-tuning is common.finetune (layer decay 0.8, lr 1e-3 per 256, the official 8e-3 at 2048). The ViT is common's
-    ViTClassifier, loaded through timm_layout: its k bias starts at 0 and then trains (BEiT keeps it at 0). ResNets
-    get timm's `fc` on the pooled last stage and the same recipe without layer decay or drop path: the official
-    ResNet-50 recipe is timm's training script, outside the repository.
+10. Fine-tuning is common.finetune (layer decay 0.8, lr 1e-3 per 256, the official 8e-3 at 2048; ViT-S's config too).
+    The ViT is common's ViTClassifier, loaded through timm_layout: its k bias starts at 0 and then trains (BEiT keeps
+    it at 0). ResNets get timm's `fc` on the pooled last stage and the same recipe without layer decay or drop path:
+    the official ResNet-50 recipe is timm's training script, outside the repository.
 
 Expected result (built-in shapes, 32 px, 8 epochs, 2-core AMD EPYC CPU; kNN / linear-probe top-1, pretrained vs
 random init): `python mfm.py` (ViT-Ti/4) 10.9 / 14.2 vs 10.2 / 11.6 in 8.4 minutes; `python mfm.py --model
@@ -112,6 +112,9 @@ def parse_args(argv=None):
     if args.finetune_epochs and resnet and args.rank == 0:  # difference 10, said at the start
         print("note: MFM's ResNet-50 fine-tuning is timm's training script, outside its repository: this one is the "
               'ViT recipe without layer decay or drop path (difference 10)')
+    elif args.finetune_epochs and common.VIT_NAME.fullmatch(args.model)[1] not in ('small', 'base') and args.rank == 0:
+        print(f"note: MFM's fine-tuning configs are ViT-S's and ViT-B's (equal but for their epochs): {args.model} "
+              'fine-tunes with their values (ft_blr 1e-3, layer_decay 0.8, each unless given)')
     return args
 
 

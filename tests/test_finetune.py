@@ -614,8 +614,10 @@ def test_finetune_killed_after_an_epoch_continues_to_the_same_weights(tmp_path):
     assert 'fine-tuning epoch' not in again.stdout and 'resumed from' not in again.stdout
     assert os.stat(f'{killed}/finetune/finetuned.pth').st_mtime_ns == written
     split = run_script('mae.py', flags + ['--batch_size', '4', '--accum_iter', '2', '--output_dir', killed])
-    assert 'fine-tuned already' in split.stdout  # the same effective batch split otherwise (N processes = 1): was
+    assert 'fine-tuned already (' in split.stdout and 'its batch split as 8 x 1 x 1 process(es))' in split.stdout  # was
     assert os.stat(f'{killed}/finetune/finetuned.pth').st_mtime_ns == written  # redone, the finished one moved aside
+    smaller = run_script('mae.py', flags + ['--batch_size', '4', '--output_dir', killed])  # batch 4: another fine-tune
+    assert 'held a fine-tune of other fine-tuning batch: moved to' in smaller.stdout
     assert [line['finetune_epoch'] for line in read_log(f'{killed}/finetune')] == [0, 1]
 
 

@@ -372,7 +372,9 @@ def test_a_model_without_an_official_fine_tuning_row_says_whose_it_takes(capsys)
              (maskfeat, 'vit_huge_patch14', "vit_huge_patch14 fine-tunes with ViT-B's row (ft_blr 1e-3"),
              (spark, 'convnext_atto_ds8', "no convnext_atto_ds8 row: it fine-tunes with convnext_small's"),
              (spark, 'resnet_mini_ds8', "no resnet_mini_ds8 row: it fine-tunes with resnet50's"),
-             (mfm, 'resnet_tiny', "MFM's ResNet-50 fine-tuning is timm's training script")]
+             (mfm, 'resnet_tiny', "MFM's ResNet-50 fine-tuning is timm's training script"),
+             (mfm, 'vit_large_patch16', "vit_large_patch16 fine-tunes with their values (ft_blr 1e-3, layer_decay 0.8"),
+             (hpm, 'vit_small_patch16', "vit_small_patch16 fine-tunes with their values (ft_blr 5e-4, layer_decay 0.8")]
     for method, model, said in cases:
         size = '32' if model.endswith('ds8') or model == 'resnet_tiny' else '224'
         method.parse_args(['--model', model, '--input_size', size, '--finetune_epochs', '1'])
@@ -380,7 +382,7 @@ def test_a_model_without_an_official_fine_tuning_row_says_whose_it_takes(capsys)
         method.parse_args(['--model', model, '--input_size', size])  # no fine-tune: nothing to say
         assert 'fine-tunes' not in (out := capsys.readouterr().out) and "timm's training" not in out, model
     for method, model in ((mae, 'vit_huge_patch14'), (maskfeat, 'vit_large_patch16'), (spark, 'resnet101'),
-                          (mfm, 'vit_base_patch16'), (hpm, 'vit_small_patch16')):
+                          (mfm, 'vit_base_patch16'), (mfm, 'vit_small_patch16'), (hpm, 'vit_large_patch16')):
         method.parse_args(['--model', model, '--input_size', '224', '--finetune_epochs', '1'])
         assert 'fine-tunes with' not in (out := capsys.readouterr().out) and "timm's training" not in out, model
 
