@@ -105,7 +105,7 @@ def test_eval_only_load_stops_when_encoder_tensors_do_not_load(tmp_path, monkeyp
         message = str(stop.value.code)
         assert message.startswith('error: ') and 'does not fit this network' in message and '\n' not in message
         assert re.search(expected, message), message
-        assert message.endswith('pass the --model (and sizes) it was made with')
+        assert message.endswith('pass the --model (and sizes) it was made with, to the method file that made it')
     classifier = common.ViTClassifier(5, 16, **common.vit_config('vit_tiny_patch4')).state_dict()  # finetuned.pth's
     with pytest.raises(SystemExit, match=r'is a fine-tuned classifier \(it has a head\), not pretrained weights'):
         resume_eval_only(seeded(2, tiny_mae), {'model': classifier}, tmp_path, monkeypatch)  # was: "pass the --model"
