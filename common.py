@@ -599,6 +599,10 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
     idle += [('--cache', f"{args.data}'s archive is read into memory whole")] * (args.cache and archive)
     idle += [('--data_path', '--data shapes is built in: add --data folder (or imagenet, cifar10) to read it')] * (
         args.data_path is not None and args.data == 'shapes')
+    pool = getattr(args, 'global_pool', None)  # (a ViT method's flag)
+    idle += [(f"--{'no-' * (pool is False)}global_pool", 'it picks the kNN / probe feature, and --knn_k 0 '
+              '--probe_epochs 0 turn both off (the fine-tuning ViT always pools)')] * (
+        pool is not None and args.knn_k == 0 and args.probe_epochs == 0)
     idle += [('--compile', 'it compiles training steps; add --finetune_epochs N to compile the fine-tune')] * (
         args.compile and args.eval_only and not args.finetune_epochs)
     pretraining += ' epochs blr lr min_lr weight_decay warmup_epochs clip_grad crop_scale' + ' accum_iter' * (

@@ -70,6 +70,10 @@ def method_flags(method, opts, data):  # one row of METHODS: the budget every me
 RANDOM_INIT_FINETUNE = ['--eval_only', '--knn_k', '0', '--probe_epochs', '0']  # no --resume: the untrained network
 
 
+def random_init_flags(method, opts, data):  # the same run, fine-tuning only: no kNN / probe feature to pick
+    return [f for f in method_flags(method, opts, data) if f != '--global_pool'] + RANDOM_INIT_FINETUNE
+
+
 def run(method, flags, output_dir):  # method: a row of METHODS, run by its file (mae_green: mae.py)
     """Run `python <method>.py flags`, its output to output_dir/stdout.txt -> (the log.txt lines, seconds). A run that
     finished before (output_dir/done.json) is read back, not repeated: delete its folder to run it again."""
@@ -116,8 +120,7 @@ def main(argv=None):
         print(f'{method}: {rows[method]}, {seconds[method]:.0f} s', flush=True)
     for method in [m for m in opts.methods if m != 'mae_green']:  # fine-tuning from random weights: --eval_only
         name = f'{method}_random'  # without --resume, nothing else
-        log, seconds[name] = run(method, method_flags(method, opts, data) + RANDOM_INIT_FINETUNE,
-                                 os.path.join(opts.output_dir, name))
+        log, seconds[name] = run(method, random_init_flags(method, opts, data), os.path.join(opts.output_dir, name))
         rows[method]['random_init_finetune'] = summary(log)['finetune']
     if 'mae_green' in rows:  # the same network and initialisation as mae's
         rows['mae_green']['random_init_finetune'] = rows.get('mae', {}).get('random_init_finetune')

@@ -803,6 +803,8 @@ def test_bad_flags_exit_with_one_line():
     ('mae', ['--eval_only', '--compile'], '--compile would do nothing here', ['--finetune_epochs', '1']),
     ('mae', ['--shapes_size', '10', '--data', 'cifar10'], '--shapes_size would do nothing here', ['--data', 'shapes']),
     ('mae', ['--data_path', '.'], '--data_path would do nothing here', ['--data', 'folder']),  # a forgotten --data
+    ('hpm', ['--no-global_pool', '--knn_k', '0', '--probe_epochs', '0'], '--no-global_pool would do nothing here: it '
+     'picks the kNN / probe feature', ['--probe_epochs', '1']),
     ('mae', ['--cache', '--data', 'shapes'], '--cache would do nothing here: shapes are made in memory',
      ['--data', 'folder', '--data_path', '.'])])
 def test_a_flag_that_would_do_nothing_is_refused(method, flags, message, needed):  # each was ignored without a word
