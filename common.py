@@ -871,13 +871,13 @@ def kept(output_dir):  # what a stopped run leaves
 
 
 @contextmanager
-def interrupt_said(where, output_dir, bar):
+def interrupt_said(where, output_dir, bar=None):  # Ctrl-C: one line saying what is kept, not a traceback
     try:
         yield
     except KeyboardInterrupt:
         bar.close() if bar is not None else None
-        sys.exit(f'interrupted {where}: {kept(output_dir)}' + (
-            ': continue with --resume auto' if 'intact' in kept(output_dir) else ''))
+        left = kept(output_dir)
+        sys.exit(f'interrupted {where}: {left}' + ': continue with --resume auto' * ('intact' in left))
 
 
 def peak_resident_memory():  # bytes, the most this process has held: Linux counts KiB, macOS bytes; Windows: None
@@ -1004,9 +1004,8 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
                 print('note: --eval_only without --resume: the "trained" weights are the random init')
             elif checkpoint is None and args.resume == 'auto':  # a typo in --output_dir shows here
                 print(f'note: --resume auto: no checkpoint-last.pth in {args.output_dir}, so the run starts afresh')
-        own = getattr(args, 'method', None)  # (a user's script may call resume with fewer arguments)
-        by = made.get('method', own) if isinstance(made := checkpoint and checkpoint.get('args'), dict) else own
-        source = path if by == own else f'{path} (made by {by}.py)'  # said where it does not fit
+        by = made.get('method') if isinstance(made := checkpoint and checkpoint.get('args'), dict) else None  # named
+        source = f'{path} (made by {by}.py)' if by not in (None, getattr(args, 'method', None)) else path  # if another
         if checkpoint and load_pretrained(model, state, source, encoder)[0] and is_main():  # (the decoder, often)
             print(f"note: the tensors missing from {path} keep their random init, in this run's pictures too")
         return 0
@@ -1172,7 +1171,7 @@ def evaluate(args, trained, build_random, eval_sets):
     torch.manual_seed(args.seed)  # the random-init baseline is the same network whatever happened before
     encoders = {'trained': trained, 'random_init': build_random().to(args.device)}
     results, num_classes = {}, len(eval_sets[0].classes) if eval_sets else 0
-    with interrupt_said('in the evaluation', args.output_dir, None):  # (the kNN and the probe's fit too)
+    with interrupt_said('in the evaluation', args.output_dir):  # (the kNN and the probe's fit too)
         for name, encoder in encoders.items() if eval_sets and (args.knn_k or args.probe_epochs) else ():
             (train_f, train_y), (val_f, val_y) = [extract_features(encoder.eval().features, s, args, f'{name} {split}')
                                                   for s, split in zip(eval_sets, ('train', 'val'))]
