@@ -30,7 +30,7 @@ Differences from the official code (each deliberate):
  4. Schedule: lr = blr * effective batch / 256 with blr 2e-4 (SOLVER.BASE_LR 2e-4 at the config's TRAIN.BATCH_SIZE
     256 per shard, scaled by the number of shards; `--data imagenet` is the paper's 8 shards, 2048).
     WARMUP_START_LR = COSINE_END_LR = 1e-6 are scaled alike (defaults.py scales all three by NUM_SHARDS): --min_lr
-    defaults to 1e-6 * effective batch / 256, 8e-6 at the preset's 2048.
+    sets both (the config keeps them equal), by default 1e-6 * effective batch / 256, 8e-6 at the preset's 2048.
  5. bf16 autocast by default where supported, fine-tuning too (SlowFast pretrains and fine-tunes in fp32:
     TRAIN.MIXED_PRECISION False; --amp none).
     The HOG target and the loss are always computed in fp32.
@@ -119,7 +119,7 @@ def recipe(model, data, input_size):  # HOG cells of half the patch (difference 
 
 def get_args_parser():
     parser = common.get_args_parser('MaskFeat pretraining, then kNN / linear-probe evaluation',
-                                    min_lr='unset: 1e-6 x effective batch / 256 (difference 4)')
+                                    min_lr='the warmup start lr too; unset: 1e-6 x eff. batch / 256 (difference 4)')
     parser.add_argument('--mask_ratio', type=float, help='fraction of patches to mask in blocks (AUG.MASK_RATIO)')
     parser.add_argument('--hog_cell_size', type=common.COUNT, help='HOG cell side in pixels, half the patch size')
     return parser

@@ -26,6 +26,8 @@ Differences from the paper and the official code (each deliberate):
     fine-tuning one alike, from and to lr/8000 (WARMUP_LR = MIN_LR = 2.5e-7 at BASE_LR 2e-3), these two shared by
     every layer (not scaled by the layer decay); timm is stepped after each optimizer step, at the index of its last
     micro-batch, so each step takes the lr of the micro-batch before its own first one (step 0: the warmup lr).
+    With accumulation the summed gradient is clipped once per step (as MAE's); main_mfm.py's ACCUMULATION_STEPS branch
+    clips the running sum after each micro-batch, a path no official config takes (the 2048 batch is 16 GPUs x 128).
  6. bf16 autocast by default where supported (the official code uses apex O1); the FFTs and the loss run in fp32.
  7. Evaluation (kNN, linear probe; see common.py) on the mean of the patch tokens (--global_pool on: MFM fine-tunes
     so, and the cls output gets no gradient in pretraining), or a ResNet's global average pool.
