@@ -119,7 +119,7 @@ def recipe(model, data, input_size):  # HOG cells of half the patch (difference 
 
 def get_args_parser():
     parser = common.get_args_parser('MaskFeat pretraining, then kNN / linear-probe evaluation',
-                                    min_lr='the warmup start lr too; unset: 1e-6 x eff. batch / 256 (difference 4)')
+                                    min_lr='also the warmup start; unset: 1e-6 x effective batch / 256 (difference 4)')
     parser.add_argument('--mask_ratio', type=float, help='fraction of patches to mask in blocks (AUG.MASK_RATIO)')
     parser.add_argument('--hog_cell_size', type=common.COUNT, help='HOG cell side in pixels, half the patch size')
     return parser
