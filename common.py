@@ -434,14 +434,15 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Shorter side to size / crop_pct (bicubic), centre crop; crop_pct 0.875 above 64 px, 1.0 (CIFAR) below."""
+    """Shorter side to size / crop_pct (bicubic), centre crop, as torchvision's Resize + CenterCrop. crop_pct is MAE's
+    (util/datasets.py: 224/256 up to 224 px, 1.0 above), except at 64 px and below (CIFAR), where it is 1.0 (ours)."""
     def __init__(self, size, crop_pct=None):
-        self.size, self.crop_pct = size, crop_pct or (0.875 if size > 64 else 1.0)
+        self.size, self.crop_pct = size, crop_pct or (0.875 if 64 < size <= 224 else 1.0)
 
     def __call__(self, img, rng=None):
         (w, h), short = img.size, int(self.size / self.crop_pct)
-        w, h = (short, round(h * short / w)) if w <= h else (round(w * short / h), short)
-        left, top = (w - self.size) // 2, (h - self.size) // 2
+        w, h = (short, int(h * short / w)) if w <= h else (int(w * short / h), short)  # torchvision: long side floored,
+        left, top = int(round((w - self.size) / 2)), int(round((h - self.size) / 2))  # offsets half-even
         return to_uint8_tensor(img.resize((w, h), Image.BICUBIC).crop((left, top, left + self.size, top + self.size)))
 
 
@@ -551,7 +552,8 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
 
 
 FINETUNE = dict(ft_blr=1e-3, ft_warmup_epochs=5, ft_weight_decay=0.05, ft_drop_path=0.1, layer_decay=0.75, mixup=0.8,
-                cutmix=1.0, smoothing=0.1, reprob=0.25)  # MAE's main_finetune.py; each method's recipe overrides
+                cutmix=1.0, smoothing=0.1, reprob=0.25)  # MAE's main_finetune.py defaults, but mixup / cutmix are
+# FINETUNE.md's command values (the argparse's are 0); each method's recipe overrides
 
 
 def get_args_parser(description, convnets=(), vit=True, **rules):

@@ -35,11 +35,17 @@ Differences from the official code (each deliberate):
     the small decoder, as here).
  5. bf16 autocast by default where supported (official: fp16); the loss predictor's P outputs are averaged in fp32,
     as bf16 ties up to a sixth of a 224-px image's predicted losses, which the hard-patch ranking breaks by index.
-    kNN and linear probe as in mae.py.
+    The relative loss is in fp32 too (under the official fp16 autocast, 1 - sigmoid(s_j - s_i) is 0 above about 8).
+    kNN and linear probe as in mae.py (not scripts/linprob.sh: LARS, blr 1e-3, batch 2048, 100 epochs, 10 warmup).
  6. Fine-tuning is common.finetune with scripts/finetune_base.sh's values (layer decay 0.8, blr 5e-4, batch 384;
     finetune_large.sh's batch 512 for ViT-L); --teacher evaluates, fine-tunes and exports the EMA teacher instead of
     the student (main_finetune.py --teacher). The teacher's EMA covers every float tensor of the state dict, as timm's
     ModelEma, updated after each optimizer step (not on accumulation-only iterations), as engine_pretrain.py.
+ 7. Resume continues at the epoch after the last one saved; the official checkpoint stores epoch + 1 and
+    misc.load_model adds 1 again, so an official resume skips an epoch.
+ 8. Only the paper's configuration is built (--learning_loss --relative, pixel targets, random + hard masks): the
+    official code's MSE loss predictor (no --relative), --learn_feature_loss (CLIP / DINO targets), --vis_mask_ratio
+    and --mask_regular / --mask_block are not implemented.
 
 Expected result (`python hpm.py`, built-in shapes, 32 px, ViT-Ti/4, 5 epochs, 2-core AMD EPYC CPU; kNN / linear-probe
 top-1): 16.8 / 27.1 pretrained vs 10.7 / 15.8 at random init, 4.8 minutes (README table; gradient clipping at 5).

@@ -11,12 +11,14 @@ Differences from the official code (each deliberate):
     torch.rand on the GPU; the masking itself (argsort of the noise, keep the first K) is the official one. This is
     what makes resume exact and N processes equal one. `MAE.forward(imgs, mask_ratio, noise=None)` still draws it
     like the official code when no noise is given.
- 2. Defaults are the paper's recipe (PRETRAIN.md: norm-pix on, blr 1.5e-4, effective batch 4096 through --accum_iter,
-    800 epochs for --data imagenet), not main_pretrain.py's argparse defaults. The decoder's width, depth and heads
-    are flags (official 512 / 8 / 16), so small presets can shrink it.
+ 2. Defaults follow PRETRAIN.md where it and main_pretrain.py's argparse differ: norm-pix on and blr 1.5e-4 always;
+    --data imagenet also takes its ViT-L, 800 epochs and effective batch 4096 (through --accum_iter). Other data keep
+    the argparse's 400 epochs and batch 64 per process, with ViT-B (argparse: ViT-L). The decoder's width, depth and
+    heads are flags (official 512 / 8 / 16), so small presets can shrink it.
  3. bf16 autocast by default where supported (the official code uses fp16 + GradScaler); --amp fp16 or none.
- 4. The linear probe trains SGD on features extracted once without augmentation (common.linear_probe_accuracy)
-    rather than LARS at batch 16384 on augmented images, and a kNN evaluation (DINO protocol) is added.
+ 4. The linear probe trains SGD (cosine, no warmup) on features extracted once without augmentation
+    (common.linear_probe_accuracy) rather than LARS at batch 16384 on augmented images with 10 warmup epochs
+    (main_linprobe.py), and a kNN evaluation (DINO protocol) is added.
  5. Fine-tuning (--finetune_epochs N; with --eval_only --resume FILE for a released encoder) is common.finetune:
     main_finetune.py with FINETUNE.md's row of the encoder's size (ViT-B, L, H; smaller ViTs take ViT-B's); its
     differences are listed there.
@@ -30,7 +32,9 @@ Differences from the official code (each deliberate):
     gives sample i pattern i; (c) its per-window division by the maximum is left out: it does not change the order.
  7. The 32-px presets are ours (the official code has no small-image recipe): `shapes` trains a ViT-Ti/4 for 7 epochs
     (warmup 1) at blr 1.5e-3 (10x) with a 128-wide decoder of 2 blocks and 4 heads, and its kNN and probe read the
-    mean patch token (--global_pool; the official probe reads the cls token); CIFAR is ViT-S/4 at the other defaults.
+    mean patch token after the pretrained final norm (--global_pool; the official probe reads the cls token, or with
+    --global_pool a fresh LayerNorm of the raw mean); CIFAR is ViT-S/4 at the other defaults. At 64 px and below
+    the eval transform only centre-crops (the official 224/256 rule would resize 32 px images to 36 first).
 
 Expected result (`python mae.py`, built-in shapes, 32 px, ViT-Ti/4, 2-core AMD EPYC CPU): see the README table
 (kNN and linear probe of the pretrained vs the randomly initialised encoder): 15.9 / 28.8 vs 11.2 / 14.7, 3.7 minutes.

@@ -76,14 +76,24 @@ def test_train_transform_is_a_function_of_the_generator():
     assert common.EvalTransform(16)(img).shape == (3, 16, 16)
 
 
-@pytest.mark.parametrize('size, shape, window', [(224, (256, 320), (16, 48)), (32, (40, 32), (4, 0))])
-def test_eval_transform_is_the_resize_then_centre_crop_of_timm(size, shape, window):
-    """MAE's eval transform: shorter side to size / 0.875 (256 for 224), centre crop; at 64 px and below (CIFAR) no
-    resize. Chosen shapes make the resize an identity, so the output is the image's centre window, pixel for pixel."""
+@pytest.mark.parametrize('size, shape, window', [(224, (256, 320), (16, 48)), (32, (40, 32), (4, 0)),
+                                                 (384, (384, 480), (0, 48))])
+def test_eval_transform_is_the_resize_then_centre_crop_of_mae(size, shape, window):
+    """MAE's eval transform: shorter side to size / 0.875 (256 for 224), centre crop; above 224 px (crop_pct 1.0, as
+    util/datasets.py) and at 64 px and below (CIFAR, ours) no resize. Chosen shapes make the resize an identity, so the
+    output is the image's centre window, pixel for pixel."""
     pixels = np.random.default_rng(0).integers(0, 255, (*shape, 3), dtype=np.uint8)
     out = common.EvalTransform(size)(Image.fromarray(pixels))
     top, left = window
     assert torch.equal(out, torch.from_numpy(pixels[top:top + size, left:left + size]).permute(2, 0, 1))
+
+
+def test_eval_resize_floors_the_long_side_and_rounds_the_offset_as_torchvision():
+    """Resize(256) of a 301 x 257 image: the long side int(301 * 256 / 257) = 299 (not round's 300); CenterCrop(224):
+    left int(round(37.5)) = 38 (half-even), top int(round(16.0)) = 16. Written out with PIL, the way torchvision does."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (257, 301, 3), dtype=np.uint8))
+    expected = img.resize((299, 256), Image.BICUBIC).crop((38, 16, 38 + 224, 16 + 224))
+    assert torch.equal(common.EvalTransform(224)(img), torch.from_numpy(np.array(expected)).permute(2, 0, 1))
 
 
 @pytest.mark.parametrize('width, height, box', [(300, 100, (83, 0, 216, 100)), (100, 300, (0, 83, 100, 216))])
