@@ -20,8 +20,8 @@ Differences from the official code (each deliberate):
     (common.linear_probe_accuracy) rather than LARS at batch 16384 on augmented images with 10 warmup epochs
     (main_linprobe.py), and a kNN evaluation (DINO protocol) is added.
  5. Fine-tuning (--finetune_epochs N; with --eval_only --resume FILE for a released encoder) is common.finetune:
-    main_finetune.py with FINETUNE.md's row of the encoder's size (ViT-B, L, H; smaller ViTs take ViT-B's); its
-    differences are listed there.
+    main_finetune.py with FINETUNE.md's row of the encoder's size (ViT-B, L, H; smaller ViTs take ViT-B's) but the
+    epochs, which are yours (FINETUNE.md: 100 for ViT-B, 50 for ViT-L / H); its differences are listed there.
  6. --mask_type red|blue|green|purple: ColorMAE's data-independent masks (Hinojosa, Liu, Ghanem, ECCV 2024,
     arXiv:2407.13036; official code carlosh93/ColorMAE, models/utils/masking_generator.py), MAE otherwise unchanged.
     The mask keeps visible the patches where a window of filtered noise is highest (as the official descending sort).
