@@ -36,20 +36,29 @@ def without_timing(lines):
 
 def check_run_folder(out, picture, loss='train_loss', finetuned=True):
     """What a method's end-to-end run leaves in `out`: a finite first loss, the evaluation as the log's last line,
-    epoch and last checkpoints, its picture, and (finetuned) the fine-tune's own log and weights in out/finetune/.
-    -> the log's lines."""
+    epoch and last checkpoints, its picture, and (finetuned) the fine-tune's own log and weights in out/finetune/;
+    each top-1 a count of the --data shapes val images (max(shapes_size // 5, 10)) in percent. -> the log's lines."""
     log = read_log(out)
     assert math.isfinite(log[0][loss]) and log[0]['images_per_s'] > 0
     evaluation = log[-1]  # fine-tuning logs in finetune/log.txt, not here
     assert evaluation.get('evaluation') and not any('finetune_epoch' in line for line in log)
-    assert {f'{encoder}_{metric}_top1' for encoder in ('trained', 'random_init') for metric in ('knn', 'probe')} \
-        <= set(evaluation)
+    top1s = {f'{encoder}_{metric}_top1' for encoder in ('trained', 'random_init') for metric in ('knn', 'probe')}
+    assert top1s <= set(evaluation)
+    top1s = {key: evaluation[key] for key in top1s}
     assert os.path.exists(f'{out}/checkpoint-last.pth') and os.path.exists(f'{out}/checkpoint-0.pth')
     assert os.path.getsize(f'{out}/{picture}') > 1000
     if finetuned:
         tuned = read_log(f'{out}/finetune')[-1]
-        assert tuned['finetune_epoch'] == 0 and 0 <= tuned['finetune_top1'] <= 100
+        assert tuned['finetune_epoch'] == 0
         assert os.path.exists(f'{out}/finetune/finetuned.pth') and not os.path.exists(f'{out}/finetuned.pth')
+        top1s['finetune_top1'] = tuned['finetune_top1']
+    with open(f'{out}/args.json') as f:
+        args = json.load(f)
+    assert args['data'] == 'shapes'  # (the val split below is its)
+    n_val = max(args['shapes_size'] // 5, 10)
+    for key, top1 in top1s.items():  # k of the n_val images right: k * 100 / n_val (a float32 mean: within 1e-4)
+        count = top1 * n_val / 100
+        assert abs(count - round(count)) < 1e-4 and 0 <= round(count) <= n_val, (key, top1, n_val)
     return log
 
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 import common
 from conftest import ROOT, run_script
@@ -90,7 +90,7 @@ def test_eval_transform_is_the_resize_then_centre_crop_of_mae(size, shape, windo
 
 def test_eval_resize_floors_the_long_side_and_rounds_the_offset_as_torchvision():
     """Resize(256) of a 301 x 257 image: the long side int(301 * 256 / 257) = 299 (not round's 300); CenterCrop(224):
-    left int(round(37.5)) = 38 (half-even), top int(round(16.0)) = 16. Written out with PIL, the way torchvision does."""
+    left int(round(37.5)) = 38 (half-even), top int(round(16.0)) = 16. Written out with PIL as torchvision does."""
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (257, 301, 3), dtype=np.uint8))
     expected = img.resize((299, 256), Image.BICUBIC).crop((38, 16, 38 + 224, 16 + 224))
     assert torch.equal(common.EvalTransform(224)(img), torch.from_numpy(np.array(expected)).permute(2, 0, 1))
@@ -128,6 +128,120 @@ def test_train_transform_flips_horizontally_half_the_time():
         assert torch.equal(out, unflipped) or torch.equal(out, unflipped.flip(-1)), i
         flips += torch.equal(out, unflipped.flip(-1))
     assert 70 <= flips <= 130, flips
+
+
+# ---- RandAugment: timm's rand-m9-mstd0.5-inc1 (auto_augment.py), written from timm's level functions -------------
+TIMM_INCREASING = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
+                   'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
+                   'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel']  # its 'inc1' list
+TIMM_FILL = tuple(min(255, round(255 * x)) for x in (0.485, 0.456, 0.406))  # create_transform's img_mean
+
+
+def timm_op(name, img, m, sign):
+    """timm's AugmentOp(name, m) once its draws are made (sign: _randomly_negate's), resample bicubic as MAE passes."""
+    affine = dict(resample=Image.BICUBIC, fillcolor=TIMM_FILL)
+    level = m / 10  # _LEVEL_DENOM
+    if name == 'Rotate':  # _rotate_level_to_arg: [-30, 30] degrees
+        return img.rotate(sign * level * 30, **affine)
+    if name == 'PosterizeIncreasing':  # 4 - int(level * 4) bits kept; 0 bits is black (the mask ~255)
+        bits = 4 - int(level * 4)
+        return ImageOps.posterize(img, bits) if bits else Image.new(img.mode, img.size)
+    if name == 'SolarizeIncreasing':  # 256 - min(256, int(level * 256)): pixels >= it inverted
+        return ImageOps.solarize(img, 256 - min(256, int(level * 256)))
+    if name == 'SolarizeAdd':  # min(128, int(level * 110)) added below 128, saturating at 255
+        add = min(128, int(level * 110))
+        return img.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3)
+    if name.endswith('Increasing'):  # _enhance_increasing_level_to_arg: max(0.1, 1 +- level * 0.9)
+        kind = getattr(ImageEnhance, name[:-len('Increasing')])
+        return kind(img).enhance(max(0.1, 1.0 + sign * level * 0.9))
+    shear, pixels = sign * level * 0.3, sign * level * 0.45 * np.array(img.size)  # translate_pct 0.45 of the side
+    coefficients = {'ShearX': (1, shear, 0, 0, 1, 0), 'ShearY': (1, 0, 0, shear, 1, 0),
+                    'TranslateXRel': (1, 0, pixels[0], 0, 1, 0), 'TranslateYRel': (1, 0, 0, 0, 1, pixels[1])}
+    if name in coefficients:
+        return img.transform(img.size, Image.AFFINE, coefficients[name], **affine)
+    return {'AutoContrast': ImageOps.autocontrast, 'Equalize': ImageOps.equalize, 'Invert': ImageOps.invert}[name](img)
+
+
+def ra_images():  # 20 x 14 (not square: translate's side) of values 30-199 (autocontrast and equalize change it), and
+    # 16 x 16 with each value 0-255 once per channel (a threshold moved by one changes pixels)
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(30, 200, (14, 20, 3), dtype=np.uint8)),
+            Image.fromarray(np.stack([rng.permutation(256).reshape(16, 16).astype(np.uint8) for _ in range(3)], -1))]
+
+
+def test_rand_augment_has_timms_increasing_ops_in_its_order_and_the_signed_ones():
+    """The 15 ops of timm's _RAND_INCREASING_TRANSFORMS in its order (an op index draws the same op as timm's); signed
+    (_randomly_negate): rotate, the 4 enhances, shears and translates, never posterize / solarize / the plain ops."""
+    assert list(common.RAND_OPS) == TIMM_INCREASING
+    signed = {name for name, (sign, _) in common.RAND_OPS.items() if sign}
+    assert signed == {'Rotate', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
+                      'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel'}
+
+
+@pytest.mark.parametrize('name', TIMM_INCREASING)
+def test_each_rand_augment_op_is_timms_pixel_for_pixel(name):
+    """Each op at magnitudes 0-10 and both signs equals the PIL operation timm applies at that magnitude; at m 9 each
+    changes the image (none is an identity)."""
+    signed, op = common.RAND_OPS[name]
+    for img in ra_images():
+        for m in (0.0, 2.5, 4.99, 9.0, 9.73, 10.0):
+            for sign in (1, -1) if signed else (1,):
+                expected = timm_op(name, img, m, sign)
+                assert np.array_equal(np.asarray(op(img, m, sign)), np.asarray(expected)), (img.size, m, sign)
+    limited = ra_images()[0]
+    assert not np.array_equal(np.asarray(op(limited, 9.0, 1)), np.asarray(limited))
+
+
+def test_rand_augment_ops_at_m9_take_timms_numbers():
+    """timm's level functions at m 9, written out: solarize threshold 256 - 230 = 26, posterize keeps 1 bit,
+    solarize-add adds 99, rotate 27 degrees, enhance 1.81 / 0.19, shear 0.27, translate 0.405 of the side."""
+    ops = {name: op for name, (_, op) in common.RAND_OPS.items()}
+    affine = dict(resample=Image.BICUBIC, fillcolor=(124, 116, 104))
+    for img in ra_images():
+        same = lambda name, sign, expected: np.array_equal(np.asarray(ops[name](img, 9.0, sign)), np.asarray(expected))
+        width, height = img.size
+        assert same('SolarizeIncreasing', 1, ImageOps.solarize(img, 26))
+        assert same('PosterizeIncreasing', 1, ImageOps.posterize(img, 1))
+        assert same('SolarizeAdd', 1, img.point([min(255, i + 99) if i < 128 else i for i in range(256)] * 3))
+        assert same('Rotate', 1, img.rotate(27, **affine)) and same('Rotate', -1, img.rotate(-27, **affine))
+        assert same('ContrastIncreasing', 1, ImageEnhance.Contrast(img).enhance(1.81))
+        assert same('ColorIncreasing', -1, ImageEnhance.Color(img).enhance(0.19))
+        assert same('ShearY', -1, img.transform(img.size, Image.AFFINE, (1, 0, 0, -0.27, 1, 0), **affine))
+        assert same('TranslateXRel', 1, img.transform(img.size, Image.AFFINE, (1, 0, 0.405 * width, 0, 1, 0), **affine))
+        assert same('TranslateYRel', -1, img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, -0.405 * height),
+                                                       **affine))
+
+
+class ScriptedDraws:  # a generator whose draws are given in advance; records what each draw was asked for
+    def __init__(self, ops, uniforms, normals):
+        self.ops, self.uniforms, self.normals, self.asked = np.array(ops), list(uniforms), list(normals), []
+
+    def integers(self, high, size):
+        self.asked.append(('integers', high, size))
+        return self.ops
+
+    def random(self):
+        return self.uniforms.pop(0)
+
+    def normal(self, loc, scale):
+        self.asked.append(('normal', loc, scale))
+        return self.normals.pop(0)
+
+
+def test_rand_augment_draws_two_ops_each_at_p_half_with_magnitude_n9_05_clipped_and_a_fair_sign():
+    """timm's RandAugment: 2 op indices (with replacement) among the 15; each op applied when its draw is <= 0.5
+    (AugmentOp skips above prob), at m ~ N(9, 0.5) clipped to [0, 10], a signed op negated when its draw is > 0.5."""
+    img, index = ra_images()[1], {name: i for i, name in enumerate(TIMM_INCREASING)}
+    draws = ScriptedDraws([index['Rotate'], index['SolarizeIncreasing']], [0.5, 0.51, 0.2], [12.0, 9.7])  # sign -
+    expected = timm_op('SolarizeIncreasing', timm_op('Rotate', img, 10.0, -1), 9.7, 1)  # 12 clipped to 10: 30 deg
+    assert np.array_equal(np.asarray(common.rand_augment(img, draws)), np.asarray(expected))
+    assert draws.asked == [('integers', 15, 2), ('normal', 9, 0.5), ('normal', 9, 0.5)] and not draws.uniforms
+    draws = ScriptedDraws([index['ShearX'], index['PosterizeIncreasing']], [0.3, 0.5, 0.9], [8.0])  # sign +, then skip
+    expected = timm_op('ShearX', img, 8.0, 1)
+    assert np.array_equal(np.asarray(common.rand_augment(img, draws)), np.asarray(expected)) and not draws.uniforms
+    draws = ScriptedDraws([index['PosterizeIncreasing']] * 2, [0.0, 0.0], [-3.0, 9.0])  # clipped at 0: 4 bits kept
+    expected = ImageOps.posterize(ImageOps.posterize(img, 4), 1)
+    assert np.array_equal(np.asarray(common.rand_augment(img, draws)), np.asarray(expected))
 
 
 def test_normalize_roundtrip():
@@ -666,7 +780,8 @@ def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
 
 def test_linear_probe_trains_only_a_linear_layer_behind_a_batchnorm_without_affine(monkeypatch):
     """main_linprobe.py's head: BatchNorm1d(D, affine=False, eps=1e-6) then Linear(D, classes); the optimizer gets
-    the head's parameters, which are then the Linear's weight and bias only (the BN has none to learn)."""
+    the head's parameters, which are then the Linear's weight and bias only (the BN has none to learn). The top-1 (%)
+    is that head's in eval mode: the BN's running statistics after its one step (of all 40 images, momentum 0.1)."""
     given, sgd = [], torch.optim.SGD
 
     def spy(params, **kwargs):  # the real SGD, over the parameters given, recorded
@@ -675,8 +790,44 @@ def test_linear_probe_trains_only_a_linear_layer_behind_a_batchnorm_without_affi
     monkeypatch.setattr(torch.optim, 'SGD', spy)
     generator = torch.Generator().manual_seed(0)
     features, labels = torch.randn(40, 6, generator=generator), torch.arange(40) % 3
-    assert 0 <= common.linear_probe_accuracy(features, labels, features, labels, 3, 1) <= 100
+    accuracy = common.linear_probe_accuracy(features, labels, features, labels, 3, 1)
     assert sorted(tuple(p.shape) for p in given) == [(3,), (3, 6)]
+    (weight,), (bias,) = ([p.detach() for p in given if p.dim() == d] for d in (2, 1))
+    mean, var = 0.1 * features.mean(0), 0.9 + 0.1 * features.var(0)  # from 0 and 1, the unbiased batch variance
+    logits = (features - mean) / torch.sqrt(var + 1e-6) @ weight.T + bias
+    assert accuracy == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
+
+
+@pytest.mark.parametrize('n, epochs, batch, steps', [(40, 3, 40, 3), (700, 3, 256, 6)])
+def test_linear_probe_optimizer_init_and_schedule_are_maes(monkeypatch, n, epochs, batch, steps):
+    """main_linprobe.py's settings, SGD for LARS: lr 0.1 * batch / 256 (batch min(256, n)), momentum 0.9, no decay; BN
+    eps 1e-6 without affine, the Linear trunc-normal (std 0.01), bias 0; a cosine to 0 over epochs * (n // batch)."""
+    made, cosine = {}, torch.optim.lr_scheduler.CosineAnnealingLR
+
+    class Norm(torch.nn.BatchNorm1d):  # the probe's BN, kept
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made['norm'] = self
+    monkeypatch.setattr(torch.nn, 'BatchNorm1d', Norm)
+
+    def spy(optimizer, *args, **kwargs):  # the real schedule, its optimizer and the head's weights before any step kept
+        made.update(optimizer=optimizer, schedule=cosine(optimizer, *args, **kwargs),
+                    start=[p.detach().clone() for group in optimizer.param_groups for p in group['params']])
+        return made['schedule']
+    monkeypatch.setattr(torch.optim.lr_scheduler, 'CosineAnnealingLR', spy)
+    generator = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(n, 6, generator=generator), torch.arange(n) % 3
+    common.linear_probe_accuracy(features, labels, features, labels, 3, epochs, seed=7)
+    optimizer, schedule, (weight, bias) = made['optimizer'], made['schedule'], made['start']
+    assert type(optimizer) is torch.optim.SGD and optimizer.defaults['lr'] == pytest.approx(0.1 * batch / 256)
+    assert (optimizer.defaults['momentum'], optimizer.defaults['weight_decay'], optimizer.defaults['nesterov']) == \
+        (0.9, 0, False)
+    expected = torch.nn.init.trunc_normal_(torch.empty(3, 6), std=0.01, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(weight, expected) and torch.equal(bias, torch.zeros(3))
+    norm = made['norm']
+    assert (norm.num_features, norm.eps, norm.affine, norm.momentum) == (6, 1e-6, False, 0.1)
+    assert (schedule.T_max, schedule.eta_min, schedule.last_epoch) == (steps, 0, steps)  # stepped once per step
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(0, abs=1e-12)
 
 
 class Payload:

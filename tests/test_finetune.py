@@ -1,7 +1,8 @@
 """Fine-tuning: official checkpoint layouts load with only the expected missing / unused keys, position tables are
-resized, the encoder export round-trips, layer-decay groups, mixup / cutmix, the fine-tuning transform, and runs of
-mae.py that fine-tune as a user would start them."""
-import copy, json, math, os, re, shutil, signal, subprocess, sys, time
+resized, the encoder export round-trips, layer-decay groups, mixup / cutmix, the fine-tuning transform, runs of
+mae.py that fine-tune as a user would start them, and what fine-tuning hands on (mix's settings, the loss, SparK's
+optimizer and layer groups)."""
+import copy, inspect, json, math, os, re, shutil, signal, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from types import SimpleNamespace
@@ -9,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import common
@@ -353,6 +355,26 @@ def test_spark_resnet50_layer_decay_follows_the_official_grouping():
     assert scales['layer3.3.conv1.weight'][0] == pytest.approx(0.7 ** 2)
 
 
+def test_spark_convnext_small_layer_decay_follows_the_official_grouping():
+    """ConvNeXt-S at 0.7 (models/__init__.py; 27 stage-3 blocks: N = 12): stem 0.7^13, stage 0 ^12, stage 1 ^11,
+    stage 2 in threes ^10 .. ^2 (its downsampling ^10), stage 3 ^1, norm and head 1."""
+    model = spark.build_backbone('convnext_small', num_classes=1000)
+    groups = common.param_groups(model, 0.01, (), partial(spark.layer_id, network=model), 0.7)
+    scales = lr_scales(model, groups)
+
+    def exponent(name):  # 13 - the official layer id
+        kind, stage, block = (name.split('.') + ['', ''])[:3]
+        if kind == 'downsample_layers':
+            return {'0': 13, '1': 11, '2': 10, '3': 1}[stage]
+        return {'0': 12, '1': 11, '2': 10 - int(block) // 3, '3': 1}[stage] if kind == 'stages' else 0
+    assert {exponent(n) for n in scales} == set(range(14))
+    for name, (scale, _) in scales.items():
+        assert scale == pytest.approx(0.7 ** exponent(name)), name
+    assert scales['stages.2.2.dwconv.weight'][0] == pytest.approx(0.7 ** 10)
+    assert scales['stages.2.3.dwconv.weight'][0] == pytest.approx(0.7 ** 9)
+    assert scales['stages.2.26.gamma'][0] == pytest.approx(0.7 ** 2) and scales['head.bias'][0] == 1.0
+
+
 # ---- mixup / cutmix --------------------------------------------------------------------------------------------------
 def batch(seed=0, size=16):
     generator = torch.Generator().manual_seed(seed)
@@ -421,6 +443,49 @@ def test_mixup_and_cutmix_together_switch_between_them_half_the_time():
         assert cut or not ((mixed == images) | (mixed == flipped)).any()  # blended: every pixel a mixture
         cuts += cut
     assert 10 <= cuts <= 30, cuts
+
+
+def timm_mix(images, labels, num_classes, mixup, cutmix, smoothing, rng):
+    """timm's Mixup in mode 'batch' (mix prob 1, switch prob 0.5, correct_lam; MAE's timm 0.3.2 and SparK's
+    BatchMixup), written out with its draws taken from `rng` in its order -> images, target, (lam drawn, box)."""
+    off = smoothing / num_classes  # mixup_target: one_hot(on 1 - smoothing + off, off smoothing / K), mixed alike
+    smoothed = torch.full((len(labels), num_classes), off)
+    smoothed[torch.arange(len(labels)), labels] = 1 - smoothing + off
+    if mixup <= 0 and cutmix <= 0:
+        return images, smoothed, (1.0, None)
+    use_cutmix = bool(rng.random() < 0.5) if mixup > 0 and cutmix > 0 else cutmix > 0  # switch_prob 0.5
+    lam = drawn = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
+    box, mixed = None, images * lam + images.flip(0) * (1 - lam)  # mixup's blend, unless cut
+    if use_cutmix:  # rand_bbox: sides int(side * sqrt(1 - lam)), centre randint(H) then randint(W), clipped
+        H, W = images.shape[-2:]
+        cut_h, cut_w = int(H * np.sqrt(1 - lam)), int(W * np.sqrt(1 - lam))
+        cy, cx = rng.integers(0, H), rng.integers(0, W)
+        box = (np.clip(cy - cut_h // 2, 0, H), np.clip(cy + cut_h // 2, 0, H), np.clip(cx - cut_w // 2, 0, W),
+               np.clip(cx + cut_w // 2, 0, W))
+        (y0, y1, x0, x1), mixed = box, images.clone()
+        mixed[:, :, y0:y1, x0:x1] = images.flip(0)[:, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # correct_lam: the area the box leaves
+    return mixed, smoothed * lam + smoothed.flip(0) * (1 - lam), (drawn, box)
+
+
+@pytest.mark.parametrize('mixup, cutmix', [(0.0, 0.0), (0.5, 0.0), (0.0, 1.0), (0.0, 0.4), (0.3, 3.0)])
+def test_mix_equals_timms_mixup_given_the_same_draws(mixup, cutmix):
+    """mix is timm's Mixup draw for draw (16 x 10 images, smoothing 0.3, 7 classes): the switch at 0.5 with each
+    mode's own alpha, rand_bbox's box (timm 0.3.2: odd sides lose a pixel), lam corrected to the area it leaves."""
+    images, labels = torch.randn(6, 3, 16, 10, generator=torch.Generator().manual_seed(0)), torch.arange(6)
+    rng, modes, corrected = np.random.default_rng(0), set(), 0
+    for _ in range(30):
+        replay = copy.deepcopy(rng)
+        mixed, target = common.mix(images.clone(), labels, 7, mixup, cutmix, 0.3, rng)
+        expected, expected_target, (drawn, box) = timm_mix(images, labels, 7, mixup, cutmix, 0.3, replay)
+        assert torch.allclose(mixed, expected, atol=1e-6) and torch.allclose(target, expected_target, atol=1e-6)
+        assert rng.random() == replay.random()  # the stream stays in step
+        modes.add('none' if mixup == cutmix == 0 else 'blend' if box is None else 'cut')
+        lam = (target[0, 0].item() - 0.3 / 7) / 0.7  # label 0's weight: lam (1 - 0.3) + 0.3 / 7
+        corrected += box is not None and abs(lam - drawn) > 0.02
+    assert modes == {'none'} if mixup == cutmix == 0 else {'blend', 'cut'} if mixup and cutmix else \
+        {'cut' if cutmix else 'blend'}
+    assert corrected >= 3 if cutmix else corrected == 0  # clipped boxes: lam is not the drawn one
 
 
 # ---- the fine-tuning transform ---------------------------------------------------------------------------------
@@ -647,3 +712,130 @@ def test_finetune_killed_before_its_result_is_written_reports_its_last_epoch(tmp
     saved = torch.load(f'{out}/finetune/finetuned.pth', map_location='cpu', weights_only=True)
     assert saved['top1'] == read_log(f'{out}/finetune')[-1]['finetune_top1']
     assert not os.path.exists(f'{out}/finetune/checkpoint-last.pth')
+
+
+# ---- what fine-tuning hands on: mix's settings, the loss, SparK's optimizer and layer groups ------------------------
+class FirstStep(Exception):
+    """Raised by first_step's spy once the fine-tune's first loss is computed: nothing more need run."""
+
+
+def first_step(args, monkeypatch, build=None, **finetune_kwargs):
+    """common.finetune (the given args, a 1-block 32-wide ViT unless `build`) up to its first loss -> {'mix': the
+    arguments it gave mix, 'rng_state': its generator's then, 'images' / 'target': what mix returned, 'loss',
+    'logits': the network's on those images}."""
+    seen, real_mix = {}, common.mix
+
+    def mix(*arguments):
+        seen['mix'], seen['rng_state'] = arguments, copy.deepcopy(arguments[-1].bit_generator.state)
+        seen['images'], seen['target'] = real_mix(*arguments)
+        return seen['images'], seen['target']
+
+    def train_one_epoch(model, loss_fn, loader, optimizer, epoch, device, **settings):
+        images, labels = next(iter(loader))[:2]
+        seen['loss'] = loss_fn(model, images.to(device), labels.to(device), None)[0]
+        seen['logits'] = model(seen['images']).float()  # (no drop path: the same network output again)
+        raise FirstStep
+    monkeypatch.setattr(common, 'mix', mix)
+    monkeypatch.setattr(common, 'train_one_epoch', train_one_epoch)
+    _, eval_sets = common.build_datasets(args, common.TrainTransform(args.input_size))
+    build = build or (lambda classes: common.ViTClassifier(classes, img_size=args.input_size, patch_size=4,
+                                                           embed_dim=32, depth=1, num_heads=2))
+    state = seeded(0, build, len(eval_sets[0].classes)).state_dict()  # the "pretrained" weights: a random init
+    with pytest.raises(FirstStep):
+        common.finetune(args, build, state, eval_sets, **finetune_kwargs)
+    return seen
+
+
+FT_FLAGS = ['--shapes_size', '32', '--batch_size', '8', '--finetune_epochs', '1', '--ft_drop_path', '0', '--amp',
+            'none', '--num_workers', '0']
+
+
+@pytest.mark.parametrize('parse, flags, expected', [
+    (mae.parse_args, ['--mixup', '0.3', '--cutmix', '0.6', '--smoothing', '0.2'], (0.3, 0.6, 0.2)),  # typed
+    (mae.parse_args, [], (0.8, 1.0, 0.1)),  # FINETUNE.md's command values, main_finetune.py's smoothing
+    (spark.parse_args, ['--model', 'resnet_mini_ds8'], (0.1, 1.0, 0.1)),  # resnet50's row: mixup 0.1
+    (spark.parse_args, ['--model', 'resnet_mini_ds8', '--mixup', '0'], (0.0, 0.0, 0.1))],  # util.py: cutmix off too
+    ids=['mae-typed', 'mae-defaults', 'spark-recipe', 'spark-mixup-0'])
+def test_finetune_hands_the_runs_mixup_cutmix_and_smoothing_to_mix(tmp_path, monkeypatch, parse, flags, expected):
+    """common.finetune mixes each batch with the run's --mixup, --cutmix and --smoothing (typed, or the recipe's),
+    over the data's classes and with the epoch's numpy generator (unused before that first batch)."""
+    args = parse(['--data', 'shapes', '--input_size', '16'] * (parse is mae.parse_args) + FT_FLAGS + flags +
+                 ['--output_dir', str(tmp_path)])
+    seen = first_step(args, monkeypatch)
+    images, labels, classes, mixup, cutmix, smoothing, rng = seen['mix']
+    assert (mixup, cutmix, smoothing) == expected and classes == len(common.SHAPES)
+    assert images.shape == (8, 3, args.input_size, args.input_size) and labels.shape == (8,)
+    assert seen['rng_state'] == np.random.default_rng([0, 0, 0]).bit_generator.state  # [seed, rank, epoch]
+
+
+@pytest.mark.parametrize('bce', [True, False])
+def test_finetune_loss_is_binary_or_soft_target_cross_entropy_of_the_mixed_target(tmp_path, monkeypatch, bce):
+    """bce (SparK's ResNets): timm's BinaryCrossEntropy, the mean over samples and classes against mix's target;
+    else (MAE, ConvNeXts) SoftTargetCrossEntropy, sum_k -t_k log p_k averaged over samples."""
+    args = spark.parse_args(FT_FLAGS + ['--output_dir', str(tmp_path)])  # resnet_mini_ds8 at 32 px, mixing on
+    seen = first_step(args, monkeypatch, partial(spark.build_backbone, args.model, 0.0), bce=bce)
+    z, t = seen['logits'].double(), seen['target'].double()
+    binary = -(t * F.logsigmoid(z) + (1 - t) * F.logsigmoid(-z)).mean()
+    soft = (-t * F.log_softmax(z, dim=-1)).sum(-1).mean()
+    assert t.shape == (8, len(common.SHAPES)) and abs(binary - soft) > 0.1  # the two losses differ here
+    assert seen['loss'].item() == pytest.approx((binary if bce else soft).item(), rel=1e-5)
+
+
+FINETUNE_PARAMETERS = inspect.signature(common.finetune)  # the original's, whatever a test patches
+
+
+def spark_finetune_call(model, tmp_path, monkeypatch):
+    """spark.main --eval_only (random weights, no kNN, no probe) up to its common.finetune call -> that call's
+    arguments by name."""
+    calls = []
+    monkeypatch.setattr(common, 'finetune', lambda *a, **k: calls.append(FINETUNE_PARAMETERS.bind(*a, **k)))
+    spark.main(['--model', model, '--input_size', '32' if 'resnet' in model else '16', '--decoder_width', '32',
+                '--knn_k', '0', '--probe_epochs', '0', '--eval_only', *FT_FLAGS, '--output_dir', str(tmp_path)])
+    (call,) = calls
+    call.apply_defaults()
+    return call.arguments
+
+
+@pytest.mark.parametrize('model', ['resnet_mini_ds8', 'convnext_atto_ds8'])
+def test_spark_finetunes_resnets_with_lamb_and_bce_convnexts_with_adamw_and_soft_ce(tmp_path, monkeypatch, model):
+    """util.py's choice by model (arg.py's opt 'lamb' / 'adam'): ResNets LAMB and binary cross-entropy, ConvNeXts
+    common.finetune's AdamW (optimizer None) and soft-target CE; both over the official layer groups."""
+    call, resnet = spark_finetune_call(model, tmp_path, monkeypatch), model.startswith('resnet')
+    assert call['bce'] is resnet and (call['optimizer'] is None) == (not resnet)
+    if resnet:
+        assert isinstance(call['optimizer']([torch.nn.Parameter(torch.ones(2))], lr=0.1), spark.LAMB)
+    ids = {name: call['layer_id'](name) for name, _ in spark.build_backbone(model, num_classes=3).named_parameters()}
+    expected = {'conv1.weight': 0, 'bn1.bias': 0, 'layer1.0.conv1.weight': 1, 'layer2.0.bn2.weight': 2,  # [1, 1, 1, 1]:
+                'layer3.0.conv3.weight': 3, 'layer4.0.downsample.0.weight': 4, 'fc.weight': 5, 'fc.bias': 5} \
+        if resnet else {'downsample_layers.0.0.weight': 0, 'stages.0.1.gamma': 1, 'downsample_layers.1.1.weight': 2,
+                        'stages.1.0.dwconv.weight': 2, 'downsample_layers.2.0.weight': 3,
+                        'stages.2.2.pwconv1.weight': 3, 'stages.2.3.norm.weight': 4, 'stages.2.5.pwconv2.bias': 4,
+                        'downsample_layers.3.1.weight': 6, 'stages.3.1.gamma': 6, 'norm.weight': 7,
+                        'head.weight': 7}  # [2, 2, 6, 2]: N = 6
+    top = max(expected.values())
+    assert {name: ids[name] for name in expected} == {name: (i, top) for name, i in expected.items()}
+    assert {i for i, _ in ids.values()} == set(expected.values())
+
+
+def test_spark_resnet_finetuning_lamb_steps_equal_timms_lamb_as_util_py_makes_it(tmp_path, monkeypatch):
+    """spark.main's ResNet LAMB, two steps by hand (util.py: betas 0.9 / 0.999, eps 1e-6, no bias correction, no
+    clip): update m / (sqrt(v) + eps) + wd * w, times ||w|| / ||update|| on every tensor (always_adapt)."""
+    factory = spark_finetune_call('resnet_mini_ds8', tmp_path, monkeypatch)['optimizer']
+    generator = torch.Generator().manual_seed(0)
+    shapes, decays, scales = [(4, 3), (5,), (3, 3)], [0.02, 0.0, 0.02], [1.0, 1.0, 1e-6]  # tiny grads: eps counts
+    weights = [torch.randn(s, generator=generator) for s in shapes]
+    grads = [[torch.randn(s, generator=generator) * c * (30 if step == 0 else 1) for s, c in zip(shapes, scales)]
+             for step in range(2)]  # step 0's global norm is ~100: a clip to 5 would change step 1
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    optimizer = factory([{'params': [p], 'weight_decay': d} for p, d in zip(params, decays)], lr=0.01)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+    for p, w, decay, gs in zip(params, weights, decays, zip(*grads)):
+        w, m, v = w.double(), 0.0, 0.0
+        for g in (g.double() for g in gs):
+            m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+            update = m / (v.sqrt() + 1e-6) + decay * w
+            w = w - 0.01 * w.norm() / update.norm() * update
+        assert torch.allclose(p.detach().double(), w, rtol=1e-5, atol=1e-7)

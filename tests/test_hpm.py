@@ -10,6 +10,7 @@ import torch
 import common
 import hpm, mae
 from conftest import ROOT, TINY, TINY_DECODER, check_run_folder, kill_then_resume, read_log, run_script
+from test_mae import first_step, masked_mse
 from test_resume_and_ddp import assert_same_weights, without_key_bias
 
 TINY_VIT = common.vit_config('vit_tiny_patch4')  # patch_size 4, embed_dim 192, depth 12, num_heads 3
@@ -333,6 +334,25 @@ def test_main_mines_with_the_teacher_and_moves_it_towards_the_student(tmp_path, 
     hpm.main(FLAGS + ['--shapes_size', '32', '--epochs', '4', '--probe_epochs', '0', '--knn_k', '0',
                       '--finetune_epochs', '0', '--output_dir', str(tmp_path / 'run')])
     assert seen == [int(12 * 0.5 * (epoch + 1) / 4) for epoch in range(4)] == [1, 3, 4, 6]  # N_m = 16 - int(16 / 4)
+
+
+@pytest.mark.parametrize('ratio,norm_pix_loss,masked', [(0.5, False, 8), (0.6, True, 10)])
+def test_main_steps_with_the_given_mask_ratio_and_norm_pix_loss(ratio, norm_pix_loss, masked, tmp_path, monkeypatch):
+    """hpm.main's step on its loader's first batch: 16 - int(16 * (1 - ratio)) patches masked (the default 0.75: 12),
+    k = int(masked * alpha_0) of them mined (1 epoch: alpha_0 = 0.5), and the reconstruction loss against plain or
+    norm-pix targets as the flag says (DEFAULTS: off, the shapes preset: on)."""
+    seen = first_step(hpm, monkeypatch, FLAGS + [
+        '--shapes_size', '8', '--mask_ratio', str(ratio), '--norm_pix_loss' if norm_pix_loss else '--no-norm_pix_loss',
+        '--output_dir', str(tmp_path)])
+    images, _, noise = seen['batch']
+    (total, logs), [((imgs, _, order), ((loss, rank_loss), pred, mask))] = seen['result'], seen['calls']
+    k = seen['loss_fn'].keywords['k']
+    assert k == int(masked * 0.5) and torch.equal((order == 2).sum(1), torch.full((8,), k))  # the k hardest: 2.0
+    assert torch.equal(torch.where(order == 2, noise, order), noise) and torch.equal(imgs, common.normalize(images))
+    assert torch.equal(mask.sum(1), torch.full((8,), float(masked)))
+    assert torch.equal(logs['reconstruction'], loss) and torch.equal(total, loss + rank_loss)
+    assert torch.allclose(loss, masked_mse(imgs, pred, mask, 4, norm_pix_loss), rtol=1e-5)
+    assert not torch.allclose(loss, masked_mse(imgs, pred, mask, 4, not norm_pix_loss), rtol=1e-2)
 
 
 def test_teacher_flag_evaluates_the_teacher_after_training(tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""MAE: masking, target, loss and key names, sizes no preset uses, start-up checks, compiled vs eager steps; one run
-of mae.py as a user would start it."""
+"""MAE: masking, ColorMAE's masks, target, loss and key names, sizes no preset uses, start-up checks, compiled vs eager
+steps, the flags reaching main's step; one run of mae.py as a user would start it."""
 import math, shutil
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 
 import common
 import mae
-from conftest import TINY, check_run_folder, run_script
+from conftest import TINY, TINY_DECODER, check_run_folder, run_script
 
 TINY_VIT = common.vit_config('vit_tiny_patch4')  # patch_size 4, embed_dim 192, depth 12, num_heads 3
 
@@ -35,6 +35,88 @@ def test_mask_noise_is_drawn_from_the_sample_generator():
     assert noise.shape == (16,) and noise.dtype == np.float32 and 0 <= noise.min() and noise.max() < 1
     assert np.array_equal(noise, mae.mask_noise(16, np.random.default_rng([0, 1, 2])))  # same sample, same mask
     assert not np.array_equal(noise, mae.mask_noise(16, np.random.default_rng([0, 1, 3])))
+
+
+def spectrum_gains(fields):
+    """(N, S, S) fields -> their mean power at low (0 < f < 0.06 cycles per patch), middle (0.1 to 0.2) and high (above
+    0.3) radial frequencies, each divided by that of white noise (a seeded N(0, 1) draw of the same shape)."""
+    def band_powers(f):
+        power = torch.fft.fft2(torch.as_tensor(f, dtype=torch.float64)).abs() ** 2
+        freq = torch.fft.fftfreq(f.shape[-1], dtype=torch.float64)
+        r = (freq[:, None] ** 2 + freq[None] ** 2).sqrt()
+        return torch.stack([power[..., b].mean() for b in ((r > 0) & (r < 0.06), (r > 0.1) & (r < 0.2), r > 0.3)])
+    white = torch.randn(fields.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return (band_powers(fields) / band_powers(white)).tolist()
+
+
+def test_color_noise_banks_have_their_colours_spectra():
+    """ColorMAE Sec. 3.2 (difference 6): red G_2 W is low-pass, blue W - G_1 W high-pass, green G_1 W - G_2 W
+    band-pass and purple W - (G_1 W - G_2 W) band-stop, each measured against white noise in three frequency bands."""
+    assert spectrum_gains(np.random.default_rng(2).standard_normal((32, 64, 64))) == pytest.approx([1, 1, 1], abs=0.1)
+    gains = {color: spectrum_gains(mae.noise_bank(color)) for color in mae.COLORS}
+    low, mid, high = gains['red']
+    assert low > 0.5 and low > 10 * mid and high < 0.01  # measured: 0.81, 0.045, 0.0
+    low, mid, high = gains['blue']
+    assert high > 0.8 and high > 5 * mid and low < 0.01  # 0.002, 0.15, 0.93
+    low, mid, high = gains['green']
+    assert mid > 0.1 and mid > 10 * max(low, high)  # 0.012, 0.2, 0.003
+    low, mid, high = gains['purple']
+    assert min(low, high) > 0.7 and mid < 0.5 * min(low, high)  # 0.87, 0.31, 0.93
+    bank = mae.noise_bank('green')  # made at start-up from seed 0: every process and every resume has the same one
+    assert bank.shape == (32, 64, 64) and bank.dtype == np.float32 and np.array_equal(bank, mae.noise_bank('green'))
+
+
+def bank_window(bank, noise, grid):
+    """Where a ColorMAE mask noise (L,) lies in its bank -> (pattern, top, left, flipped left-right, flipped up-down)
+    of the grid x grid window equal to -noise, or None."""
+    for lr in (False, True):
+        for ud in (False, True):
+            window = -noise.reshape(grid, grid)
+            window = window[:, ::-1] if lr else window
+            window = window[::-1] if ud else window
+            for n, top, left in np.argwhere(bank == window[0, 0]):  # continuous values: the corner, found once
+                if np.array_equal(bank[n, top:top + grid, left:left + grid], window):
+                    return n, top, left, lr, ud
+    return None
+
+
+@pytest.mark.parametrize('color', mae.COLORS)
+def test_color_mask_is_a_flipped_window_of_its_pattern_with_the_highest_values_visible(color):
+    """Difference 6: a sample's noise is a grid x grid window of one of its colour's 32 patterns (pattern, place and
+    both flips drawn), negated so that random_masking's ascending argsort keeps the window's highest values visible
+    (ColorMAE's descending sort); every sample masks the mask ratio's count."""
+    grid, bank, draw, found = 5, mae.noise_bank(color), mae.mask_drawer(color, 5), []
+    for i in range(40):
+        noise = draw(np.random.default_rng([0, 0, i]))
+        assert noise.shape == (25,) and noise.dtype == np.float32
+        assert (where := bank_window(bank, noise, grid)) is not None, i
+        found.append(where)
+        window = -torch.from_numpy(noise)
+        for ratio, masked in ((0.75, 19), (0.5, 13)):  # 25 - int(25 * (1 - ratio))
+            _, mask, _ = mae.random_masking(torch.zeros(1, 25, 1), ratio, torch.from_numpy(noise)[None])
+            assert mask.sum() == masked and window[mask[0] == 0].min() > window[mask[0] == 1].max(), (i, ratio)
+    patterns, places, flips = {w[0] for w in found}, {w[1:3] for w in found}, {w[3:] for w in found}
+    assert len(patterns) > 10 and len(places) > 30 and len(flips) == 4  # of 32 patterns, 60 x 60 places, 4 flips
+
+
+def test_color_mask_depends_only_on_the_sample_generator():
+    """Differences 1 and 6 (b): a sample's ColorMAE noise comes from its own generator alone, not numpy's or torch's
+    global state, so a resume or N processes draw the same masks; another sample's generator draws another mask."""
+    state = np.random.get_state()
+    try:
+        with torch.random.fork_rng():
+            for color in mae.COLORS:
+                draw = mae.mask_drawer(color, 8)
+                np.random.seed(1)
+                torch.manual_seed(1)
+                first = draw(np.random.default_rng([0, 1, 2]))
+                np.random.seed(2)
+                torch.manual_seed(2)
+                assert np.array_equal(draw(np.random.default_rng([0, 1, 2])), first), color
+                assert np.array_equal(mae.mask_drawer(color, 8)(np.random.default_rng([0, 1, 2])), first), color
+                assert not np.array_equal(draw(np.random.default_rng([0, 1, 3])), first), color
+    finally:
+        np.random.set_state(state)
 
 
 def test_norm_pix_target_statistics():
@@ -188,6 +270,63 @@ def test_compiled_training_step_agrees_with_eager():
     assert {k for k, step in eager_step.items() if not step.abs().sum()} == {'pos_embed', 'decoder_pos_embed'}
     for key, step in eager_step.items():  # every trained tensor moved, and by the same step (measured: 5e-4 apart)
         assert (compiled_step[key] - step).abs().max().item() <= 2e-2 * step.abs().max().item() + 1e-7, key
+
+
+class Stop(Exception):  # ends main at its first training epoch
+    pass
+
+
+def first_step(module, monkeypatch, argv):
+    """Run module.main(argv) until it trains: the stubbed common.train_one_epoch calls the step main built (loss_fn)
+    on the loader's first batch, the model's forward spied -> dict(batch, result: loss_fn's, calls: forward's
+    [(inputs, outputs)], loss_fn)."""
+    seen = {}
+
+    def first_epoch(model, loss_fn, loader, *args, **kwargs):
+        batch, calls, forward = next(iter(loader)), [], model.forward
+        model.forward = lambda *inputs: calls.append((inputs, forward(*inputs))) or calls[-1][1]
+        seen.update(batch=batch, result=loss_fn(model, *batch), calls=calls, loss_fn=loss_fn)
+        raise Stop
+    monkeypatch.setattr(common, 'train_one_epoch', first_epoch)
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    with pytest.raises(Stop):
+        module.main(argv)
+    return seen
+
+
+def masked_mse(imgs, pred, mask, patch_size, norm_pix_loss):  # the objective written out: masked patches only
+    target = common.patchify(imgs, patch_size)
+    if norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize('ratio,norm_pix_loss,masked', [(0.5, False, 8), (0.6, True, 10)])
+def test_main_steps_with_the_given_mask_ratio_and_norm_pix_loss(ratio, norm_pix_loss, masked, tmp_path, monkeypatch):
+    """mae.main's step on its loader's first batch: 16 - int(16 * (1 - ratio)) patches masked (the default 0.75: 12),
+    the loader's noise, and the MSE against plain or norm-pix targets as the flag says (the shapes preset: on)."""
+    seen = first_step(mae, monkeypatch, TINY + TINY_DECODER + [
+        '--shapes_size', '8', '--mask_ratio', str(ratio), '--norm_pix_loss' if norm_pix_loss else '--no-norm_pix_loss',
+        '--output_dir', str(tmp_path)])
+    images, _, noise = seen['batch']
+    (loss, _), [((imgs, _, given_noise), (model_loss, pred, mask))] = seen['result'], seen['calls']
+    assert torch.equal(mask.sum(1), torch.full((8,), float(masked)))
+    assert torch.equal(given_noise, noise) and torch.equal(imgs, common.normalize(images))
+    assert torch.equal(loss, model_loss)
+    assert torch.allclose(loss, masked_mse(imgs, pred, mask, 4, norm_pix_loss), rtol=1e-5)
+    assert not torch.allclose(loss, masked_mse(imgs, pred, mask, 4, not norm_pix_loss), rtol=1e-2)
+
+
+def test_main_draws_the_mask_type_noise_in_its_loader(tmp_path, monkeypatch):
+    """--mask_type blue: every sample's noise in main's batches is a window of the blue bank at the model's 4 x 4 grid
+    (MAE's uniform noise is not), and it is the noise the step masks with."""
+    seen = first_step(mae, monkeypatch, TINY + TINY_DECODER + ['--shapes_size', '8', '--mask_type', 'blue',
+                                                               '--output_dir', str(tmp_path)])
+    _, _, noise = seen['batch']
+    bank = mae.noise_bank('blue')
+    assert noise.shape == (8, 16) and all(bank_window(bank, row.numpy(), 4) is not None for row in noise)
+    [((_, _, given_noise), _)] = seen['calls']
+    assert torch.equal(given_noise, noise)
 
 
 def test_end_to_end_run(tmp_path):

@@ -237,6 +237,22 @@ def test_pretraining_defaults_are_the_official_recipe(monkeypatch):
     assert schedule(optimizer, 1.0) == pytest.approx(run.lr)
 
 
+def test_pretraining_cosine_starts_and_ends_at_min_lr_and_peaks_after_warmup(tmp_path, monkeypatch):
+    """main's schedule: warmup from --min_lr (unset: 1e-6 x effective batch / 256, difference 4; here 8 x 2 = 16) to
+    the peak at warmup_epochs, then the cosine down to --min_lr at the last epoch's end, for every group."""
+    argv = TINY + ['--hog_cell_size', '2', '--accum_iter', '2', '--epochs', '4', '--warmup_epochs', '1',
+                   '--output_dir', str(tmp_path)]
+    model, optimizer, schedule = first_epoch_of(maskfeat, monkeypatch, argv)
+    run = schedule.keywords['args']
+    assert run.eff_batch_size == 16 and run.min_lr == pytest.approx(1e-6 * 16 / 256) and run.lr > 100 * run.min_lr
+    assert schedule(optimizer, 0.0) == pytest.approx(run.min_lr)  # warmup's start (WARMUP_START_LR)
+    assert schedule(optimizer, 0.5) == pytest.approx((run.min_lr + run.lr) / 2)  # linear warmup
+    assert schedule(optimizer, 1.0) == pytest.approx(run.lr)  # the peak at warmup_epochs
+    assert schedule(optimizer, 2.5) == pytest.approx((run.lr + run.min_lr) / 2)  # halfway down the cosine
+    assert schedule(optimizer, 4.0) == pytest.approx(run.min_lr, rel=1e-6, abs=0)  # COSINE_END_LR at --epochs
+    assert all(group['lr'] == pytest.approx(run.min_lr, rel=1e-6, abs=0) for group in optimizer.param_groups)
+
+
 def test_state_dict_keys_equal_official_slowfast_vit_base():
     state = maskfeat.MaskFeat(224, 16, 768, 12, 12, hog_cell_size=8).state_dict()  # ViT-B/16
     block = ['norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.qkv.bias', 'attn.proj.weight', 'attn.proj.bias',

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import common
 import mfm
 from conftest import ROOT, TINY, check_run_folder, load_weights, run_script
+from test_recipes import Stop
 
 
 def build_encoder(model, size):  # an --model name -> the encoder mfm.build_model makes of it (official init)
@@ -440,6 +441,29 @@ def test_official_schedule_scales_each_group_peak_but_shares_warmup_and_min():
     assert lrs() == pytest.approx([(1e-5 + 0.25e-3) / 2, (1e-5 + 1e-3) / 2])
     assert mfm.official_schedule(optimizer, 100, args, 1e-6, 1e-5) == pytest.approx(1e-5)
     assert lrs() == pytest.approx([1e-5, 1e-5])  # and ends at the same minimum
+
+
+def test_sample_ratio_reaches_the_loader_and_main_s_training_step(tmp_path, monkeypatch):
+    """--sample_ratio 1 makes every mask of main's epoch low-pass, 0 every one high-pass (the default is 0.5): the
+    loader draws it per sample and main's loss_fn removes that filter's frequencies."""
+    seen = {}
+
+    def first_epoch(model, loss_fn, loader, optimizer, epoch, **kwargs):
+        seen.update(loss_fn=loss_fn, loader=loader)
+        raise Stop
+
+    monkeypatch.setattr(common, 'train_one_epoch', first_epoch)
+    for ratio in (0.0, 1.0):
+        with pytest.raises(Stop):
+            mfm.main(TINY + ['--sample_ratio', str(ratio), '--output_dir', str(tmp_path / str(ratio))])
+        removed = []  # what main's loss_fn hands the model: (B, H, W), 1 = removed
+        spy = lambda images, mask: (removed.append(mask) or mask.sum(), None, None)
+        for images, labels, low_pass in seen['loader']:
+            assert torch.equal(low_pass, torch.full((len(images), 1), ratio))
+            seen['loss_fn'](spy, images, labels, low_pass)
+        expected = mfm.frequency_mask(16, 16 * 16 / 224, torch.full((8,), ratio))  # TINY: 16 px, batch 8
+        assert len(removed) == 8 and all(torch.equal(mask, expected) for mask in removed)
+        assert expected[:, 8, 8].eq(1 - ratio).all()  # the centre (lowest) frequency: removed by the high-pass only
 
 
 def test_a_mask_that_removes_nothing_or_everything_is_refused_at_start_up(tmp_path):

@@ -64,10 +64,19 @@ def test_every_written_command_is_found():  # the extraction itself: a README re
 
 @pytest.mark.parametrize('name, method, flags, processes', written_commands(),
                          ids=lambda value: ' '.join(value)[:60] if isinstance(value, list) else str(value))
-def test_a_written_command_parses(name, method, flags, processes, tmp_path, monkeypatch):
+def test_a_written_command_parses(name, method, flags, processes, tmp_path, monkeypatch, capsys):
     """Each written command gets past its method's parse_args (paths replaced by a folder and a file that exist):
-    a flag renamed or removed, or a recipe that refuses the sizes shown, fails here and not in a user's hands."""
+    a flag renamed or removed, or a recipe that refuses the sizes shown, fails here and not in a user's hands. A --help
+    one exits 0 listing each of the method's flags as an entry of its options (README: "lists every flag")."""
     if '--help' in flags:
+        module = __import__(method)
+        with pytest.raises(SystemExit) as exited:
+            module.parse_args(flags)
+        options = re.split(r'\n(?:options|optional arguments):\n', capsys.readouterr().out, maxsplit=1)[1]
+        listed = {flag for line in options.splitlines() if (entry := re.match(r'  (-.*?)(?:  |$)', line))
+                  for flag in re.findall(r'--?[\w-]+', entry[1])}  # '  --model MODEL   help': the entry's flags
+        assert exited.value.code == 0
+        assert listed == {flag for action in module.get_args_parser()._actions for flag in action.option_strings}
         return
     (tmp_path / 'data' / 'train').mkdir(parents=True)
     (tmp_path / 'checkpoint.pth').touch()

@@ -1,7 +1,6 @@
 """SparK: sparse ops vs dense references on visible sites, sparse <-> dense weights, masking, loss, optimizer, key
 names, samplers, schedules, and one run of spark.py per backbone family as a user would start it."""
 import collections, hashlib, math, os, subprocess, sys
-from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import common
 import spark
 from conftest import ROOT, TINY, read_log, run_script
+from test_recipes import Stop
 from common import (LayerNorm2d, SparseBatchNorm2d, SparseConv2d, SparseLayerNorm, SparseMaxPool2d, sparse_twin,
                     visible_at, visible_sites)
 
@@ -377,12 +377,15 @@ def test_masking_keeps_round_of_forty_percent_visible():
 
 
 def test_loss_ignores_visible_patches():
+    """forward's loss is the per-patch MSE against pixel_target averaged over the masked patches, computed by hand;
+    the visible patches' predictions do not move it."""
     torch.manual_seed(0)
     model = spark.SparK(spark.build_backbone('resnet_mini_ds8'), 32, 0.6, 16)
     imgs = torch.randn(2, 3, 32, 32)
     mask = spark.mask_from_noise(torch.rand(2, 16), model.keep)
     loss, rec = model(imgs, mask)
-    assert torch.equal(model.forward_loss(imgs, rec, mask), loss)
+    per_patch = ((spark.patchify(rec, 8) - spark.pixel_target(imgs, 8)) ** 2).mean(-1)  # (B, L)
+    assert torch.allclose(loss, per_patch[mask == 1].mean(), rtol=1e-6, atol=0)  # 20 masked patches of 32
     pixel_mask = spark.unpatchify(mask[..., None].expand(-1, -1, 8 * 8 * 3), 8, 4, 4)  # (B, 3, H, W), 1 = masked
     assert torch.equal(model.forward_loss(imgs, rec + 5.0 * (1 - pixel_mask), mask), loss)
     assert not torch.equal(model.forward_loss(imgs, rec + 5.0 * pixel_mask, mask), loss)
@@ -619,26 +622,39 @@ def test_finetune_schedule_endpoints_keep_layer_scales_and_weight_decay():
     assert spark.finetune_annealing(optimizer, 9.75, args) == pytest.approx(0.001)
 
 
+def optimizer_step_lrs(monkeypatch, argv):
+    """Run spark.main(argv) through its first training loop (pretraining, or with --eval_only the fine-tune), every
+    epoch in the real common.train_one_epoch, then stop -> (each optimizer step's lr over the last group's lr_scale,
+    the schedule's args, main's loader)."""
+    lrs, seen, train = [], {}, common.train_one_epoch
+
+    def recorded(model, loss_fn, loader, optimizer, epoch, schedule=None, on_step=None, **kwargs):
+        group, args = optimizer.param_groups[-1], schedule.keywords['args']
+        seen.update(args=args, loader=loader)
+        stats = train(model, loss_fn, loader, optimizer, epoch, schedule=schedule, **kwargs,
+                      on_step=lambda: (lrs.append(group['lr'] / group.get('lr_scale', 1.0)), on_step and on_step()))
+        if epoch + 1 == args.epochs:
+            raise Stop
+        return stats
+
+    monkeypatch.setattr(common, 'train_one_epoch', recorded)
+    monkeypatch.setattr(common, 'evaluate', lambda *_, **__: None)  # --eval_only: straight on to the fine-tune
+    with pytest.raises(Stop):
+        spark.main(argv)
+    return lrs, seen['args'], seen['loader']
+
+
 @pytest.mark.parametrize('which', ['pretraining', 'finetuning'])
-def test_schedules_reach_their_floor_at_the_last_optimizer_step_of_the_loop(which):
-    """Through common.train_one_epoch (6 micro-batches, accum_iter 2: 3 steps an epoch), with iters_per_epoch as
-    spark.main and common.finetune compute it: the last step's lr is the floor, the first 0.005x the peak."""
-    model = nn.Linear(2, 1)
-    optimizer = torch.optim.SGD([{'params': [model.bias], 'lr_scale': 1.0},
-                                 {'params': [model.weight], 'lr_scale': 1.0}],
-                                lr=0.0)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 2), torch.zeros(12)), 2)
-    args = SimpleNamespace(lr=1.0, min_lr=None, warmup_epochs=1, epochs=2, weight_decay=0.0, weight_decay_end=0.0,
-                           iters_per_epoch=len(loader) // 2)
-    schedule = partial(spark.lr_wd_annealing, args=args, iters_per_epoch=len(loader) // 2) \
-        if which == 'pretraining' else partial(spark.finetune_annealing, args=args)
-    lrs = []
-    for epoch in range(args.epochs):
-        common.train_one_epoch(model, lambda net, images, labels, _: (net(images).pow(2).mean(), {}), loader, optimizer,
-                               epoch, torch.device('cpu'), accum_iter=2, schedule=schedule,
-                               on_step=lambda: lrs.append(optimizer.param_groups[-1]['lr']))
-    assert len(lrs) == 6 and lrs[0] == pytest.approx(0.005) and lrs[-1] == pytest.approx(0.001)
-    assert lrs[3] == pytest.approx(1.0) and all(a > b for a, b in zip(lrs[3:], lrs[4:]))  # warmup, then down
+def test_schedules_reach_their_floor_at_the_last_optimizer_step_of_the_loop(tmp_path, monkeypatch, which):
+    """spark.main's schedule (common.finetune's), through common.train_one_epoch (6 micro-batches, accum_iter 2: 3 steps
+    an epoch; iters_per_epoch len(loader) // 2, not len(loader)): the last step's lr is the floor, the first 0.005x."""
+    argv = TINY + ['--model', 'resnet_mini_ds8', '--input_size', '16', '--decoder_width', '32', '--shapes_size', '48',
+                   '--accum_iter', '2', '--epochs', '2', '--warmup_epochs', '1', '--output_dir', str(tmp_path)]
+    argv += ['--eval_only', '--finetune_epochs', '2', '--ft_warmup_epochs', '1'] if which == 'finetuning' else []
+    lrs, args, loader = optimizer_step_lrs(monkeypatch, argv)
+    assert len(loader) == 6 and args.accum_iter == 2 and args.epochs == 2
+    assert len(lrs) == 6 and lrs[0] == pytest.approx(0.005 * args.lr) and lrs[-1] == pytest.approx(0.001 * args.lr)
+    assert lrs[3] == pytest.approx(args.lr) and all(a > b for a, b in zip(lrs[3:], lrs[4:]))  # warmup, then down
 
 
 @pytest.mark.parametrize('model,size', [('resnet_mini_ds8', '32'), ('convnext_atto_ds8', '16')])
@@ -654,7 +670,10 @@ def test_end_to_end_run(tmp_path, model, size):
     assert not any('finetune_epoch' in line for line in log)  # fine-tuning logs in its own folder
     finetuned = read_log(f'{out}/finetune')
     assert len(finetuned) == 1 and finetuned[0]['finetune_epoch'] == 0
-    assert 0 <= finetuned[0]['finetune_top1'] <= 100 and 0 <= finetuned[0]['finetune_ema_top1'] <= 100
+    n_val = max(int(TINY[TINY.index('--shapes_size') + 1]) // 5, 10)  # 12 validation images (common.build_datasets)
+    for top1 in (finetuned[0]['finetune_top1'], finetuned[0]['finetune_ema_top1']):  # a percentage of whole images
+        correct = top1 * n_val / 100
+        assert correct == pytest.approx(round(correct), abs=1e-4) and 0 <= round(correct) <= n_val
     assert math.isfinite(finetuned[0]['train_loss'])
     saved = torch.load(f'{out}/finetune/finetuned.pth', weights_only=True)
     assert {'model', 'ema', 'name', 'args', 'top1'} <= set(saved)
