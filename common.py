@@ -729,6 +729,8 @@ def setup(args):
               f'{args.device.type}, {torch.get_num_threads()} CPU threads, autocast {args.amp}')
         if (getattr(args, 'min_lr', None) or 0) > args.lr:  # the official schedules do the same, without a word
             print(f'note: --min_lr {args.min_lr:g} is above the peak lr {args.lr:.3g}: after warmup the lr rises to it')
+        if args.finetune_epochs and (args.mixup or args.cutmix) and args.batch_size % 2:  # (timm: "should be even")
+            print(f'note: --batch_size {args.batch_size} is odd: fine-tuning mixes its middle image with itself')
         if args.amp == 'fp16' and args.device.type == 'cpu':  # measured: throughput.py, 2-core EPYC, torch 2.13
             print('note: --amp fp16 has no fast CPU kernels: MAE\'s small preset ran 23x slower than with none, 55x '
                   'than bf16')

@@ -1015,6 +1015,20 @@ def test_lr_zero_is_taken_and_a_min_lr_above_the_peak_or_fp16_on_a_cpu_is_said(t
     assert 'note: --amp fp16 has no fast CPU kernels' in capsys.readouterr().out  # a GPU command's flag, 23x slower
 
 
+def test_an_odd_batch_that_mixup_pairs_with_itself_reversed_is_said(tmp_path, capsys):
+    """timm's Mixup refuses an odd batch; common.mix pairs image i with image B - 1 - i, so the middle one with itself:
+    said when fine-tuning mixes, silent when it does not mix or the batch is even."""
+    import mae
+    for i, (flags, said) in enumerate([(['--batch_size', '7'], True), (['--batch_size', '8'], False),
+                                       (['--batch_size', '7', '--mixup', '0', '--cutmix', '0'], False)]):
+        common.setup(mae.parse_args(flags + ['--finetune_epochs', '1', '--output_dir', str(tmp_path / str(i))]))
+        out = capsys.readouterr().out
+        assert ('note: --batch_size 7 is odd: fine-tuning mixes its middle image with itself' in out) == said, flags
+    images, labels = torch.arange(3.0).view(3, 1, 1, 1), torch.tensor([0, 1, 2])
+    mixed, target = common.mix(images, labels, 3, 0.8, 0.0, 0.0, np.random.default_rng(0))
+    assert mixed[1].item() == 1.0 and target[1].tolist() == [0.0, 1.0, 0.0]  # the middle image: itself, its label
+
+
 def test_a_warmup_as_long_as_the_run_is_said(capsys):
     import mae
     mae.parse_args(['--epochs', '20', '--warmup_epochs', '40', '--finetune_epochs', '3'])  # the official code runs
