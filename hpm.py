@@ -111,6 +111,10 @@ def parse_args(argv=None):
                      f'{args.decoder_num_heads} heads')
     if args.ema_ramp_epochs == 0:  # (--ema_decay's values: each in [0, 1), by its type)
         parser.error('--ema_ramp_epochs must be positive, got 0')
+    if args.teacher and not (args.knn_k or args.probe_epochs or args.finetune_epochs or args.export_encoder or
+                             args.eval_only):  # (with --eval_only it picks the weights loaded, the picture's too)
+        parser.error('--teacher would do nothing here: it picks what the kNN, the probe, the fine-tune and '
+                     '--export_encoder read, and all four are off')
     if args.finetune_epochs and common.VIT_NAME.fullmatch(args.model)[1] not in ('base', 'large') and args.rank == 0:
         print(f'note: HPM has fine-tuning scripts for ViT-B and ViT-L only (equal but for the batch): {args.model} '
               'fine-tunes with their values (ft_blr 5e-4, layer_decay 0.8, each unless given)')

@@ -967,7 +967,10 @@ def test_bad_flags_exit_with_one_line():
     ('hpm', ['--no-global_pool', '--knn_k', '0', '--probe_epochs', '0'], '--no-global_pool would do nothing here: it '
      'picks the kNN / probe feature', ['--probe_epochs', '1']),
     ('mae', ['--cache', '--data', 'shapes'], '--cache would do nothing here: shapes are made in memory',
-     ['--data', 'folder', '--data_path', '.'])])
+     ['--data', 'folder', '--data_path', '.']),
+    *[('hpm', ['--teacher', '--knn_k', '0', '--probe_epochs', '0'], '--teacher would do nothing here: it picks what '
+       'the kNN, the probe, the fine-tune and --export_encoder read', needed)
+      for needed in (['--export_encoder'], ['--finetune_epochs', '1'], ['--eval_only'], ['--knn_k', '5'])]])
 def test_a_flag_that_would_do_nothing_is_refused(method, flags, message, needed):  # each was ignored without a word
     with pytest.raises(SystemExit, match=message):
         __import__(method).parse_args(flags)
