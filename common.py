@@ -551,9 +551,10 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--amp', dict(default='auto', choices=['auto', 'bf16', 'fp16', 'none']), 'bf16, else fp16 on GPUs, else none')]
 
 
+# MAE's main_finetune.py defaults, but mixup / cutmix are FINETUNE.md's command values (its argparse's: 0); each
+# method's recipe overrides them
 FINETUNE = dict(ft_blr=1e-3, ft_warmup_epochs=5, ft_weight_decay=0.05, ft_drop_path=0.1, layer_decay=0.75, mixup=0.8,
-                cutmix=1.0, smoothing=0.1, reprob=0.25)  # MAE's main_finetune.py defaults, but mixup / cutmix are
-# FINETUNE.md's command values (the argparse's are 0); each method's recipe overrides
+                cutmix=1.0, smoothing=0.1, reprob=0.25)
 
 
 def get_args_parser(description, convnets=(), vit=True, **rules):
@@ -1294,10 +1295,10 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
     (layer_id(name) -> (i, n), default the ViT's), no decay on no_decay_names and 1-D tensors, schedule(optimizer,
     epoch, ft) per iteration, drop path, FinetuneTransform, mixup / cutmix, smoothing, soft-target CE, --ft_batch by
     accumulation; SparK adds optimizer (LAMB), bce, an EMA (the better reported) and sampler(n, ft) (repeated aug.).
-    Differences: a. SparK's TrivialAugmentWide is RandAugment, its val crop 0.875 (not 0.95), its EMA starts from the
-    pretrained weights (not the random init); b. erasing noise in uint8; c. the last epoch's top-1, not the best.
-    The same weights and settings again continue an interrupted fine-tune or report a finished one; others start
-    afresh, the earlier folder moved to finetune-<n>."""
+    Differences: a. SparK's TrivialAugmentWide is RandAugment, its val crop MAE's (not 0.95; see spark.py), its EMA
+    starts from the pretrained weights (not the random init); b. erasing noise in uint8; c. the last epoch's top-1,
+    not the best. The same weights and settings again continue an interrupted fine-tune or report a finished one;
+    others start afresh, the earlier folder moved to finetune-<n>."""
     if not args.finetune_epochs or not eval_sets:
         return None
     (train, val), per_step, accum = eval_sets, args.batch_size * args.world_size, args.ft_accum_iter

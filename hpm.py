@@ -36,7 +36,8 @@ Differences from the official code (each deliberate):
  5. bf16 autocast by default where supported (official: fp16); the loss predictor's P outputs are averaged in fp32,
     as bf16 ties up to a sixth of a 224-px image's predicted losses, which the hard-patch ranking breaks by index.
     The relative loss is in fp32 too (under the official fp16 autocast, 1 - sigmoid(s_j - s_i) is 0 above about 8).
-    kNN and linear probe as in mae.py (not scripts/linprob.sh: LARS, blr 1e-3, batch 2048, 100 epochs, 10 warmup).
+    kNN and linear probe as in mae.py (not scripts/linprob.sh: SGD on augmented images, blr 1e-3, batch 2048, 100
+    epochs, 10 warmup; main_linprob.py's LARS is commented out).
  6. Fine-tuning is common.finetune with scripts/finetune_base.sh's values (layer decay 0.8, blr 5e-4, batch 384;
     finetune_large.sh's batch 512 for ViT-L); --teacher evaluates, fine-tunes and exports the EMA teacher instead of
     the student (main_finetune.py --teacher). The teacher's EMA covers every float tensor of the state dict, as timm's
@@ -112,9 +113,9 @@ def parse_args(argv=None):
     if args.ema_ramp_epochs == 0:  # (--ema_decay's values: each in [0, 1), by its type)
         parser.error('--ema_ramp_epochs must be positive, got 0')
     if args.teacher and not (args.knn_k or args.probe_epochs or args.finetune_epochs or args.export_encoder or
-                             args.eval_only):  # (with --eval_only it picks the weights loaded, the picture's too)
+                             args.eval_only and args.resume):  # (then it picks the weights loaded, the picture's too)
         parser.error('--teacher would do nothing here: it picks what the kNN, the probe, the fine-tune and '
-                     '--export_encoder read, and all four are off')
+                     '--export_encoder read, and the weights --eval_only --resume FILE loads; all are off')
     if args.finetune_epochs and common.VIT_NAME.fullmatch(args.model)[1] not in ('base', 'large') and args.rank == 0:
         print(f'note: HPM has fine-tuning scripts for ViT-B and ViT-L only (equal but for the batch): {args.model} '
               'fine-tunes with their values (ft_blr 5e-4, layer_decay 0.8, each unless given)')

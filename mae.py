@@ -11,10 +11,10 @@ Differences from the official code (each deliberate):
     torch.rand on the GPU; the masking itself (argsort of the noise, keep the first K) is the official one. This is
     what makes resume exact and N processes equal one. `MAE.forward(imgs, mask_ratio, noise=None)` still draws it
     like the official code when no noise is given.
- 2. Defaults follow PRETRAIN.md where it and main_pretrain.py's argparse differ: norm-pix on and blr 1.5e-4 always;
-    --data imagenet also takes its ViT-L, 800 epochs and effective batch 4096 (through --accum_iter). Other data keep
-    the argparse's 400 epochs and batch 64 per process, with ViT-B (argparse: ViT-L). The decoder's width, depth and
-    heads are flags (official 512 / 8 / 16), so small presets can shrink it.
+ 2. Defaults follow PRETRAIN.md where it and main_pretrain.py's argparse differ: norm-pix on and blr 1.5e-4;
+    --data imagenet also takes its ViT-L, 800 epochs and effective batch 4096 (through --accum_iter). --data folder
+    keeps the argparse's 400 epochs and batch 64 per process, with ViT-B (argparse: ViT-L); the presets: difference
+    7. The decoder's width, depth and heads are flags (official 512 / 8 / 16), so small presets can shrink it.
  3. bf16 autocast by default where supported (the official code uses fp16 + GradScaler); --amp fp16 or none.
  4. The linear probe trains SGD (cosine, no warmup) on features extracted once without augmentation
     (common.linear_probe_accuracy) rather than LARS at batch 16384 on augmented images with 10 warmup epochs
@@ -34,7 +34,7 @@ Differences from the official code (each deliberate):
     (warmup 1) at blr 1.5e-3 (10x) with a 128-wide decoder of 2 blocks and 4 heads, and its kNN and probe read the
     mean patch token after the pretrained final norm (--global_pool; the official probe reads the cls token, or with
     --global_pool a fresh LayerNorm of the raw mean); CIFAR is ViT-S/4 at the other defaults. At 64 px and below
-    the eval transform only centre-crops (the official 224/256 rule would resize 32 px images to 36 first).
+    the eval transform has no 224/256 margin: the short side goes to the size, then a centre crop (official: 32 -> 36).
 
 Expected result (`python mae.py`, built-in shapes, 32 px, ViT-Ti/4, 2-core AMD EPYC CPU): see the README table
 (kNN and linear probe of the pretrained vs the randomly initialised encoder): 15.9 / 28.8 vs 11.2 / 14.7, 3.7 minutes.

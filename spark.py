@@ -37,12 +37,13 @@ Differences from the official code (each deliberate):
     0.9999; the better of the network and its EMA is reported); downstream_imagenet's lr schedule (from 0.005x the peak
     to 0.001x at the last iteration); convnext_large at --input_size 384 takes the convnext_large_384 row (and
     pretrains with pretrain/README.md's 384 recipe: mask 0.75, blr 4e-4, --data imagenet's batch 2048). Left:
-    RandAugment instead of TrivialAugmentWide (AutoAugment v0 at 384 px), val crop 0.875 (official 0.95; at 384 px
-    ours is 1.0, MAE's rule, the official a plain resize), the best epoch not selected, and the EMA starts from the
-    pretrained weights (see common.finetune); the repeated-augmentation epoch is not rounded down to a multiple of 256
-    images; the last batch is dropped.
+    RandAugment instead of TrivialAugmentWide (AutoAugment v0 at 384 px), val crop MAE's (0.875 up to 224 px, then 1.0;
+    official 0.95 below 384 px, a plain resize to a square from 384), the best epoch not selected, and the EMA starts
+    from the pretrained weights (see common.finetune); the repeated-augmentation epoch is not rounded down to a
+    multiple of 256 images; the last batch is dropped.
  7. --weight_decay_end 0 means 0 (the official `wde or wd` reads 0 as "constant"). DDP broadcasts buffers, PyTorch's
-    default (official: broadcast_buffers=False; the BN running statistics are unused in pretraining). Under
+    default (official, pretraining and fine-tuning: broadcast_buffers=False): under SyncBatchNorm (GPUs) the BN running
+    statistics are equal on every rank either way; on CPUs the other ranks start each step from rank 0's. Under
     --accum_iter (ours), when the loader's length is not a multiple of it, the last step's lr is a hair above the floor.
 
 Backbone contract (SparK(backbone, ...) checks it): forward(images) returns a list of its 4 stage maps, finest first,

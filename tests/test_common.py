@@ -88,12 +88,18 @@ def test_eval_transform_is_the_resize_then_centre_crop_of_mae(size, shape, windo
     assert torch.equal(out, torch.from_numpy(pixels[top:top + size, left:left + size]).permute(2, 0, 1))
 
 
-def test_eval_resize_floors_the_long_side_and_rounds_the_offset_as_torchvision():
-    """Resize(256) of a 301 x 257 image: the long side int(301 * 256 / 257) = 299 (not round's 300); CenterCrop(224):
-    left int(round(37.5)) = 38 (half-even), top int(round(16.0)) = 16. Written out with PIL as torchvision does."""
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (257, 301, 3), dtype=np.uint8))
-    expected = img.resize((299, 256), Image.BICUBIC).crop((38, 16, 38 + 224, 16 + 224))
-    assert torch.equal(common.EvalTransform(224)(img), torch.from_numpy(np.array(expected)).permute(2, 0, 1))
+@pytest.mark.parametrize('size, image, resized, corner', [
+    (224, (301, 257), (299, 256), (38, 16)),  # long side int(299.8) = 299, not round's 300; left round(37.5) = 38
+    (224, (299, 257), (297, 256), (36, 16)),  # left int(round(36.5)) = 36: half-even, not half-up's 37
+    (160, (200, 190), (191, 182), (16, 11)),  # short side int(160 / 0.875) = int(182.9) = 182; left round(15.5) = 16
+    (240, (300, 260), (276, 240), (18, 0))])  # above 224 px crop_pct 1.0 (util/datasets.py): short side 240
+def test_eval_resize_floors_and_rounds_as_torchvision(size, image, resized, corner):
+    """Resize(int(size / crop_pct)) then CenterCrop(size), with torchvision's integer rules (sizes floored, offsets
+    int(round(x / 2)), half-even), written out with PIL."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (*image[::-1], 3), dtype=np.uint8))
+    left, top = corner
+    expected = img.resize(resized, Image.BICUBIC).crop((left, top, left + size, top + size))
+    assert torch.equal(common.EvalTransform(size)(img), torch.from_numpy(np.array(expected)).permute(2, 0, 1))
 
 
 @pytest.mark.parametrize('width, height, box', [(300, 100, (83, 0, 216, 100)), (100, 300, (0, 83, 100, 216))])
@@ -970,7 +976,10 @@ def test_bad_flags_exit_with_one_line():
      ['--data', 'folder', '--data_path', '.']),
     *[('hpm', ['--teacher', '--knn_k', '0', '--probe_epochs', '0'], '--teacher would do nothing here: it picks what '
        'the kNN, the probe, the fine-tune and --export_encoder read', needed)
-      for needed in (['--export_encoder'], ['--finetune_epochs', '1'], ['--eval_only'], ['--knn_k', '5'])]])
+      for needed in (['--export_encoder'], ['--finetune_epochs', '1'], ['--eval_only', '--resume', __file__],
+                     ['--knn_k', '5'], ['--probe_epochs', '1'])],
+    ('hpm', ['--teacher', '--knn_k', '0', '--probe_epochs', '0', '--eval_only'], '--teacher would do nothing here',
+     ['--resume', __file__])])  # (--eval_only alone: random weights, the teacher a copy of them)
 def test_a_flag_that_would_do_nothing_is_refused(method, flags, message, needed):  # each was ignored without a word
     with pytest.raises(SystemExit, match=message):
         __import__(method).parse_args(flags)
@@ -1022,9 +1031,12 @@ def test_an_odd_batch_that_mixup_pairs_with_itself_reversed_is_said(tmp_path, ca
     """timm's Mixup refuses an odd batch; common.mix pairs image i with image B - 1 - i, so the middle one with itself:
     said when fine-tuning mixes, silent when it does not mix or the batch is even."""
     import mae
-    for i, (flags, said) in enumerate([(['--batch_size', '7'], True), (['--batch_size', '8'], False),
-                                       (['--batch_size', '7', '--mixup', '0', '--cutmix', '0'], False)]):
-        common.setup(mae.parse_args(flags + ['--finetune_epochs', '1', '--output_dir', str(tmp_path / str(i))]))
+    ft = ['--finetune_epochs', '1']
+    for i, (flags, said) in enumerate([(['--batch_size', '7', *ft], True), (['--batch_size', '8', *ft], False),
+                                       (['--batch_size', '7', '--mixup', '0', *ft], True),  # cutmix alone mixes
+                                       (['--batch_size', '7', '--mixup', '0', '--cutmix', '0', *ft], False),
+                                       (['--batch_size', '7'], False)]):  # no fine-tune
+        common.setup(mae.parse_args(flags + ['--output_dir', str(tmp_path / str(i))]))
         out = capsys.readouterr().out
         assert ('note: --batch_size 7 is odd: fine-tuning mixes its middle image with itself' in out) == said, flags
     images, labels = torch.arange(3.0).view(3, 1, 1, 1), torch.tensor([0, 1, 2])

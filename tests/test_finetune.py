@@ -447,7 +447,8 @@ def test_mixup_and_cutmix_together_switch_between_them_half_the_time():
 
 def timm_mix(images, labels, num_classes, mixup, cutmix, smoothing, rng):
     """timm's Mixup in mode 'batch' (mix prob 1, switch prob 0.5, correct_lam; MAE's timm 0.3.2 and SparK's
-    BatchMixup), written out with its draws taken from `rng` in its order -> images, target, (lam drawn, box)."""
+    BatchMixup), written out with its draws taken from `rng` in its order, but its first (rand() < mix_prob 1, always
+    true), which common.mix does not draw -> images, target, (lam drawn, box)."""
     off = smoothing / num_classes  # mixup_target: one_hot(on 1 - smoothing + off, off smoothing / K), mixed alike
     smoothed = torch.full((len(labels), num_classes), off)
     smoothed[torch.arange(len(labels)), labels] = 1 - smoothing + off
@@ -483,8 +484,8 @@ def test_mix_equals_timms_mixup_given_the_same_draws(mixup, cutmix):
         modes.add('none' if mixup == cutmix == 0 else 'blend' if box is None else 'cut')
         lam = (target[0, 0].item() - 0.3 / 7) / 0.7  # label 0's weight: lam (1 - 0.3) + 0.3 / 7
         corrected += box is not None and abs(lam - drawn) > 0.02
-    assert modes == {'none'} if mixup == cutmix == 0 else {'blend', 'cut'} if mixup and cutmix else \
-        {'cut' if cutmix else 'blend'}
+    assert modes == ({'none'} if mixup == cutmix == 0 else {'blend', 'cut'} if mixup and cutmix else
+                     {'cut' if cutmix else 'blend'})
     assert corrected >= 3 if cutmix else corrected == 0  # clipped boxes: lam is not the drawn one
 
 
@@ -766,6 +767,28 @@ def test_finetune_hands_the_runs_mixup_cutmix_and_smoothing_to_mix(tmp_path, mon
     assert (mixup, cutmix, smoothing) == expected and classes == len(common.SHAPES)
     assert images.shape == (8, 3, args.input_size, args.input_size) and labels.shape == (8,)
     assert seen['rng_state'] == np.random.default_rng([0, 0, 0]).bit_generator.state  # [seed, rank, epoch]
+
+
+def test_finetune_mixes_each_epoch_with_that_epochs_generator(tmp_path, monkeypatch):
+    """Two fine-tuning epochs: each one's mixup / cutmix draws start from default_rng([seed, rank, epoch]), made
+    afresh that epoch (so a resumed fine-tune draws what an uninterrupted one would)."""
+    args = mae.parse_args(['--data', 'shapes', '--input_size', '16', *FT_FLAGS, '--finetune_epochs', '2', '--seed',
+                           '3', '--output_dir', str(tmp_path)])
+    states, real_mix = [], common.mix
+
+    def mix(*arguments):
+        states.append(copy.deepcopy(arguments[-1].bit_generator.state))
+        return real_mix(*arguments)
+
+    def train_one_epoch(model, loss_fn, loader, optimizer, epoch, device, **settings):  # one step of the epoch
+        images, labels = next(iter(loader))[:2]
+        return {'train_loss': loss_fn(model, images.to(device), labels.to(device), None)[0].item()}
+    monkeypatch.setattr(common, 'mix', mix)
+    monkeypatch.setattr(common, 'train_one_epoch', train_one_epoch)
+    _, eval_sets = common.build_datasets(args, common.TrainTransform(args.input_size))
+    build = lambda classes: common.ViTClassifier(classes, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    common.finetune(args, build, seeded(0, build, len(eval_sets[0].classes)).state_dict(), eval_sets)
+    assert states == [np.random.default_rng([3, 0, epoch]).bit_generator.state for epoch in (0, 1)]
 
 
 @pytest.mark.parametrize('bce', [True, False])
