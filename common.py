@@ -434,8 +434,8 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Shorter side to size / crop_pct (bicubic), centre crop, as torchvision's Resize + CenterCrop. crop_pct is MAE's
-    (util/datasets.py: 224/256 up to 224 px, 1.0 above), except at 64 px and below (CIFAR), where it is 1.0 (ours)."""
+    """torchvision's Resize(size / crop_pct, bicubic) + CenterCrop(size); crop_pct MAE's, 224/256 to 224 px, 1.0 above
+    (util/datasets.py), but 1.0 at 64 px and below (CIFAR; ours)."""
     def __init__(self, size, crop_pct=None):
         self.size, self.crop_pct = size, crop_pct or (0.875 if 64 < size <= 224 else 1.0)
 
@@ -551,8 +551,7 @@ FLAGS = [  # (flag, argparse options, help); a default of None is filled from th
     ('--amp', dict(default='auto', choices=['auto', 'bf16', 'fp16', 'none']), 'bf16, else fp16 on GPUs, else none')]
 
 
-# MAE's main_finetune.py defaults, but mixup / cutmix are FINETUNE.md's command values (its argparse's: 0); each
-# method's recipe overrides them
+# MAE's main_finetune.py defaults but mixup / cutmix, FINETUNE.md's (its argparse's: 0); the recipes override them
 FINETUNE = dict(ft_blr=1e-3, ft_warmup_epochs=5, ft_weight_decay=0.05, ft_drop_path=0.1, layer_decay=0.75, mixup=0.8,
                 cutmix=1.0, smoothing=0.1, reprob=0.25)
 

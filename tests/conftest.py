@@ -14,6 +14,10 @@ TINY_DECODER = ['--decoder_embed_dim', '32', '--decoder_depth', '1', '--decoder_
 TIMING_FIELDS = ('images_per_s', 'epoch_time_s', 'peak_mem_mb')  # log.txt fields that differ between equal runs
 
 
+class Stop(Exception):
+    """Raised by a test's stand-in for a step of a run (e.g. common.train_one_epoch) once it has seen what it needs."""
+
+
 def run_script(script, args, timeout=300, env=None, check=True):
     """Run `python <script> args` from the repository root, as a user would; return the CompletedProcess."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,

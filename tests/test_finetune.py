@@ -19,7 +19,7 @@ import mae
 import maskfeat
 import mfm
 import spark
-from conftest import ROOT, TINY, load_weights, read_log, run_script, without_timing
+from conftest import ROOT, TINY, Stop, load_weights, read_log, run_script, without_timing
 
 LOAD_PRETRAINED = common.load_pretrained  # the original, whatever a test patches
 BLOCK = ['norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.qkv.bias', 'attn.proj.weight', 'attn.proj.bias',
@@ -716,10 +716,6 @@ def test_finetune_killed_before_its_result_is_written_reports_its_last_epoch(tmp
 
 
 # ---- what fine-tuning hands on: mix's settings, the loss, SparK's optimizer and layer groups ------------------------
-class FirstStep(Exception):
-    """Raised by first_step's spy once the fine-tune's first loss is computed: nothing more need run."""
-
-
 def first_step(args, monkeypatch, build=None, **finetune_kwargs):
     """common.finetune (the given args, a 1-block 32-wide ViT unless `build`) up to its first loss -> {'mix': the
     arguments it gave mix, 'rng_state': its generator's then, 'images' / 'target': what mix returned, 'loss',
@@ -735,14 +731,14 @@ def first_step(args, monkeypatch, build=None, **finetune_kwargs):
         images, labels = next(iter(loader))[:2]
         seen['loss'] = loss_fn(model, images.to(device), labels.to(device), None)[0]
         seen['logits'] = model(seen['images']).float()  # (no drop path: the same network output again)
-        raise FirstStep
+        raise Stop  # the fine-tune's first loss is computed: nothing more need run
     monkeypatch.setattr(common, 'mix', mix)
     monkeypatch.setattr(common, 'train_one_epoch', train_one_epoch)
     _, eval_sets = common.build_datasets(args, common.TrainTransform(args.input_size))
     build = build or (lambda classes: common.ViTClassifier(classes, img_size=args.input_size, patch_size=4,
                                                            embed_dim=32, depth=1, num_heads=2))
     state = seeded(0, build, len(eval_sets[0].classes)).state_dict()  # the "pretrained" weights: a random init
-    with pytest.raises(FirstStep):
+    with pytest.raises(Stop):
         common.finetune(args, build, state, eval_sets, **finetune_kwargs)
     return seen
 

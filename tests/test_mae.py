@@ -8,7 +8,7 @@ import torch
 
 import common
 import mae
-from conftest import TINY, TINY_DECODER, check_run_folder, run_script
+from conftest import TINY, TINY_DECODER, Stop, check_run_folder, run_script
 
 TINY_VIT = common.vit_config('vit_tiny_patch4')  # patch_size 4, embed_dim 192, depth 12, num_heads 3
 
@@ -270,10 +270,6 @@ def test_compiled_training_step_agrees_with_eager():
     assert {k for k, step in eager_step.items() if not step.abs().sum()} == {'pos_embed', 'decoder_pos_embed'}
     for key, step in eager_step.items():  # every trained tensor moved, and by the same step (measured: 5e-4 apart)
         assert (compiled_step[key] - step).abs().max().item() <= 2e-2 * step.abs().max().item() + 1e-7, key
-
-
-class Stop(Exception):  # ends main at its first training epoch
-    pass
 
 
 def first_step(module, monkeypatch, argv):

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 import common
 import mfm
-from conftest import ROOT, TINY, check_run_folder, load_weights, run_script
-from test_recipes import Stop
+from conftest import ROOT, TINY, Stop, check_run_folder, load_weights, run_script
 
 
 def build_encoder(model, size):  # an --model name -> the encoder mfm.build_model makes of it (official init)

@@ -16,6 +16,7 @@ import mae
 import maskfeat
 import mfm
 import spark
+from conftest import Stop
 
 
 def imagenet(tmp_path, *flags):  # the argv of a user's --data imagenet run (the folder need only exist for parsing)
@@ -152,10 +153,6 @@ def test_mfm_finetune_row(tmp_path):
 
 
 # ---- the fine-tuning optimizer and lr schedule, through the method's main ----------------------------------------
-class Stop(Exception):
-    pass
-
-
 def finetune_start(module, tmp_path, monkeypatch, *flags):
     """Run `module.main` as a user would (--data imagenet on a tiny folder, a tiny ViT, --eval_only, fine-tuning on)
     until common.finetune starts its first epoch -> (classifier, optimizer, schedule, ft settings)."""

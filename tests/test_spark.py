@@ -12,8 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 import spark
-from conftest import ROOT, TINY, read_log, run_script
-from test_recipes import Stop
+from conftest import ROOT, TINY, Stop, read_log, run_script
 from common import (LayerNorm2d, SparseBatchNorm2d, SparseConv2d, SparseLayerNorm, SparseMaxPool2d, sparse_twin,
                     visible_at, visible_sites)
 
