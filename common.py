@@ -388,6 +388,8 @@ def build_datasets(args, train_transform, draw_mask=None):
                  f'{args.input_size} px), {free / 1e9:.1f} GB is available: leave --cache off')  # hours into decoding
     for subset in subsets.values() if cache else ():
         subset.items = cache_images(subset, args.input_size, args.num_workers)
+        if subset.num_skipped.value and is_main():  # (an epoch's skipped_images in the log counts only that epoch's)
+            print(f'note: {subset.num_skipped.value} undecodable image(s) replaced by the next in the cache, all run')
     evaluation = EvalTransform(args.input_size)
     n = len(subsets['train'])  # one class or one image: a top-1 of 100% by construction, a probe BN cannot train
     few = len(subsets) > 1 and min(n, len(classes)) < 2
@@ -610,6 +612,7 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
     pretraining += ' epochs blr lr min_lr weight_decay warmup_epochs clip_grad crop_scale' + ' accum_iter' * (
         not args.finetune_epochs or args.ft_batch is not None)  # (else it sets the fine-tuning batch)
     skipped = [f'--{k}' for k in pretraining.split() if args.eval_only and getattr(args, k) is not None]
+    skipped += ['--save_freq'] * (args.eval_only and any(a.split('=')[0] == '--save_freq' for a in argv))
     if idle:  # a flag that changes nothing is refused, not ignored without a word
         parser.error(f'{idle[0][0]} would do nothing here: {idle[0][1]}')
     args.data_path = './data' if args.data_path is None else args.data_path

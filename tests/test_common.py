@@ -528,6 +528,16 @@ def test_cache_equals_decoding(tmp_path):
         assert torch.equal(cached[i][0], plain[i][0])
 
 
+def test_cache_says_the_undecodable_images_it_replaced(tmp_path, capsys):  # each epoch's log then counts 0 (was all)
+    write_images(tmp_path / 'train' / 'x', [(f'{i}.png', Image.new('RGB', (20, 20), (i, 0, 0))) for i in range(3)])
+    (tmp_path / 'train' / 'x' / 'broken.png').write_bytes(b'not an image')
+    with pytest.warns(UserWarning, match='broken.png'):
+        cached, _ = common.build_datasets(folder_args(tmp_path, cache=True), common.EvalTransform(16, crop_pct=1.0))
+    assert 'note: 1 undecodable image(s) replaced by the next in the cache, all run' in capsys.readouterr().out
+    common.build_datasets(folder_args(tmp_path, cache=False), common.EvalTransform(16, crop_pct=1.0))
+    assert 'undecodable' not in capsys.readouterr().out  # (each epoch warns and counts it)
+
+
 def test_cache_that_does_not_fit_in_memory_is_refused_before_decoding(tmp_path, monkeypatch, capsys):
     write_images(tmp_path / 'train' / 'x', [(f'{i}.png', Image.new('RGB', (20, 20))) for i in range(4)])
     monkeypatch.setattr(common, 'available_memory', lambda: 4 * 16 * 16 * 3 * 2 - 1)  # one process fits, two do not
@@ -999,6 +1009,11 @@ def test_eval_only_says_the_flags_of_the_pretraining_it_skips(capsys):  # each w
     assert 'so --weight_decay_end change(s) nothing' in capsys.readouterr().out
     __import__('mfm').parse_args(['--eval_only', '--sample_ratio', '0.3'])
     assert 'so --sample_ratio change(s) nothing' in capsys.readouterr().out
+    for save_freq in (['--save_freq', '5'], ['--save_freq=5']):  # (a flag with a default: seen as typed)
+        hpm.parse_args(['--eval_only', *save_freq])
+        assert 'so --save_freq change(s) nothing' in capsys.readouterr().out
+    hpm.parse_args(['--save_freq', '5'])
+    assert 'skips pretraining' not in capsys.readouterr().out
     hpm.parse_args(['--eval_only', '--accum_iter', '2'])
     assert 'so --accum_iter change(s) nothing' in capsys.readouterr().out
     assert hpm.parse_args(['--eval_only', '--accum_iter', '2', '--finetune_epochs', '1']).ft_accum_iter == 2  # its
