@@ -73,7 +73,7 @@ def unpatchify(x, p, h, w):
 
 def attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v, (B, heads, N, d): SDPA's fused kernels, but on CPUs in bf16 the three ops (timm's and
-    HF's unfused path), 2-3x faster than SDPA's math / flash kernels at every shape here (fwd + bwd, ms, 2-core EPYC,
+    HF's unfused path), 2-6x faster than SDPA's math / flash kernels at every shape here (fwd + bwd, ms, 2-core EPYC,
     torch 2.13: ViT-B 16.9 vs 45.7 / 40.9, MAE decoder 16.1 vs 42.4 / 41.2, ViT-Ti/4 5.2 vs 11.7 / 29.4)."""
     if q.is_cpu and q.dtype == torch.bfloat16:
         return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
@@ -1495,6 +1495,7 @@ class LayerNorm2d(nn.LayerNorm):  # ConvNeXt's LayerNorm(data_format='channels_f
 
 class SparseConv2d(Remasked, nn.Conv2d): pass
 class SparseMaxPool2d(Remasked, nn.MaxPool2d): pass
+class SparseAvgPool2d(Remasked, nn.AvgPool2d): pass  # (masked zeros in the mean, as the official SparseAvgPooling)
 class SparseLinear(Remasked, nn.Linear): channels_first = False  # pointwise convs on (B, H, W, C), as in ConvNeXt
 class SparseBatchNorm2d(VisibleStatistics, nn.BatchNorm2d): pass
 class SparseSyncBatchNorm2d(VisibleStatistics, nn.SyncBatchNorm): pass
@@ -1502,7 +1503,18 @@ class SparseLayerNorm2d(Remasked, LayerNorm2d): pass
 class SparseLayerNorm(Remasked, nn.LayerNorm): channels_first = False
 TWINS = [(nn.Conv2d, SparseConv2d), (nn.MaxPool2d, SparseMaxPool2d), (nn.Linear, SparseLinear),
          (nn.BatchNorm2d, SparseBatchNorm2d), (nn.SyncBatchNorm, SparseSyncBatchNorm2d),
-         (LayerNorm2d, SparseLayerNorm2d), (nn.LayerNorm, SparseLayerNorm)]  # the first match wins
+         (LayerNorm2d, SparseLayerNorm2d), (nn.LayerNorm, SparseLayerNorm), (nn.AvgPool2d, SparseAvgPool2d)]
+MIXERS = (nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+          nn.LPPool2d, nn.ConvTranspose2d)  # no twin: they would carry masked sites into visible ones
+
+
+class NoTwin(Sparse):  # a MIXERS layer in a sparse network: refused when it runs (a head's unused pool may stay)
+    def forward(self, x):
+        raise ValueError(f'{type(self).__bases__[1].__name__} has no sparse twin (it would carry masked sites into '
+                         'visible ones): build the encoder of Conv2d, Max/AvgPool2d, BatchNorm2d, LayerNorm, Linear')
+
+
+TWINS += [(kind, type(f'Sparse{kind.__name__}', (NoTwin, kind), {})) for kind in MIXERS]  # the first match wins
 
 
 def sparse_twin(dense):

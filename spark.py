@@ -46,10 +46,11 @@ Differences from the official code (each deliberate):
     statistics are equal on every rank either way; on CPUs the other ranks start each step from rank 0's. Under
     --accum_iter (ours), when the loader's length is not a multiple of it, the last step's lr is a hair above the floor.
 
-Backbone contract (SparK(backbone, ...) checks it): forward(images) returns a list of its 4 stage maps, finest first,
-each a whole number of mask-grid cells wide; attributes `downsample_ratio` (the coarsest map's stride: one mask cell)
-and `feature_channels` (the maps' widths); made of nn.Conv2d / MaxPool2d / BatchNorm2d / LayerNorm / Linear, which
-sparse_twin swaps for their masked twins.
+Backbone contract: forward(images) returns a list of its stage maps, finest first, each a whole number of mask-grid
+cells wide; attributes `downsample_ratio` (the coarsest map's stride: one mask cell) and `feature_channels` (the maps'
+widths; SparK(backbone, ...) checks these two, and that the ratio divides input_size); made of nn.Conv2d / Max- or
+AvgPool2d / BatchNorm2d / LayerNorm / Linear, which sparse_twin swaps for their masked twins (a GroupNorm, InstanceNorm,
+adaptive pool or transposed conv raises when it runs; pools or means computed in forward by functions are not seen).
 
 Expected result (`python spark.py`, built-in shapes, 32 px, resnet_mini_ds8, 16 epochs, 2-core AMD EPYC CPU, 7.4
 minutes): kNN / linear-probe top-1 10.1 / 18.9 pretrained vs 11.4 / 12.8 at random init. The probe gains 6 points;

@@ -60,6 +60,26 @@ def test_sparse_max_pool_takes_the_max_over_visible_neighbours():
     assert torch.equal(out[out_visible], reference[out_visible]) and torch.all(out[~out_visible] == 0)
 
 
+def test_sparse_avg_pool_averages_with_masked_zeros_and_keeps_masked_sites_zero():  # official SparseAvgPooling
+    torch.manual_seed(0)
+    visible = random_visible()
+    x = torch.randn(3, 4, 16, 16) * visible_at(visible, 16, 16)
+    out = run(sparse_twin(nn.AvgPool2d(3, 1, 1)), x, visible)  # (was left dense: masked sites by a visible cell
+    out_visible = visible_at(visible, 16, 16).expand_as(out)   # took their neighbours' mean)
+    assert torch.equal(out[out_visible], F.avg_pool2d(x, 3, 1, 1)[out_visible]) and torch.all(out[~out_visible] == 0)
+
+
+@pytest.mark.parametrize('mixer', [nn.GroupNorm(2, 4), nn.InstanceNorm2d(4), nn.AdaptiveAvgPool2d(1),
+                                   nn.AdaptiveMaxPool2d(2), nn.ConvTranspose2d(4, 4, 2, 2), nn.LocalResponseNorm(2)])
+def test_a_layer_that_would_carry_masked_sites_into_visible_ones_is_refused_when_it_runs(mixer):
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), mixer)
+    twin = sparse_twin(net)  # (was taken, and ran: masked sites leaked into the visible ones)
+    with pytest.raises(ValueError, match=f'^{type(mixer).__name__} has no sparse twin'):
+        run(twin, torch.randn(2, 4, 8, 8), random_visible(2))
+    assert run(twin[:1], torch.randn(2, 4, 8, 8), random_visible(2)).shape == (2, 4, 8, 8)  # unused, it may stay
+    assert twin.state_dict().keys() == net.state_dict().keys()
+
+
 def test_sparse_batchnorm_statistics_come_from_visible_sites_only():
     torch.manual_seed(0)
     visible = random_visible()
