@@ -41,7 +41,8 @@ Differences from the official code (each deliberate):
  6. Fine-tuning is common.finetune with scripts/finetune_base.sh's values (layer decay 0.8, blr 5e-4, batch 384;
     finetune_large.sh's batch 512 for ViT-L); --teacher evaluates, fine-tunes and exports the EMA teacher instead of
     the student (main_finetune.py --teacher). The teacher's EMA covers every float tensor of the state dict, as timm's
-    ModelEma, updated after each optimizer step (not on accumulation-only iterations), as engine_pretrain.py.
+    ModelEma, updated after each optimizer step (not on accumulation-only iterations), as engine_pretrain.py. The
+    eval crop is mae.py's (difference 7: no 224/256 margin at 64 px and below).
  7. Resume continues at the epoch after the last one saved; the official checkpoint stores epoch + 1 and
     misc.load_model adds 1 again, so an official resume skips an epoch.
  8. Only the paper's configuration is built (--learning_loss --relative, pixel targets, random + hard masks): the

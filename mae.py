@@ -33,7 +33,7 @@ Differences from the official code (each deliberate):
  7. The 32-px presets are ours (the official code has no small-image recipe): `shapes` trains a ViT-Ti/4 for 7 epochs
     (warmup 1) at blr 1.5e-3 (10x) with a 128-wide decoder of 2 blocks and 4 heads, and its kNN and probe read the
     mean patch token after the pretrained final norm (--global_pool; the official probe reads the cls token, or with
-    --global_pool a fresh LayerNorm of the raw mean); CIFAR is ViT-S/4 at the other defaults. At 64 px and below
+    --global_pool a fresh LayerNorm of the raw mean); CIFAR's are ViT-S/4, batch 256, 800 epochs. At 64 px and below
     the eval transform has no 224/256 margin: the short side goes to the size, then a centre crop (official: 32 -> 36).
 
 Expected result (`python mae.py`, built-in shapes, 32 px, ViT-Ti/4, 2-core AMD EPYC CPU): see the README table

@@ -49,7 +49,8 @@ Differences from the official code (each deliberate):
     `norm`, then `head` (SlowFast's `head.projection`, renamed on load), whose init is trunc-normal(2e-5) and bias 0
     here, trunc-normal(0.02) x 0.001 and bias 2e-5 there (the fresh `norm`'s bias: 0 here, 0.02 there). mmpretrain
     files load renamed (official_state); their 108 HOG outputs come in SlowFast's order (HOGGenerator._reshape unfolds
-    as masked.py).
+    as masked.py). The eval crop is MAE's, 0.875 up to 224 px and none at 64 px and below or above 224 (SlowFast:
+    IN_VAL_CROP_RATIO 0.875 at every size).
 10. With several processes the loss is divided by the masked count of the whole batch over all processes, not by
     each GPU's own (a block mask masks num_mask patches or fewer: at 14 x 14 and 40%, 29% of them fewer than 78), so
     N processes equal one; SlowFast's per-GPU mean weighs each patch of a GPU with fewer masked patches a little more.
