@@ -9,7 +9,7 @@ Randomness: every per-sample random choice (crop, flip, and what a method's mask
 `numpy.random.default_rng([seed, epoch, index])`: the same samples, crops and masks whatever the number of processes,
 workers or restarts. That makes `--resume` exact and N processes equal one.
 """
-import argparse, copy, ctypes, glob, hashlib, json, math, os, pickle, re, shutil, sys, tarfile, time, warnings
+import argparse, copy, ctypes, glob, hashlib, json, math, os, pickle, re, shutil, sys, tarfile, time, warnings, zipfile
 import urllib.request
 from collections import Counter, OrderedDict
 from contextlib import contextmanager, nullcontext, suppress
@@ -711,21 +711,22 @@ def setup(args):
         glob.escape(args.output_dir), 'checkpoint-*.pth')) if (m := re.search(r'checkpoint-(\d+)\.pth$', f))]
     newest = last if os.path.isfile(last) else os.path.join(args.output_dir, f'checkpoint-{max(epochs)}.pth') \
         if epochs else None  # (checkpoint-last.pth deleted: the run's newest numbered one)
-    if is_main() and newest and (args.eval_only or os.path.abspath(checkpoint_path(args)) != os.path.abspath(newest)):
-        sys.exit(f'error: {args.output_dir} holds a training run ({os.path.basename(newest)}): ' + (
-            'give --eval_only its own --output_dir' if args.eval_only else 'continue it with --resume ' + (
-                'auto' if newest == last else newest) + ', or give another --output_dir ' + (
-                f'to continue from {args.resume} there' if args.resume else 'to start afresh (or delete that folder)')))
     try:  # nothing of this run is written yet (resume writes args.json once a checkpoint is accepted): a probe
         if is_main():
             os.makedirs(args.output_dir, exist_ok=True)
+            lock_folder(args.output_dir)  # first: a living run there is said, and keeps its temporary files
             for leftover in glob.glob(os.path.join(glob.escape(args.output_dir), '**', '*.pth.tmp*'), recursive=True):
                 os.remove(leftover)  # a save killed half-way: its target file was never replaced
             open(probe := os.path.join(args.output_dir, f'.write_test{os.getpid()}'), 'w').close()
             os.remove(probe)
-            lock_folder(args.output_dir)
     except OSError as e:
         sys.exit(f'error: cannot write to --output_dir {args.output_dir} ({e.strerror}): choose one you can write to')
+    if is_main() and newest and (args.eval_only or os.path.abspath(checkpoint_path(args)) != os.path.abspath(newest)):
+        sys.exit(f'error: {args.output_dir} holds a training run ({os.path.basename(newest)}): ' + (
+            'give --eval_only its own --output_dir' if args.eval_only else 'continue it with --resume ' + (
+                'auto' if newest == last else newest) + ', or give another --output_dir ' + (
+                f'to continue from {args.resume} there' if args.resume not in ('', 'auto') else
+                'to start afresh (or delete that folder)')))
     if is_main():
         print(f'{args.method}: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
         print(f'effective batch {args.eff_batch_size}, lr {args.lr:.3g}, {args.world_size} process(es) on '
@@ -883,8 +884,9 @@ def interrupt_said(where, output_dir, bar=None):  # Ctrl-C: one line saying what
         yield
     except KeyboardInterrupt:
         bar.close() if bar is not None else None
-        left = kept(output_dir)
-        sys.exit(f'interrupted {where}: {left}' + ': continue with --resume auto' * ('intact' in left))
+        left, again = kept(output_dir), os.path.basename(output_dir or '') == 'finetune'  # (finetune: the same command)
+        sys.exit(f'interrupted {where}: {left}' + (': the same command continues it (--resume auto if it pretrains)'
+                 if again else ': continue with --resume auto') * ('intact' in left) if is_main() else 1)
 
 
 def peak_resident_memory():  # bytes, the most this process has held: Linux counts KiB, macOS bytes; Windows: None
@@ -951,6 +953,8 @@ def load_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain containers only, nothing in the file is executed. A file
     that is not a checkpoint, is cut short or pickles Python objects stops the run with one line that says so."""
     try:  # argparse.Namespace is allowed: MAE's and our older checkpoints keep their arguments as one (made a dict)
+        if zipfile.is_zipfile(path) and (bad := zipfile.ZipFile(path).testzip()):  # torch.load checks no CRC
+            raise ValueError(f'{bad} fails its checksum')  # (flipped bytes in a tensor would load as other weights)
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get('args'), argparse.Namespace):
@@ -962,7 +966,8 @@ def load_checkpoint(path):
         sys.exit(f'error: cannot load {path}: ' + (
             f'it holds pickled Python objects ({pickled}), not only tensors, and loading it could run code; if you '
             f'trust it, keep its weights only (README, "Fine-tuning and released checkpoints")' if pickled else
-            'it is truncated or damaged: copy or download it again' if zipped else
+            'it is truncated or damaged: copy or download it again (a run\'s own: delete it, then --resume its newest '
+            'checkpoint-<epoch>.pth)' if zipped else
             'it is not a PyTorch checkpoint (or one cut short)'))
 
 
@@ -1005,16 +1010,17 @@ def resume(args, model, optimizer=None, scaler=None, convert=None, encoder=ENCOD
         if any(re.search(r'(^|\.)(head|fc)\.weight$', k) for k in state):  # its encoder may load whole: refused
             sys.exit(f'error: {path} is a fine-tuned classifier (it has a head), not pretrained weights: pass the '
                      f'checkpoint it was fine-tuned from')
-        if is_main():
+        by = made.get('method') if isinstance(made := checkpoint and checkpoint.get('args'), dict) else None  # named
+        source = f'{path} (made by {by}.py)' if by not in (None, getattr(args, 'method', None)) else path  # if another
+        missing = checkpoint and load_pretrained(model, state, source, encoder)[0]  # (the decoder, often)
+        if is_main():  # (a file that does not fit has stopped the run: the folder is as it was)
             start_run(args)  # a new run: its arguments, an empty log
             if checkpoint is None and optimizer is None:
                 print('note: --eval_only without --resume: the "trained" weights are the random init')
             elif checkpoint is None and args.resume == 'auto':  # a typo in --output_dir shows here
                 print(f'note: --resume auto: no checkpoint-last.pth in {args.output_dir}, so the run starts afresh')
-        by = made.get('method') if isinstance(made := checkpoint and checkpoint.get('args'), dict) else None  # named
-        source = f'{path} (made by {by}.py)' if by not in (None, getattr(args, 'method', None)) else path  # if another
-        if checkpoint and load_pretrained(model, state, source, encoder)[0] and is_main():  # (the decoder, often)
-            print(f"note: the tensors missing from {path} keep their random init, in this run's pictures too")
+            if missing:
+                print(f"note: the tensors missing from {path} keep their random init, in this run's pictures too")
         return 0
     if not {'model', 'optimizer'} <= checkpoint.keys() or not isinstance(checkpoint['model'], dict):  # HPM's: a name
         sys.exit(f'error: {path} holds no model and optimizer state, so it cannot continue a run: evaluate it with '

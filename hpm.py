@@ -117,6 +117,8 @@ def parse_args(argv=None):
                              args.eval_only and args.resume):  # (then it picks the weights loaded, the picture's too)
         parser.error('--teacher would do nothing here: it picks what the kNN, the probe, the fine-tune and '
                      '--export_encoder read, and the weights --eval_only --resume FILE loads; all are off')
+    if args.teacher and args.eval_only and not args.resume:  # (the teacher would be a copy of the random init)
+        parser.error('--teacher with --eval_only takes --resume FILE: the checkpoint whose EMA teacher to read')
     if args.finetune_epochs and common.VIT_NAME.fullmatch(args.model)[1] not in ('base', 'large') and args.rank == 0:
         print(f'note: HPM has fine-tuning scripts for ViT-B and ViT-L only (equal but for the batch): {args.model} '
               'fine-tunes with their values (ft_blr 5e-4, layer_decay 0.8, each unless given)')

@@ -559,10 +559,11 @@ def main(argv=None):
     common.evaluate(args, encoder, partial(build_backbone, args.model), eval_sets)
     common.export_encoder(args, encoder.state_dict())
     if common.is_main():
-        common.atomic_save(encoder.state_dict(), f'{args.output_dir}/{args.model}_1kpretrained_timm_style.pth')
+        if not args.eval_only:  # (its name says pretrained; --export_encoder writes any run's encoder)
+            common.atomic_save(encoder.state_dict(), f'{args.output_dir}/{args.model}_1kpretrained_timm_style.pth')
         images = common.picture_images(args, train_set, eval_sets)  # (8, 3, H, W) uint8
         draw_reconstructions(model, images, args, f'{args.output_dir}/reconstruction.png')
-        print(f'wrote {args.output_dir}/reconstruction.png, the encoder weights and log.txt')
+        print(f'wrote {args.output_dir}/reconstruction.png, ' + 'the encoder, ' * (not args.eval_only) + 'log.txt')
     resnet = MODELS[args.model][0] == 'resnet'  # ResNets: LAMB and binary cross-entropy; ConvNeXts: AdamW, soft CE
     def classifier(num_classes):  # timm's network with its head, SyncBatchNorm under torchrun on GPUs (util.py)
         network = build_backbone(args.model, args.ft_drop_path, num_classes)

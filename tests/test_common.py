@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageEnhance, ImageOps
 
 import common
@@ -442,8 +443,12 @@ def test_eval_only_names_the_method_of_a_checkpoint_that_does_not_fit_and_what_k
     encoder = {k: v for k, v in model.state_dict().items() if common.ENCODER_KEYS(k)}
     torch.save({'model': {k: v[..., :1] if k.endswith('qkv.weight') else v for k, v in encoder.items()},
                 'args': {'method': 'spark'}}, path)  # was: only "pass the --model it was made with"
+    (tmp_path / 'eval' / 'log.txt').write_text('{"evaluation": true}\n')  # an earlier evaluation's folder
     with pytest.raises(SystemExit, match=r'other\.pth \(made by spark\.py\) does not fit this network'):
         common.resume(args, model)
+    assert os.listdir(tmp_path / 'eval') == ['log.txt']  # left as it was (was: moved to log-1.txt, args.json written)
+    assert 'log-1' not in capsys.readouterr().out
+    os.remove(tmp_path / 'eval' / 'log.txt')
     torch.save({'model': encoder, 'args': {'method': 'hpm'}}, path)  # the encoder alone: the decoder stays random
     assert common.resume(args, model) == 0
     out = capsys.readouterr().out
@@ -885,6 +890,11 @@ def test_load_checkpoint_tells_truncated_from_foreign_files(tmp_path):
         common.load_checkpoint(str(tmp_path / 'cut.pth'))
     with pytest.raises(SystemExit, match='not a PyTorch checkpoint'):
         common.load_checkpoint(str(tmp_path / 'text.pth'))
+    at = data.index(bytes(256))  # inside w's 4,000 zero bytes
+    (tmp_path / 'flipped.pth').write_bytes(data[:at] + b'\x01' * 16 + data[at + 16:])  # bytes of a tensor changed
+    with pytest.raises(SystemExit, match=r'flipped\.pth: it is truncated or damaged: .*delete it, then --resume its '
+                       r'newest checkpoint-<epoch>\.pth\)$'):  # (was: loaded, as other weights, without a word)
+        common.load_checkpoint(str(tmp_path / 'flipped.pth'))
 
 
 def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
@@ -989,7 +999,9 @@ def test_bad_flags_exit_with_one_line():
       for needed in (['--export_encoder'], ['--finetune_epochs', '1'], ['--eval_only', '--resume', __file__],
                      ['--knn_k', '5'], ['--probe_epochs', '1'])],
     ('hpm', ['--teacher', '--knn_k', '0', '--probe_epochs', '0', '--eval_only'], '--teacher would do nothing here',
-     ['--resume', __file__])])  # (--eval_only alone: random weights, the teacher a copy of them)
+     ['--resume', __file__]),  # (--eval_only alone: random weights, the teacher a copy of them)
+    *[('hpm', ['--teacher', '--eval_only', *reads], '--teacher with --eval_only takes --resume FILE',
+       ['--resume', __file__]) for reads in ([], ['--finetune_epochs', '1'], ['--export_encoder'])]])  # (was taken)
 def test_a_flag_that_would_do_nothing_is_refused(method, flags, message, needed):  # each was ignored without a word
     with pytest.raises(SystemExit, match=message):
         __import__(method).parse_args(flags)
@@ -1212,6 +1224,22 @@ def test_ctrl_c_in_the_evaluation_says_in_one_line_what_is_kept(tmp_path):
         common.evaluate(args, encoder, lambda: SimpleNamespace(to=lambda device: encoder), [dataset, dataset])
     assert stop.type is SystemExit and str(stop.value).startswith('interrupted in the evaluation: ') and \
         str(stop.value).endswith('continue with --resume auto')
+
+
+def test_ctrl_c_in_a_fine_tune_says_the_same_command_continues_it_and_is_said_once_under_torchrun(tmp_path,
+                                                                                                 monkeypatch):
+    (tmp_path / 'finetune').mkdir()  # (after --eval_only, --resume auto is refused: the advice was that)
+    (tmp_path / 'finetune' / 'checkpoint-last.pth').write_bytes(b'')
+    for output_dir, advice in ((tmp_path / 'finetune', 'the same command continues it (--resume auto if it '
+                                'pretrains)'), (tmp_path / 'finetune-1', None), (tmp_path, None)):
+        with pytest.raises(SystemExit) as stop, common.interrupt_said('in epoch 0', str(output_dir)):
+            raise KeyboardInterrupt
+        assert str(stop.value).endswith(advice) if advice else 'the same command' not in str(stop.value)
+    monkeypatch.setattr(dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(dist, 'get_rank', lambda: 1)
+    with pytest.raises(SystemExit) as other, common.interrupt_said('in epoch 0', str(tmp_path / 'finetune')):
+        raise KeyboardInterrupt
+    assert other.value.code == 1  # the status alone: rank 0 says it (was: a line from every process)
 
 
 @pytest.mark.parametrize('method,flags', [('mae', ['--mask_type', 'green']), ('hpm', []), ('maskfeat', []),

@@ -140,8 +140,8 @@ def test_second_run_into_a_folder_is_refused_and_resume_auto_continues_it(base, 
         os.remove(died / name)
     (died / 'log.txt').write_text(json.dumps(stale) + '\n')
     branch = folder / 'checkpoint-0.pth'  # an earlier epoch's checkpoint into the same folder: its later epochs kept
-    second, fresh, resumed, branched = run_all(mae(folder), mae(died), mae(again, '--resume', 'auto'),
-                                               mae(folder, '--resume', str(branch)))
+    second, fresh, resumed = run_all(mae(folder), mae(died), mae(again, '--resume', 'auto'))
+    branched, = run_all(mae(folder, '--resume', str(branch)))  # (at once with `second`, one would meet the other's lock)
     assert '--resume auto' in second.error and 'to start afresh' in second.error
     assert f'give another --output_dir to continue from {branch} there' in branched.error
     assert snapshot(folder) == before  # checkpoints, log.txt, args.json: byte for byte
@@ -165,10 +165,10 @@ def test_a_run_with_numbered_checkpoints_only_is_not_started_afresh_over(base, c
     --resume auto with it, naming the checkpoint to continue from; that one continues it."""
     folder = copy()
     os.remove(folder / 'checkpoint-last.pth')
-    fresh, auto = run_all(mae(folder), mae(folder, '--resume', 'auto'))
+    (fresh,), (auto,) = run_all(mae(folder)), run_all(mae(folder, '--resume', 'auto'))  # (one at a time: see above)
     for refused in (fresh, auto):
-        assert f"holds a training run (checkpoint-0.pth): continue it with --resume {folder / 'checkpoint-0.pth'}" \
-            in refused.error, refused
+        assert f"holds a training run (checkpoint-0.pth): continue it with --resume {folder / 'checkpoint-0.pth'}, " \
+            "or give another --output_dir to start afresh" in refused.error, refused  # (auto: was 'from auto there')
     assert digest(folder / 'checkpoint-0.pth') == base[2]['checkpoint-0.pth']  # was overwritten by a new start
     continued, = run_all(mae(folder, '--resume', str(folder / 'checkpoint-0.pth'), '--epochs', '2'))
     assert 'resumed from' in continued.ok().stdout
@@ -209,9 +209,14 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
         busy, = run_all(mae(folder))
+        assert 'another run is writing into' in busy.error and os.listdir(folder) == []
+        (folder / 'checkpoint-last.pth').write_bytes(b'its last epoch')  # the living run's files, one being saved
+        (folder / 'checkpoint-last.pth.tmp123').write_bytes(b'half of its next save')
+        for busy in run_all(mae(folder), mae(folder, '--resume', 'auto')):  # (was: "holds a training run: continue
+            assert 'another run is writing into' in busy.error, busy.error  # it with --resume auto", which this is)
+        assert sorted(os.listdir(folder)) == ['checkpoint-last.pth', 'checkpoint-last.pth.tmp123']  # (was: deleted)
     finally:
         os.close(fd)  # the lock goes with it
-    assert 'another run is writing into' in busy.error and os.listdir(folder) == []
 
 
 def test_a_folder_that_cannot_be_locked_says_it_is_unguarded(tmp_path, monkeypatch, capsys):

@@ -674,6 +674,8 @@ def test_schedules_reach_their_floor_at_the_last_optimizer_step_of_the_loop(tmp_
     assert len(loader) == 6 and args.accum_iter == 2 and args.epochs == 2
     assert len(lrs) == 6 and lrs[0] == pytest.approx(0.005 * args.lr) and lrs[-1] == pytest.approx(0.001 * args.lr)
     assert lrs[3] == pytest.approx(args.lr) and all(a > b for a, b in zip(lrs[3:], lrs[4:]))  # warmup, then down
+    if which == 'finetuning':  # its official name says pretrained (was: written for --eval_only's weights too)
+        assert not os.path.exists(tmp_path / 'resnet_mini_ds8_1kpretrained_timm_style.pth')
 
 
 @pytest.mark.parametrize('model,size', [('resnet_mini_ds8', '32'), ('convnext_atto_ds8', '16')])
