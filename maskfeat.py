@@ -39,7 +39,10 @@ Differences from the official code (each deliberate):
  7. Evaluation (SlowFast has no linear probe or kNN for MaskFeat): the encoder features are the mean of the last
     block's patch tokens after the prediction head's LayerNorm, the only norm pretraining trains on those tokens
     (SlowFast deletes the encoder's final norm; its fine-tuning mean-pools and adds a fresh `norm`). --no-global_pool
-    takes the cls token through the same LayerNorm instead. kNN and probe as in common.py.
+    takes the cls token through the same LayerNorm instead. kNN and probe as in common.py. An exported encoder
+    (--export_encoder, timm names, as SlowFast releases it) lacks that LayerNorm: --eval_only of it reads the tokens
+    through a fresh one (the start-up note counts pred_head among the missing), so its kNN and probe
+    differ from the full checkpoint's; evaluate the checkpoint. It loads into timm with final_norm=False (no `norm`).
  8. Only the image path: one prediction depth (the last block, MASK.PRETRAIN_DEPTH [11] for ViT-B), no MViT pooling,
     no video, no pixel target.
  9. Fine-tuning is common.finetune with in1k_VIT_B_MaskFeat_FT's values (ViT-L: _L_FT's; other sizes, said at the
