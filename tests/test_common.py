@@ -1266,3 +1266,14 @@ def test_every_dataset_a_loader_gets_pickles_as_spawned_workers_need(method, fla
         twin = pickle.loads(pickle.dumps(dataset))
         for mine, its in zip(dataset[3], twin[3]):
             assert np.array_equal(np.asarray(mine), np.asarray(its))
+
+
+def test_a_split_smaller_than_one_step_names_only_what_can_be_lowered():
+    dataset = torch.utils.data.TensorDataset(torch.zeros(6, 3, 2, 2, dtype=torch.uint8), torch.arange(6))
+    args = SimpleNamespace(world_size=1, rank=0, seed=0, num_workers=0, batch_size=8, accum_iter=1)
+    with pytest.raises(SystemExit, match=r'process\(es\)\): lower --batch_size$'):  # (was: "lower --accum_iter" at 1)
+        common.make_loader(dataset, args, train=True)
+    args.batch_size, args.accum_iter = 4, 2
+    with pytest.raises(SystemExit, match=r'lower --accum_iter \(a recipe.s target batch sets it unless given\), or '
+                                         r'--batch_size$'):
+        common.make_loader(dataset, args, train=True)

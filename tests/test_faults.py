@@ -171,7 +171,8 @@ def test_a_run_with_numbered_checkpoints_only_is_not_started_afresh_over(base, c
             "or give another --output_dir to start afresh" in refused.error, refused  # (auto: was 'from auto there')
     assert digest(folder / 'checkpoint-0.pth') == base[2]['checkpoint-0.pth']  # was overwritten by a new start
     continued, = run_all(mae(folder, '--resume', str(folder / 'checkpoint-0.pth'), '--epochs', '2'))
-    assert 'resumed from' in continued.ok().stdout
+    assert f"resumed from {folder / 'checkpoint-0.pth'}: epoch 0 done, on at epoch 1" in continued.ok().stdout  # (was
+    # "(epoch 0)", read as a restart at epoch 0)
 
 
 def test_a_finished_run_resumed_with_its_own_flags_logs_its_evaluation_once(base, copy):
