@@ -473,8 +473,8 @@ def make_loader(dataset, args, train, sampler=None):
     if train and len(sampler) < args.batch_size * args.accum_iter:
         sys.exit(f'error: the training split has {len(dataset)} images, fewer than one optimizer step needs '
                  f'(--batch_size {args.batch_size} x --accum_iter {args.accum_iter} x {args.world_size} process(es)): '
-                 'lower ' + '--accum_iter (a recipe\'s target batch sets it unless given), or ' * (args.accum_iter > 1) +
-                 '--batch_size')
+                 'lower ' + "--accum_iter (a recipe's target batch sets it unless given), or " * (args.accum_iter > 1)
+                 + '--batch_size')
     if train and (left := len(sampler) // args.batch_size % args.accum_iter) and is_main():
         print(f'note: the last {left} batch(es) of each epoch fill no optimizer step of {args.accum_iter} accumulated '
               'batches: skipped (the official loop computes them, then discards their gradients)')

@@ -141,7 +141,7 @@ def test_second_run_into_a_folder_is_refused_and_resume_auto_continues_it(base, 
     (died / 'log.txt').write_text(json.dumps(stale) + '\n')
     branch = folder / 'checkpoint-0.pth'  # an earlier epoch's checkpoint into the same folder: its later epochs kept
     second, fresh, resumed = run_all(mae(folder), mae(died), mae(again, '--resume', 'auto'))
-    branched, = run_all(mae(folder, '--resume', str(branch)))  # (at once with `second`, one would meet the other's lock)
+    branched, = run_all(mae(folder, '--resume', str(branch)))  # (beside `second`, one would meet the other's lock)
     assert '--resume auto' in second.error and 'to start afresh' in second.error
     assert f'give another --output_dir to continue from {branch} there' in branched.error
     assert snapshot(folder) == before  # checkpoints, log.txt, args.json: byte for byte
