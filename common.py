@@ -715,19 +715,19 @@ def setup(args):
     try:  # nothing of this run is written yet (resume writes args.json once a checkpoint is accepted): a probe
         if is_main():
             os.makedirs(args.output_dir, exist_ok=True)
-            lock_folder(args.output_dir)  # first: a living run there is said, and keeps its temporary files
+            lock_folder(args.output_dir)  # first: a living run there is said, and its files are left alone
+            if newest and (args.eval_only or os.path.abspath(checkpoint_path(args)) != os.path.abspath(newest)):
+                sys.exit(f'error: {args.output_dir} holds a training run ({os.path.basename(newest)}): ' + (
+                    'give --eval_only its own --output_dir' if args.eval_only else 'continue it with --resume ' + (
+                        'auto' if newest == last else newest) + ', or give another --output_dir ' + (
+                        f'to continue from {args.resume} there' if args.resume not in ('', 'auto') else
+                        'to start afresh (or delete that folder)')))
             for leftover in glob.glob(os.path.join(glob.escape(args.output_dir), '**', '*.pth.tmp*'), recursive=True):
                 os.remove(leftover)  # a save killed half-way: its target file was never replaced
             open(probe := os.path.join(args.output_dir, f'.write_test{os.getpid()}'), 'w').close()
             os.remove(probe)
     except OSError as e:
         sys.exit(f'error: cannot write to --output_dir {args.output_dir} ({e.strerror}): choose one you can write to')
-    if is_main() and newest and (args.eval_only or os.path.abspath(checkpoint_path(args)) != os.path.abspath(newest)):
-        sys.exit(f'error: {args.output_dir} holds a training run ({os.path.basename(newest)}): ' + (
-            'give --eval_only its own --output_dir' if args.eval_only else 'continue it with --resume ' + (
-                'auto' if newest == last else newest) + ', or give another --output_dir ' + (
-                f'to continue from {args.resume} there' if args.resume not in ('', 'auto') else
-                'to start afresh (or delete that folder)')))
     if is_main():
         print(f'{args.method}: ' + ', '.join(f'{k}={v}' for k, v in sorted(vars(args).items())))
         print(f'effective batch {args.eff_batch_size}, lr {args.lr:.3g}, {args.world_size} process(es) on '
@@ -887,7 +887,8 @@ def interrupt_said(where, output_dir, bar=None):  # Ctrl-C: one line saying what
         bar.close() if bar is not None else None
         left, again = kept(output_dir), os.path.basename(output_dir or '') == 'finetune'  # (finetune: the same command)
         sys.exit(f'interrupted {where}: {left}' + (': the same command continues it (--resume auto if it pretrains)'
-                 if again else ': continue with --resume auto') * ('intact' in left) if is_main() else 1)
+                 if again else ': continue with --resume auto') * ('intact' in left)
+                 if os.environ.get('LOCAL_RANK', '0') == '0' else 1)  # once per node (the others: the status alone)
 
 
 def peak_resident_memory():  # bytes, the most this process has held: Linux counts KiB, macOS bytes; Windows: None
@@ -954,8 +955,10 @@ def load_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain containers only, nothing in the file is executed. A file
     that is not a checkpoint, is cut short or pickles Python objects stops the run with one line that says so."""
     try:  # argparse.Namespace is allowed: MAE's and our older checkpoints keep their arguments as one (made a dict)
-        if zipfile.is_zipfile(path) and (bad := zipfile.ZipFile(path).testzip()):  # torch.load checks no CRC
-            raise ValueError(f'{bad} fails its checksum')  # (flipped bytes in a tensor would load as other weights)
+        if zipfile.is_zipfile(path):  # torch.load checks no CRC: flipped bytes in a tensor would load as other weights
+            with zipfile.ZipFile(path) as archive:  # (saved with torch's compute_crc32 off: every CRC 0, none to check)
+                if any(entry.CRC for entry in archive.infolist()) and (bad := archive.testzip()):
+                    raise ValueError(f'{bad} fails its checksum')
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get('args'), argparse.Namespace):
@@ -967,8 +970,8 @@ def load_checkpoint(path):
         sys.exit(f'error: cannot load {path}: ' + (
             f'it holds pickled Python objects ({pickled}), not only tensors, and loading it could run code; if you '
             f'trust it, keep its weights only (README, "Fine-tuning and released checkpoints")' if pickled else
-            'it is truncated or damaged: copy or download it again (a run\'s own: delete it, then --resume its newest '
-            'checkpoint-<epoch>.pth)' if zipped else
+            "it is truncated or damaged: copy or download it again (a run's own checkpoint-last.pth: delete it, then "
+            'continue from its newest checkpoint-<epoch>.pth if any, else start again)' if zipped else
             'it is not a PyTorch checkpoint (or one cut short)'))
 
 
@@ -1346,7 +1349,7 @@ def finetune(args, build_classifier, state, eval_sets, layer_id=None, optimizer=
                 torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()), {}
 
     def top1(net):
-        logits, labels = extract_features(net.eval(), val, args, 'fine-tuned val')
+        logits, labels = extract_features(net.eval(), val, ft, 'fine-tuned val')  # (ft: Ctrl-C names its folder)
         return 100.0 * (logits.argmax(1) == labels).float().mean().item()
     ft.resume = 'auto' if finetune_identity(names.get(last)) == same else ''  # continued
     if not ft.resume and is_main() and glob.glob(f'{glob.escape(ft.output_dir)}/*.pth'):  # other weights or settings
@@ -1511,8 +1514,8 @@ class SparseLayerNorm(Remasked, nn.LayerNorm): channels_first = False
 TWINS = [(nn.Conv2d, SparseConv2d), (nn.MaxPool2d, SparseMaxPool2d), (nn.Linear, SparseLinear),
          (nn.BatchNorm2d, SparseBatchNorm2d), (nn.SyncBatchNorm, SparseSyncBatchNorm2d),
          (LayerNorm2d, SparseLayerNorm2d), (nn.LayerNorm, SparseLayerNorm), (nn.AvgPool2d, SparseAvgPool2d)]
-MIXERS = (nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-          nn.LPPool2d, nn.ConvTranspose2d)  # no twin: they would carry masked sites into visible ones
+MIXERS = (nn.GroupNorm, nn.InstanceNorm2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d,
+          nn.ConvTranspose2d)  # no twin: they would carry masked sites into visible ones
 
 
 class NoTwin(Sparse):  # a MIXERS layer in a sparse network: refused when it runs (a head's unused pool may stay)
@@ -1521,7 +1524,10 @@ class NoTwin(Sparse):  # a MIXERS layer in a sparse network: refused when it run
                          'visible ones): build the encoder of Conv2d, Max/AvgPool2d, BatchNorm2d, LayerNorm, Linear')
 
 
-TWINS += [(kind, type(f'Sparse{kind.__name__}', (NoTwin, kind), {})) for kind in MIXERS]  # the first match wins
+for kind in MIXERS:  # (each named in the module, so that a network holding one pickles)
+    name = f'Sparse{kind.__name__}'
+    TWINS.append((kind, globals().setdefault(name, type(name, (NoTwin, kind), {}))))
+del kind, name
 
 
 def sparse_twin(dense):

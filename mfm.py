@@ -42,8 +42,8 @@ Differences from the paper and the official code (each deliberate):
     The ViT is common's ViTClassifier, loaded through timm_layout: its k bias starts at 0 and then trains (BEiT keeps
     it at 0). ResNets get timm's `fc` on the pooled last stage and the same recipe without layer decay or drop path:
     the official ResNet-50 recipe is timm's training script, outside the repository. The eval crop is MAE's, 0.875 up
-    to 224 px and none at 64 px and below or above 224 (official: int(256 / 224 x size) at every size); at 32 px and
-    below data_finetune.py would random-crop with 4-px padding, a branch its ImageNet-only build_dataset never runs.
+    to 224 px and none at 64 px and below or above 224 (official data_finetune.py: int(256 / 224 x size) above 32 px;
+    at 32 px and below no resize or crop, and training random-crops with 4-px padding instead of RandomResizedCrop).
 
 Expected result (built-in shapes, 32 px, 8 epochs, 2-core AMD EPYC CPU; kNN / linear-probe top-1, pretrained vs
 random init): `python mfm.py` (ViT-Ti/4) 10.9 / 14.2 vs 10.2 / 11.6 in 8.4 minutes; `python mfm.py --model

@@ -21,8 +21,8 @@ Differences from the official code (each deliberate):
     max-pool; ConvNeXt: 1x1 patchify) for a downsample ratio of 8, a 4x4 mask grid at 32 px. Their decoder has
     log2(8) = 3 blocks and takes the 3 coarsest maps (the official code would densify the stride-1 map and never use
     it). CPU sizes: `resnet_mini_ds8` (Bottleneck [1,1,1,1], 16-128 planes), `convnext_atto_ds8` (ConvNeXt-V2 atto).
-    The `shapes` and CIFAR presets are ours: 16 epochs (warmup 1) at blr 0.04 with a 64-wide decoder; CIFAR 512 per
-    process, no accumulation (official: 4096 in all on any data; --data folder: 64 per process, said at the start).
+    The presets `shapes` (16 epochs, warmup 1, blr 0.04, 64-wide decoder) and CIFAR (512 per process, no accumulation;
+    official: 4096 in all on any data) are ours; --data folder trains at 64 per process (said at the start).
  4. SyncBatchNorm (official `sbn`: the encoder's sparse BNs, the densify and decoder BNs in pretraining, every BN
     when fine-tuning) under torchrun on GPUs only: PyTorch has none on CPUs, where each process normalises its own
     batch, so CPU torchrun runs equal one process only approximately. Under accumulation (--accum_iter; in fine-tuning

@@ -220,6 +220,18 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
         os.close(fd)  # the lock goes with it
 
 
+def test_without_a_lock_a_run_refused_from_a_run_folder_leaves_its_save_in_progress(tmp_path, monkeypatch):
+    """Windows (no fcntl), or a file system without locks: a living run cannot be told from a dead one, so the refusal
+    comes before the killed saves' temporary files are removed (was: after; the living run's save then failed)."""
+    import mae
+    monkeypatch.setattr(common, 'fcntl', None)
+    (tmp_path / 'checkpoint-last.pth').write_bytes(b'its last epoch')
+    (tmp_path / 'checkpoint-last.pth.tmp4242').write_bytes(b'half of its next save')
+    with pytest.raises(SystemExit, match='holds a training run'):
+        common.setup(mae.parse_args(['--output_dir', str(tmp_path)]))
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-last.pth', 'checkpoint-last.pth.tmp4242']
+
+
 def test_a_folder_that_cannot_be_locked_says_it_is_unguarded(tmp_path, monkeypatch, capsys):
     """Some network file systems refuse flock (ENOLCK): the run goes on, unguarded as on Windows, and says so."""
     fcntl = pytest.importorskip('fcntl')

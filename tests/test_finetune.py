@@ -858,3 +858,21 @@ def test_spark_resnet_finetuning_lamb_steps_equal_timms_lamb_as_util_py_makes_it
             update = m / (v.sqrt() + 1e-6) + decay * w
             w = w - 0.01 * w.norm() / update.norm() * update
         assert torch.allclose(p.detach().double(), w, rtol=1e-5, atol=1e-7)
+
+
+def test_ctrl_c_in_the_fine_tunes_val_top1_names_the_fine_tunes_folder(tmp_path):
+    """The per-epoch val top-1 runs in the fine-tune's folder: Ctrl-C there says what that folder keeps (was: the
+    pretraining folder's, 'no checkpoint', beside a fine-tune the same command continues)."""
+    args = mae.parse_args(TINY + ['--finetune_epochs', '1', '--ft_warmup_epochs', '0', '--ft_batch', '8', '--amp',
+                                  'none', '--num_workers', '0', '--output_dir', str(tmp_path)])
+    _, eval_sets = common.build_datasets(args, common.TrainTransform(16))
+    encoder = common.VisionTransformer(16, 4, 32, 1, 2, learned_pos=True).state_dict()
+
+    class PressedInEval(common.ViTClassifier):
+        def forward(self, x):
+            if not self.training:
+                raise KeyboardInterrupt
+            return super().forward(x)
+    build = lambda classes: PressedInEval(classes, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(SystemExit, match=rf'^interrupted in the evaluation: no checkpoint in {tmp_path}/finetune yet$'):
+        common.finetune(args, build, encoder, eval_sets)

@@ -1,6 +1,6 @@
 """SparK: sparse ops vs dense references on visible sites, sparse <-> dense weights, masking, loss, optimizer, key
 names, samplers, schedules, and one run of spark.py per backbone family as a user would start it."""
-import collections, hashlib, math, os, subprocess, sys
+import collections, hashlib, math, os, pickle, subprocess, sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -70,7 +70,7 @@ def test_sparse_avg_pool_averages_with_masked_zeros_and_keeps_masked_sites_zero(
 
 
 @pytest.mark.parametrize('mixer', [nn.GroupNorm(2, 4), nn.InstanceNorm2d(4), nn.AdaptiveAvgPool2d(1),
-                                   nn.AdaptiveMaxPool2d(2), nn.ConvTranspose2d(4, 4, 2, 2), nn.LocalResponseNorm(2)])
+                                   nn.AdaptiveMaxPool2d(2), nn.ConvTranspose2d(4, 4, 2, 2), nn.LPPool2d(2, 3, 1)])
 def test_a_layer_that_would_carry_masked_sites_into_visible_ones_is_refused_when_it_runs(mixer):
     net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), mixer)
     twin = sparse_twin(net)  # (was taken, and ran: masked sites leaked into the visible ones)
@@ -78,6 +78,7 @@ def test_a_layer_that_would_carry_masked_sites_into_visible_ones_is_refused_when
         run(twin, torch.randn(2, 4, 8, 8), random_visible(2))
     assert run(twin[:1], torch.randn(2, 4, 8, 8), random_visible(2)).shape == (2, 4, 8, 8)  # unused, it may stay
     assert twin.state_dict().keys() == net.state_dict().keys()
+    assert type(pickle.loads(pickle.dumps(twin))[1]) is type(twin[1])  # (spawn, torch.save(model): its class is named)
 
 
 def test_sparse_batchnorm_statistics_come_from_visible_sites_only():
