@@ -610,10 +610,9 @@ def parse_args(parser, method, defaults, presets, argv=None, recipe=lambda model
         pool is not None and args.knn_k == 0 and args.probe_epochs == 0)
     idle += [('--compile', 'it compiles training steps; add --finetune_epochs N to compile the fine-tune')] * (
         args.compile and args.eval_only and not args.finetune_epochs)
-    pretraining += ' epochs blr lr min_lr weight_decay warmup_epochs clip_grad crop_scale' + ' accum_iter' * (
+    pretraining += ' epochs blr lr min_lr weight_decay warmup_epochs clip_grad crop_scale save_freq' + ' accum_iter' * (
         not args.finetune_epochs or args.ft_batch is not None)  # (else it sets the fine-tuning batch)
-    skipped = [f'--{k}' for k in pretraining.split() if args.eval_only and getattr(args, k) is not None]
-    skipped += ['--save_freq'] * (args.eval_only and any(a.split('=')[0] == '--save_freq' for a in argv))
+    skipped = [f'--{k}' for k in pretraining.split() if args.eval_only and getattr(args, k) != parser.get_default(k)]
     if idle:  # a flag that changes nothing is refused, not ignored without a word
         parser.error(f'{idle[0][0]} would do nothing here: {idle[0][1]}')
     args.data_path = './data' if args.data_path is None else args.data_path
@@ -1524,10 +1523,8 @@ class NoTwin(Sparse):  # a MIXERS layer in a sparse network: refused when it run
                          'visible ones): build the encoder of Conv2d, Max/AvgPool2d, BatchNorm2d, LayerNorm, Linear')
 
 
-for kind in MIXERS:  # (each named in the module, so that a network holding one pickles)
-    name = f'Sparse{kind.__name__}'
-    TWINS.append((kind, globals().setdefault(name, type(name, (NoTwin, kind), {}))))
-del kind, name
+globals().update({f'Sparse{k.__name__}': type(f'Sparse{k.__name__}', (NoTwin, k), {}) for k in MIXERS})  # named:
+TWINS += [(k, globals()[f'Sparse{k.__name__}']) for k in MIXERS]  # a network holding one pickles; first match wins
 
 
 def sparse_twin(dense):
